@@ -1,0 +1,3 @@
+"""mi_jax: MagicInfinite in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,180 @@
+"""Small building blocks shared by every model: dense layers with logical axes, norms,
+timestep embeddings, MLPs and adaLN modulation.
+
+Norm statistics are always computed in float32 and cast back to the compute dtype, which is
+what the PyTorch references do for bf16 (diffusers' RMSNorm, FP32LayerNorm) and keeps bf16
+training stable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = jnp.dtype
+
+# PyTorch's default Linear/Conv init (kaiming_uniform(a=sqrt(5))) is uniform(+-1/sqrt(fan_in)):
+# keeping it makes freshly built JAX and PyTorch models statistically alike.
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def partitioned(init, names: Sequence[str | None]):
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+class Dense(nn.Module):
+    """`y = x @ kernel + bias` with logical axis names `axes = (in_axis, out_axis)`."""
+
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = torch_default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", partitioned(self.kernel_init, self.axes), (x.shape[-1], self.features), self.param_dtype
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            fan_in = x.shape[-1]
+            bound = 1.0 / math.sqrt(fan_in)
+            bias = self.param(
+                "bias",
+                partitioned(lambda k, s, d: jax.random.uniform(k, s, d, -bound, bound), (self.axes[1],)),
+                (self.features,),
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without affine parameters, statistics in float32."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with optional elementwise affine (`scale`, `bias`) over axis `axis_name`."""
+
+    eps: float = 1e-6
+    affine: bool = True
+    axis_name: str = "embed"
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = layer_norm(x, self.eps)
+        if not self.affine:
+            return y
+        d = x.shape[-1]
+        scale = self.param("scale", partitioned(nn.initializers.ones, (self.axis_name,)), (d,), self.param_dtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, (self.axis_name,)), (d,), self.param_dtype)
+        return y * scale.astype(y.dtype) + bias.astype(y.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned scale, statistics in float32 (diffusers' `RMSNorm`)."""
+
+    eps: float = 1e-6
+    axis_name: str = "kv"
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", partitioned(nn.initializers.ones, (self.axis_name,)), (d,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding `[cos, sin]` of `t: [B]` -> `[B, dim]` (diffusers' `Timesteps` with
+    flip_sin_to_cos=True, downscale_freq_shift=0), in float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class MLPEmbedder(nn.Module):
+    """`linear_2(act(linear_1(x)))`: diffusers' `TimestepEmbedding` and
+    `PixArtAlphaTextProjection` (both silu here)."""
+
+    features: int
+    in_axis: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Dense(self.features, (self.in_axis, "embed"), name="linear_1", **kw)(x)
+        x = nn.silu(x)
+        return Dense(self.features, ("mlp", "embed"), name="linear_2", **kw)(x)
+
+
+class FeedForward(nn.Module):
+    """diffusers' `FeedForward`: `net.0.proj` (+ activation) then `net.2`.
+
+    activation: "gelu-approximate" (GELU, tanh approximation) or "linear-silu".
+    """
+
+    mult: float = 4.0
+    activation: str = "gelu-approximate"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = Dense(int(d * self.mult), ("embed", "mlp"), name="net_0", **kw)(x)
+        if self.activation == "gelu-approximate":
+            h = nn.gelu(h, approximate=True)
+        elif self.activation == "linear-silu":
+            h = nn.silu(h)
+        else:
+            raise ValueError(f"FeedForward: unknown activation {self.activation!r}")
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return Dense(d, ("mlp", "embed"), name="net_2", **kw)(h)
+
+
+class Modulation(nn.Module):
+    """adaLN modulation: `chunks` vectors of width D from `linear(silu(emb))`, emb: [B, D]."""
+
+    chunks: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, emb: jax.Array) -> list[jax.Array]:
+        d = emb.shape[-1]
+        out = Dense(
+            self.chunks * d, ("embed", "modulation"), name="linear", dtype=self.dtype, param_dtype=self.param_dtype
+        )(nn.silu(emb))
+        return jnp.split(out, self.chunks, axis=-1)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """`x * (1 + scale) + shift`; shift/scale are [B, D] or per-token [B, L, D]."""
+    if shift.ndim == 2:
+        shift, scale = shift[:, None], scale[:, None]
+    return x * (1 + scale) + shift
+
+
+def gate(x: jax.Array, g: jax.Array) -> jax.Array:
+    return x * (g[:, None] if g.ndim == 2 else g)

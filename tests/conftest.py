@@ -1,0 +1,31 @@
+"""Test harness: 8 forced CPU devices (for sharding tests), the persistent JAX compilation
+cache, and exact fp32 matmuls so parity tests compare like with like."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+jax.config.update("jax_compilation_cache_dir", os.path.join(_ROOT, ".cache", "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.fixture(scope="session")
+def torch():
+    import torch as _torch
+
+    _torch.manual_seed(0)
+    _torch.set_num_threads(2)
+    return _torch
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
