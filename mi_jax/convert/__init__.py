@@ -1,0 +1,16 @@
+"""Weights in and out: diffusers / transformers folders (safetensors only) <-> mi_jax params."""
+
+from mi_jax.convert.hunyuan import DIT_NAME_MAP, load_diffusers_transformer
+from mi_jax.convert.name_map import NameMap, WeightMismatchError, export_params, import_params
+from mi_jax.convert.safetensors_io import CheckpointError, SafetensorsFolder
+
+__all__ = [
+    "CheckpointError",
+    "DIT_NAME_MAP",
+    "NameMap",
+    "SafetensorsFolder",
+    "WeightMismatchError",
+    "export_params",
+    "import_params",
+    "load_diffusers_transformer",
+]

@@ -1,0 +1,46 @@
+"""Load `configs/FILE.py:ARG` config files (ml_collections `get_config(arg)`) and apply
+command-line style overrides (`model.num_layers=4`)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+
+import ml_collections
+
+
+def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """`spec` is `path/to/file.py` or `path/to/file.py:arg`; overrides are `field.path=value`."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} not found (spec {spec!r}; expected FILE.py[:VARIANT])")
+    name = "mi_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"{path} has no get_config(arg) function")
+    config = module.get_config(arg) if arg else module.get_config()
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+    """`a.b.c=value`: value parsed as a Python literal when possible, else kept as a string."""
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ValueError(f"override {item!r} must look like field.path=value")
+    *parents, leaf = key.strip().lstrip("-").removeprefix("config.").split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    if leaf not in node:
+        raise KeyError(f"override {item!r}: the config has no field {key!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    with node.ignore_type():
+        node[leaf] = value
