@@ -49,6 +49,7 @@ from mi_jax.nn.rope import apply_rope, rope_frequencies
 
 TOKENS = ("activation_batch", "activation_length", "activation_embed")
 HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+VECTOR = ("activation_batch", "activation_embed")
 EPS = 1e-6
 
 REMAT_POLICIES = {
@@ -351,12 +352,14 @@ class DiT(nn.Module):
         rope = rope_frequencies(grid, cfg.rope_axes_dim, cfg.rope_theta)
 
         temb, tr_emb = ConditionEmbedding(cfg, name="time_text_embed")(timestep, pooled_projections, guidance)
+        temb = nn.with_logical_constraint(temb, VECTOR)
+        tr_emb = None if tr_emb is None else nn.with_logical_constraint(tr_emb, VECTOR)
         proj = nn.Conv(
             cfg.hidden_size,
             (pt, p, p),
             strides=(pt, p, p),
             padding="VALID",
-            kernel_init=partitioned(torch_default_kernel_init, ("conv_kernel",) * 3 + ("conv_in", "embed")),
+            kernel_init=partitioned(torch_default_kernel_init, ("conv_t", "conv_h", "conv_w", "conv_in", "embed")),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)),
             name="x_embedder",
             **_dtypes(cfg),

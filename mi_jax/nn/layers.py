@@ -166,6 +166,10 @@ class Modulation(nn.Module):
         out = Dense(
             self.chunks * d, ("embed", "modulation"), name="linear", dtype=self.dtype, param_dtype=self.param_dtype
         )(nn.silu(emb))
+        # Gather the (tensor-sharded) feature axis before splitting: it is small ([B, chunks*D]),
+        # and splitting a sharded axis miscomputes on XLA CPU (jax 0.10.2) when the batch is
+        # split over two mesh axes (tests/test_dit_sharding.py).
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_embed"))
         return jnp.split(out, self.chunks, axis=-1)
 
 

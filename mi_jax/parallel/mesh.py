@@ -21,8 +21,8 @@ from jax.experimental import mesh_utils
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
-# (logical name, mesh axis or axes or None). First match wins; an axis already used by an
-# earlier dimension of the same array is skipped by flax, so e.g. ("embed", "embed") stays legal.
+# (logical name, mesh axis or axes or None). First match wins. A logical name may appear only
+# once per array (flax refuses duplicates), hence separate names for the kernel axes of convs.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # activations
     ("activation_batch", ("data", "fsdp")),
@@ -41,7 +41,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("text_embed", None),
     ("conv_in", None),
     ("conv_out", None),
-    ("conv_kernel", None),
+    ("conv_t", None),
+    ("conv_h", None),
+    ("conv_w", None),
     ("patch_out", None),
 )
 
