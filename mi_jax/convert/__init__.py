@@ -3,6 +3,7 @@
 from mi_jax.convert.hunyuan import DIT_NAME_MAP, load_diffusers_transformer
 from mi_jax.convert.name_map import NameMap, WeightMismatchError, export_params, import_params
 from mi_jax.convert.safetensors_io import CheckpointError, SafetensorsFolder
+from mi_jax.convert.wav2vec2 import load_transformers_wav2vec2
 
 __all__ = [
     "CheckpointError",
@@ -13,4 +14,5 @@ __all__ = [
     "export_params",
     "import_params",
     "load_diffusers_transformer",
+    "load_transformers_wav2vec2",
 ]
