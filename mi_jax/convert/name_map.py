@@ -51,9 +51,20 @@ class NameMap:
 
     renames: tuple[tuple[str, str], ...] = ()
     stacked: tuple[str, ...] = ()
+    # (flax stack name, torch list name, index offset): a flax stack that continues a PyTorch
+    # module list, e.g. the last N single-stream blocks split off to carry audio adapters
+    aliases: tuple[tuple[str, str, int], ...] = ()
 
     def torch_key(self, path: tuple[str, ...], layer: int | None = None) -> str:
         *modules, leaf = path
+        head = modules[0]
+        for name, target, offset in self.aliases:
+            m = re.fullmatch(rf"{name}_(\d+)", head)
+            if head == name and layer is not None:
+                head, layer = target, layer + offset
+            elif m:
+                head = f"{target}.{int(m.group(1)) + offset}"
+        modules = [head, *modules[1:]]
         if layer is not None:
             modules = [f"{modules[0]}.{layer}", *modules[1:]]
         dotted = ".".join([*modules, _LEAF.get(leaf, leaf)])
@@ -110,6 +121,7 @@ def import_params(
     shardings: Mapping | None = None,
     dtype=None,
     ignore_unexpected: Callable[[str], bool] | None = None,
+    skip: Callable[[tuple[str, ...]], bool] | None = None,
 ) -> dict:
     """Builds the flax params tree `abstract` (a tree of ShapeDtypeStruct) from PyTorch tensors.
 
@@ -119,8 +131,10 @@ def import_params(
 
     dtype: cast every parameter to this dtype (default: the dtype of `abstract`'s leaf).
     ignore_unexpected: predicate for checkpoint keys the model deliberately does not use.
+    skip: predicate for flax paths that the checkpoint does not hold (new modules); they are
+      left out of the result for the caller to initialise.
     """
-    flat = traverse_util.flatten_dict(abstract)
+    flat = {p: v for p, v in traverse_util.flatten_dict(abstract).items() if not (skip and skip(p))}
     flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     wanted: dict[str, tuple[tuple[str, ...], int | None]] = {}
     missing, misshaped = [], {}

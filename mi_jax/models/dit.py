@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mi_jax.models.audio import AudioCrossAttention, AudioProjector, token_masks, tokens_per_token_frame
 from mi_jax.models.dit_config import DiTConfig
 from mi_jax.nn.attention import attention
 from mi_jax.nn.layers import (
@@ -157,12 +158,15 @@ class SingleStreamBlock(nn.Module):
     """`HunyuanVideoSingleTransformerBlock` (token-replace variant when `tr_emb` is given).
 
     carry: [B, Lv + Lt, D] (video first); first: [Lv + Lt] bool.
+    with_audio: MagicInfinite's audio cross-attention follows the block (`audio`: tokens
+    [B, S, Tp, Ma, Da], `audio_mask`: [B, S, Lv]); skipped when `audio` is None.
     """
 
     config: DiTConfig
+    with_audio: bool = False
 
     @nn.compact
-    def __call__(self, x, temb, tr_emb, first, rope, kv_lengths):
+    def __call__(self, x, temb, tr_emb, first, rope, kv_lengths, audio=None, audio_mask=None):
         cfg = self.config
         x = nn.with_logical_constraint(x, TOKENS)
         norm = Modulation(3, name="norm", **_dtypes(cfg))
@@ -174,7 +178,12 @@ class SingleStreamBlock(nn.Module):
         out = Dense(cfg.hidden_size, ("mlp", "embed"), name="proj_out", **_dtypes(cfg))(
             jnp.concatenate([attn, mlp], axis=-1)
         )
-        return nn.with_logical_constraint(x + gate(out, g), TOKENS), None
+        x = x + gate(out, g)
+        if self.with_audio and audio is not None:
+            n = audio_mask.shape[-1]
+            update = AudioCrossAttention(cfg, name="audio_attn")(x[:, :n], audio, audio_mask)
+            x = jnp.concatenate([x[:, :n] + update, x[:, n:]], axis=1)
+        return nn.with_logical_constraint(x, TOKENS), None
 
 
 class RefinerBlock(nn.Module):
@@ -261,7 +270,10 @@ class DiT(nn.Module):
     timestep: `[B]` or scalar, in diffusers' scale (t * 1000 for flow matching);
     encoder_hidden_states: `[B, Lt, text_embed_dim]`; encoder_attention_mask: `[B, Lt]` (1 = token,
     padding at the end; None = no padding); pooled_projections: `[B, pooled_projection_dim]`;
-    guidance: `[B]` embedded-guidance scale x 1000, required iff `config.guidance_embeds`.
+    guidance: `[B]` embedded-guidance scale x 1000, required iff `config.guidance_embeds`;
+    audio_states: `[B, S, F, n_layers, C]` Wav2Vec2 features per video frame (F = 1 + 4(T - 1)),
+    used by the final `config.audio_blocks` blocks; audio_mask: `[B, S, T, H, W]` where each
+    speaker may act (latent resolution; optional for one speaker). See mi_jax/models/audio.py.
     """
 
     config: Any
@@ -302,7 +314,7 @@ class DiT(nn.Module):
                 "config.guidance_embeds=True: pass `guidance` (the embedded CFG scale x 1000, shape [B])"
             )
 
-    def _blocks(self, block_cls, n: int, name: str, carry, *args):
+    def _blocks(self, block_cls, n: int, name: str, carry, *args, **block_kw):
         cfg = self.config
         cls = block_cls
         if cfg.remat_policy != "none":
@@ -318,11 +330,45 @@ class DiT(nn.Module):
                 length=n,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            carry, _ = stack(cfg, name=name)(carry, *args)
+            carry, _ = stack(cfg, name=name, **block_kw)(carry, *args)
             return carry
         for i in range(n):
-            carry, _ = cls(cfg, name=f"{name}_{i}")(carry, *args)
+            carry, _ = cls(cfg, name=f"{name}_{i}", **block_kw)(carry, *args)
         return carry
+
+    def _audio(self, audio_states, audio_mask, grid, b):
+        """Audio tokens per token frame and per-token speaker masks, or (None, None)."""
+        cfg = self.config
+        if audio_states is None:
+            if audio_mask is not None:
+                raise ValueError("audio_mask given without audio_states")
+            return None, None
+        if audio_states.ndim == 4:  # one speaker
+            audio_states = audio_states[:, None]
+        if audio_states.ndim != 5 or audio_states.shape[0] != b:
+            raise ValueError(
+                f"audio_states must be [B={b}, S, F, n_layers, C] (or [B, F, n_layers, C] for one speaker), "
+                f"got {audio_states.shape}"
+            )
+        speakers = audio_states.shape[1]
+        tokens = AudioProjector(cfg, name="audio_projector")(audio_states)
+        if tokens.shape[2] != grid[0] * cfg.patch_size_t:
+            raise ValueError(
+                f"audio_states cover {audio_states.shape[2]} video frames = {tokens.shape[2]} latent frames, "
+                f"but the latents have {grid[0] * cfg.patch_size_t}; align the audio to 1 + 4(T-1) video frames"
+            )
+        tokens = tokens_per_token_frame(tokens, cfg.patch_size_t)
+        if audio_mask is None:
+            if speakers > 1:
+                raise ValueError(f"{speakers} speakers need audio_mask [B, S, T, H, W] saying where each one is")
+            masks = jnp.ones((b, 1, grid[0] * grid[1] * grid[2]), jnp.float32)
+        else:
+            if audio_mask.ndim != 5 or audio_mask.shape[:2] != (b, speakers):
+                raise ValueError(
+                    f"audio_mask must be [B={b}, S={speakers}, T, H, W] at latent resolution, got {audio_mask.shape}"
+                )
+            masks = token_masks(audio_mask, grid, (cfg.patch_size_t, cfg.patch_size, cfg.patch_size))
+        return tokens, masks
 
     @nn.compact
     def __call__(
@@ -333,6 +379,8 @@ class DiT(nn.Module):
         encoder_attention_mask=None,
         pooled_projections=None,
         guidance=None,
+        audio_states=None,
+        audio_mask=None,
     ):
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
@@ -373,10 +421,16 @@ class DiT(nn.Module):
         first = jnp.arange(n_video) < grid[1] * grid[2] if tr_emb is not None else None
         x, c = self._blocks(DualStreamBlock, cfg.num_layers, "transformer_blocks", (x, c), temb, tr_emb, first, rope, kv_lengths)
         first_all = None if first is None else jnp.concatenate([first, jnp.zeros(c.shape[1], bool)])
+        single_args = (temb, tr_emb, first_all, rope, kv_lengths)
         xc = self._blocks(
-            SingleStreamBlock, cfg.num_single_layers, "single_transformer_blocks",
-            jnp.concatenate([x, c], axis=1), temb, tr_emb, first_all, rope, kv_lengths,
+            SingleStreamBlock, cfg.num_single_layers - cfg.audio_blocks, "single_transformer_blocks",
+            jnp.concatenate([x, c], axis=1), *single_args,
         )
+        if cfg.audio_blocks:
+            audio = self._audio(audio_states, audio_mask, grid, b)
+            xc = self._blocks(
+                SingleStreamBlock, cfg.audio_blocks, "audio_single_blocks", xc, *single_args, *audio, with_audio=True
+            )
         x = xc[:, :n_video]
 
         scale, shift = Modulation(2, name="norm_out", **_dtypes(cfg))(temb)
@@ -404,6 +458,11 @@ def example_inputs(config, batch: int = 1, frames: int | None = None, height: in
     )
     if cfg.guidance_embeds:
         inputs["guidance"] = jnp.zeros((batch,), jnp.float32)
+    if cfg.audio_blocks:
+        video_frames = 1 + 4 * (frames - 1)
+        inputs["audio_states"] = jnp.zeros(
+            (batch, 1, video_frames, cfg.audio_feature_layers, cfg.audio_feature_dim), jnp.float32
+        )
     return inputs
 
 

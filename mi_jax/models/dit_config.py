@@ -39,6 +39,14 @@ class DiTConfig:
     rope_theta: float = 256.0
     rope_axes_dim: tuple[int, ...] = (16, 56, 56)
     image_condition_type: str | None = None
+    # --- MagicInfinite audio path (absent from HunyuanVideo; audio_blocks=0 turns it off) ---
+    audio_blocks: int = 0  # the final N single-stream blocks get audio cross-attention
+    audio_feature_layers: int = 12  # Wav2Vec2 layers stacked in `audio_states`
+    audio_feature_dim: int = 768  # Wav2Vec2 hidden size
+    audio_window: int = 2  # neighbouring audio frames on each side of a video frame
+    audio_hidden: int = 512  # projector width
+    audio_tokens: int = 32  # M audio tokens per latent frame
+    audio_token_dim: int = 768
     # --- how to run it (not part of the PyTorch checkpoint) ---
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -64,6 +72,10 @@ class DiTConfig:
             raise ValueError(
                 "image_condition_type='latent_concat' feeds [noisy latents, image latents, mask] so "
                 f"in_channels must be 2*out_channels+1={2 * self.out_channels + 1}, got {self.in_channels}"
+            )
+        if not 0 <= self.audio_blocks <= self.num_single_layers:
+            raise ValueError(
+                f"audio_blocks={self.audio_blocks} must be between 0 and num_single_layers={self.num_single_layers}"
             )
         for name in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, name))  # fails early on a typo

@@ -35,6 +35,7 @@ class Dense(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: nn.initializers.Initializer = torch_default_kernel_init
+    bias_init: nn.initializers.Initializer | None = None  # None: PyTorch's uniform(+-1/sqrt(fan_in))
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -43,14 +44,9 @@ class Dense(nn.Module):
         )
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
-            fan_in = x.shape[-1]
-            bound = 1.0 / math.sqrt(fan_in)
-            bias = self.param(
-                "bias",
-                partitioned(lambda k, s, d: jax.random.uniform(k, s, d, -bound, bound), (self.axes[1],)),
-                (self.features,),
-                self.param_dtype,
-            )
+            bound = 1.0 / math.sqrt(x.shape[-1])
+            init = self.bias_init or (lambda k, s, d: jax.random.uniform(k, s, d, -bound, bound))
+            bias = self.param("bias", partitioned(init, (self.axes[1],)), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
 

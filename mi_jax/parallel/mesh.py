@@ -45,6 +45,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("conv_h", None),
     ("conv_w", None),
     ("patch_out", None),
+    ("audio_in", None),
+    ("audio_hidden", None),
+    ("audio_embed", None),
 )
 
 
