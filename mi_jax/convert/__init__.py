@@ -3,6 +3,7 @@
 from mi_jax.convert.hunyuan import DIT_NAME_MAP, dit_name_map, load_diffusers_transformer
 from mi_jax.convert.name_map import NameMap, WeightMismatchError, export_params, import_params
 from mi_jax.convert.safetensors_io import CheckpointError, SafetensorsFolder
+from mi_jax.convert.vae import VAE_NAME_MAP, load_diffusers_vae
 from mi_jax.convert.wav2vec2 import load_transformers_wav2vec2
 
 __all__ = [
@@ -11,9 +12,11 @@ __all__ = [
     "dit_name_map",
     "NameMap",
     "SafetensorsFolder",
+    "VAE_NAME_MAP",
     "WeightMismatchError",
     "export_params",
     "import_params",
     "load_diffusers_transformer",
+    "load_diffusers_vae",
     "load_transformers_wav2vec2",
 ]

@@ -407,7 +407,7 @@ class DiT(nn.Module):
             (pt, p, p),
             strides=(pt, p, p),
             padding="VALID",
-            kernel_init=partitioned(torch_default_kernel_init, ("conv_t", "conv_h", "conv_w", "conv_in", "embed")),
+            kernel_init=partitioned(torch_default_kernel_init, ("conv_kernel_t", "conv_kernel_h", "conv_kernel_w", "conv_in", "embed")),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)),
             name="x_embedder",
             **_dtypes(cfg),

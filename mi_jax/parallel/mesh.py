@@ -41,9 +41,10 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("text_embed", None),
     ("conv_in", None),
     ("conv_out", None),
-    ("conv_t", None),
-    ("conv_h", None),
-    ("conv_w", None),
+    ("conv_kernel", None),  # 1-D convs (Wav2Vec2)
+    ("conv_kernel_t", None),
+    ("conv_kernel_h", None),
+    ("conv_kernel_w", None),
     ("patch_out", None),
     ("audio_in", None),
     ("audio_hidden", None),

@@ -1,0 +1,274 @@
+"""HunyuanVideo causal VAE vs diffusers' `AutoencoderKLHunyuanVideo` (fp32, tiny random configs).
+
+Single pass (`CausalVAE`) vs diffusers with framewise coding off; `VAEStream` (scan and the
+chunk-by-chunk loop) vs diffusers' default, temporally tiled `encode/decode`; spatial tiles vs
+diffusers' `enable_tiling()`; config, loader and input errors.
+"""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import max_abs
+from flax import linen as nn
+from flax import traverse_util
+
+from mi_jax.convert.name_map import WeightMismatchError, export_params
+from mi_jax.convert.safetensors_io import CheckpointError
+from mi_jax.convert.vae import VAE_NAME_MAP, load_diffusers_vae
+from mi_jax.models.vae import HUNYUAN_VIDEO_VAE, CausalVAE, Tiling, VAEConfig, VAEStream, abstract_vae_params
+
+TOL = 1e-4
+CONFIGS = {
+    # 4 blocks (space down in blocks 0-2, time in 1-2), mid-block attention.
+    "4blocks": dict(
+        latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+    ),
+    # 3 blocks (space in all, time in 0-1), 2 resnets per block, no attention.
+    "3blocks": dict(
+        latent_channels=6, block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=2,
+        mid_block_add_attention=False, down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 3,
+    ),
+}
+
+
+def to_jax(t):
+    """torch [B, C, T, H, W] -> numpy channels-last [B, T, H, W, C]."""
+    return t.detach().numpy().transpose(0, 2, 3, 4, 1)
+
+
+@pytest.fixture(scope="module")
+def models(torch, tmp_path_factory):
+    """name -> (diffusers model, checkpoint folder, VAEConfig, params, jitted methods)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    out = {}
+    for i, (name, kwargs) in enumerate(CONFIGS.items()):
+        torch.manual_seed(i)
+        model = AutoencoderKLHunyuanVideo(**kwargs).eval()
+        path = str(tmp_path_factory.mktemp(name))
+        model.save_pretrained(path)
+        config, params = load_diffusers_vae(path)
+        vae = CausalVAE(config)
+        run = {
+            m: jax.jit(lambda p, x, m=m, vae=vae: vae.apply({"params": p}, x, method=m))
+            for m in ("encode", "decode")
+        }
+        out[name] = (model, path, config, params, run)
+    return out
+
+
+def torch_decode(torch, model, z, framewise):
+    model.use_framewise_decoding = model.use_framewise_encoding = framewise
+    with torch.no_grad():
+        return to_jax(model.decode(z).sample)
+
+
+def torch_encode(torch, model, x, framewise):
+    model.use_framewise_decoding = model.use_framewise_encoding = framewise
+    with torch.no_grad():
+        dist = model.encode(x).latent_dist
+    return to_jax(dist.mean), to_jax(dist.logvar)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_single_pass_matches_diffusers(torch, models, name):
+    model, _, config, params, run = models[name]
+    x = torch.rand(2, 3, 9, 16, 24) * 2 - 1
+    mean, logvar = run["encode"](params, to_jax(x))
+    want_mean, want_logvar = torch_encode(torch, model, x, framewise=False)
+    assert mean.shape == (2, 3, 2, 3, config.latent_channels)
+    assert max_abs(mean, want_mean) < TOL and max_abs(logvar, want_logvar) < TOL
+
+    z = torch.randn(2, config.latent_channels, 3, 2, 3)
+    video = run["decode"](params, to_jax(z))
+    assert video.shape == (2, 9, 16, 24, 3)
+    assert max_abs(video, torch_decode(torch, model, z, framewise=False)) < TOL
+
+
+def test_full_pass_is_not_causal(torch, models):
+    """Why streaming uses diffusers' tiles rather than a causal-conv cache: GroupNorm statistics
+    span all frames, so the first decoded frame of the single pass depends on the last latent."""
+    _, _, config, params, run = models["4blocks"]
+    z = np.asarray(torch.randn(2, 3, 2, 3, config.latent_channels))
+    z2 = z.copy()
+    z2[:, -1] += 1.0
+    assert max_abs(run["decode"](params, z)[:, 0], run["decode"](params, z2)[:, 0]) > 1e-3
+
+
+def test_bfloat16_compute(models):
+    """bf16 activations (float32 parameters and norm statistics) stay close to float32: mean
+    error within 10% of the mean magnitude, as diffusers' own bf16 run of this tiny random model
+    (whose few-channel GroupNorms amplify rounding)."""
+    _, _, config, params, run = models["4blocks"]
+    z = np.random.default_rng(0).standard_normal((1, 3, 2, 3, config.latent_channels)).astype(np.float32)
+    vae = CausalVAE(config, dtype=jnp.bfloat16)
+    video = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))(params, z)
+    want = run["decode"](params, z)
+    assert video.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(video, np.float32) - np.asarray(want))
+    assert err.mean() < 0.1 * np.abs(np.asarray(want)).mean()
+
+
+def test_stream_decode_matches_diffusers_default(torch, models):
+    """13 latents: first tile, two scanned tiles, a 4-latent end tile (and a 1-latent one that
+    yields nothing). 8 latents: one scanned tile, a 2-latent end tile."""
+    model, _, config, params, _ = models["4blocks"]
+    stream = VAEStream(CausalVAE(config))
+    z8 = torch.randn(1, config.latent_channels, 8, 2, 2)
+    assert max_abs(stream.decode(params, to_jax(z8)), torch_decode(torch, model, z8, framewise=True)) < TOL
+    z = torch.randn(1, config.latent_channels, 13, 2, 2)
+    whole = stream.decode(params, to_jax(z))
+    assert whole.shape == (1, 49, 16, 16, 3)
+    assert max_abs(whole, torch_decode(torch, model, z, framewise=True)) < TOL
+
+    zj = to_jax(z)
+    frames, state = stream.decode_start(params, zj[:, : stream.latents_first])
+    outs, i = [frames], stream.latents_first
+    while zj.shape[1] - i >= stream.latents_per_chunk:
+        frames, state = stream.decode_chunk(params, state, zj[:, i : i + stream.latents_per_chunk])
+        assert frames.shape[1] == 4 * stream.latents_per_chunk
+        outs.append(frames)
+        i += stream.latents_per_chunk
+    outs.append(stream.decode_end(params, state, zj[:, i:]))
+    assert max_abs(np.concatenate(outs, axis=1), whole) < 1e-5
+
+
+def test_stream_encode_matches_diffusers_default(torch, models):
+    """45 frames: first 17-frame tile, two scanned 12-frame chunks, a 9-frame end tile."""
+    model, _, config, params, _ = models["4blocks"]
+    x = torch.rand(1, 3, 45, 16, 16) * 2 - 1
+    stream = VAEStream(CausalVAE(config))
+    mean, logvar = stream.encode(params, to_jax(x))
+    want_mean, want_logvar = torch_encode(torch, model, x, framewise=True)
+    assert mean.shape == (1, 12, 2, 2, config.latent_channels)
+    assert max_abs(mean, want_mean) < TOL and max_abs(logvar, want_logvar) < TOL
+
+    xj = to_jax(x)
+    (m, lv), state = stream.encode_start(params, xj[:, : stream.frames_first])
+    means, logvars, i = [m], [lv], stream.frames_first
+    while xj.shape[1] - i >= stream.frames_per_chunk:
+        (m, lv), state = stream.encode_chunk(params, state, xj[:, i : i + stream.frames_per_chunk])
+        means.append(m), logvars.append(lv)
+        i += stream.frames_per_chunk
+    m, lv = stream.encode_end(params, state, xj[:, i:])
+    assert max_abs(np.concatenate([*means, m], 1), mean) < 1e-5
+    assert max_abs(np.concatenate([*logvars, lv], 1), logvar) < 1e-5
+
+
+def test_spatial_tiling_matches_diffusers(torch, models):
+    """Tiles of 32 px (4 latents) every 24 px (3 latents), blended over 8 px / 1 latent, on
+    48x24-px frames: two rows of tiles (the second one cut short), one column."""
+    model, _, config, params, _ = models["3blocks"]
+    sizes = dict(
+        tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24, tile_sample_stride_width=24
+    )
+    stream = VAEStream(CausalVAE(config), Tiling(use_tiling=True, **sizes))
+    model.enable_tiling(**sizes)
+    try:
+        z = torch.randn(1, config.latent_channels, 3, 6, 3)
+        assert max_abs(stream.decode(params, to_jax(z)), torch_decode(torch, model, z, framewise=True)) < TOL
+        x = torch.rand(1, 3, 9, 48, 24) * 2 - 1
+        mean, logvar = stream.encode(params, to_jax(x))
+        want_mean, want_logvar = torch_encode(torch, model, x, framewise=True)
+        assert max_abs(mean, want_mean) < TOL and max_abs(logvar, want_logvar) < TOL
+    finally:
+        model.disable_tiling()
+
+
+def test_input_errors(models):
+    _, _, config, params, _ = models["4blocks"]
+    vae = CausalVAE(config)
+    encode = lambda x: vae.apply({"params": params}, x, method="encode")  # noqa: E731
+    cases = [
+        (encode, (1, 10, 16, 16, 3), r"1 \+ 4k frames"),
+        (encode, (1, 9, 12, 16, 3), "divisible by 8"),
+        (encode, (1, 9, 16, 16, 4), "channels-last"),
+        (encode, (1, 3, 9, 16, 16), "channels-last"),  # PyTorch layout
+        (lambda z: vae.apply({"params": params}, z, method="decode"), (1, 3, 2, 2, 5), "latents must be"),
+    ]
+    for fn, shape, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fn(np.zeros(shape, np.float32))
+    stream = VAEStream(vae)
+    with pytest.raises(ValueError, match="decode_start takes the first 5"):
+        stream.decode_start(params, np.zeros((1, 4, 2, 2, 4), np.float32))
+    with pytest.raises(ValueError, match="1 \\+ 4k frames"):
+        stream.encode(params, np.zeros((1, 20, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        VAEStream(vae, Tiling(tile_sample_min_num_frames=16, tile_sample_stride_num_frames=10))
+    _, state = stream.decode_start(params, np.zeros((1, 5, 2, 2, 4), np.float32))
+    with pytest.raises(ValueError, match="decode_chunk takes exactly 3"):
+        stream.decode_chunk(params, state, np.zeros((1, 4, 2, 2, 4), np.float32))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="only supports 4"):
+        VAEConfig(temporal_compression_ratio=8)
+    with pytest.raises(ValueError, match="at least 3 block_out_channels"):
+        VAEConfig(block_out_channels=(32, 32), down_block_types=("HunyuanVideoDownBlock3D",) * 2,
+                  up_block_types=("HunyuanVideoUpBlock3D",) * 2)
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        VAEConfig(block_out_channels=(8, 12, 16, 16), norm_num_groups=8)
+
+
+def test_real_config_matches_diffusers(torch):
+    """`HUNYUAN_VIDEO_VAE` is diffusers' default model: same config and every parameter's key and
+    shape (built on torch's meta device: no memory)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    with torch.device("meta"):
+        model = AutoencoderKLHunyuanVideo()
+    assert VAEConfig.from_diffusers(model.config) == HUNYUAN_VIDEO_VAE
+    assert VAEConfig.from_diffusers(HUNYUAN_VIDEO_VAE.to_diffusers()) == HUNYUAN_VIDEO_VAE
+    ours = {}
+    for path, leaf in traverse_util.flatten_dict(nn.unbox(abstract_vae_params(HUNYUAN_VIDEO_VAE))).items():
+        shape = leaf.shape if path[-1] != "kernel" else (*leaf.shape[-1:-3:-1], *leaf.shape[:-2])
+        ours[VAE_NAME_MAP.torch_key(path)] = tuple(shape)
+    assert ours == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_loader_round_trip_and_mesh(torch, models):
+    from mi_jax.parallel.mesh import make_mesh
+
+    model, path, config, params, _ = models["3blocks"]
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    exported = dict(export_params(params, VAE_NAME_MAP))
+    assert exported.keys() == state.keys()
+    assert all(np.array_equal(exported[k], state[k]) for k in state)
+    assert config == VAEConfig.from_diffusers(model.config)
+
+    mesh = make_mesh()
+    _, sharded = load_diffusers_vae(path, mesh=mesh)
+    leaf = sharded["decoder"]["conv_out"]["conv"]["kernel"]
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == jax.device_count()
+
+
+def test_loader_errors(torch, models, tmp_path):
+    from safetensors.torch import save_file
+
+    model, path, *_ = models["3blocks"]
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    bad_key = "decoder.up_blocks.0.resnets.1.conv1.conv.weight"
+    state[bad_key] = torch.zeros(16, 16, 3, 3, 1)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(os.path.join(path, "config.json"), bad / "config.json")
+    save_file(state, str(bad / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(WeightMismatchError, match=bad_key.replace(".", r"\.")) as err:
+        load_diffusers_vae(str(bad))
+    assert "(16, 16, 3, 3, 3)" in str(err.value) and "(16, 16, 3, 3, 1)" in str(err.value)
+
+    # A pipeline folder holding vae/ is accepted; another model's folder is not.
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(path, pipeline / "vae")
+    assert load_diffusers_vae(str(pipeline))[0] == models["3blocks"][2]
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    (other / "config.json").write_text('{"_class_name": "AutoencoderKLWan"}')
+    with pytest.raises(CheckpointError, match="not a AutoencoderKLHunyuanVideo"):
+        load_diffusers_vae(str(other))
