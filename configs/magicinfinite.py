@@ -1,0 +1,103 @@
+"""MagicInfinite training: stage 1 (audio / lip sync) and stage 2 (text + audio + reference).
+
+    mi-jax train --config configs/magicinfinite.py:tiny,stage1 --workdir runs/tiny_s1
+    mi-jax train --config configs/magicinfinite.py:tiny,stage2 --workdir runs/tiny_s2 \
+        --config.init.checkpoint=runs/tiny_s1
+    mi-jax train --config configs/magicinfinite.py:stage1 --workdir gs://.../s1 \
+        --config.init.diffusers=HunyuanVideo-I2V/transformer --config.data.store=/data/store
+
+`get_config("VARIANT,STAGE[,text_first]")`: VARIANT is `tiny` (CPU tests, the demo) or `full`
+(the 13B HunyuanVideo-I2V backbone, configs/hunyuan_video_i2v.py); STAGE is `stage1` or
+`stage2`. The public text does not fix the stage order (../shared/references/ section 6), so the
+stages are data: by default stage 1 trains the audio modules for lip sync with a mouth-weighted
+loss, stage 2 trains everything jointly with per-condition dropout for CFG. `text_first`
+swaps the emphasis (stage 1: text + reference on the backbone, no audio; stage 2: audio joins).
+"""
+
+import os
+
+import ml_collections
+
+from mi_jax.config_utils import load_config
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+AUDIO_MODULES = (r"^audio_projector/", r"audio_attn/")
+
+
+def _model(variant: str) -> ml_collections.ConfigDict:
+    model = load_config(os.path.join(_HERE, "hunyuan_video_i2v.py") + (":tiny" if variant == "tiny" else ":i2v")).model
+    if variant == "tiny":
+        model.update(audio_blocks=1, audio_feature_layers=4, audio_feature_dim=32, audio_window=1,
+                     audio_hidden=32, audio_tokens=4, audio_token_dim=32)
+    else:
+        # wav2vec2-base: 12 transformer layers of 768; audio in the last 10 of 40 single blocks
+        model.update(audio_blocks=10, audio_feature_layers=12, audio_feature_dim=768, audio_window=2,
+                     audio_hidden=512, audio_tokens=32, audio_token_dim=768)
+    return model
+
+
+def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
+    parts = [p.strip() for p in arg.split(",") if p.strip()]
+    variant = parts[0] if parts and parts[0] in ("tiny", "full") else "tiny"
+    stage = next((p for p in parts if p.startswith("stage")), "stage1")
+    text_first = "text_first" in parts
+    unknown = set(parts) - {"tiny", "full", "stage1", "stage2", "text_first"}
+    if unknown or stage not in ("stage1", "stage2"):
+        raise ValueError(f"unknown config arg part(s) {sorted(unknown) or stage}; use e.g. 'tiny,stage1'")
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = _model(variant)
+    c.mesh = "fsdp=-1"  # data, fsdp, context, tensor sizes; -1 fills
+
+    c.data = ml_collections.ConfigDict()
+    c.data.store = ""  # a folder written by `mi-jax prepare`
+    c.data.global_batch = 4 if variant == "tiny" else 32
+    c.data.num_workers = 0
+    c.data.shuffle_seed = 0
+
+    c.init = ml_collections.ConfigDict()
+    c.init.diffusers = ""  # a diffusers HunyuanVideo(-I2V) transformer folder to start from
+    c.init.checkpoint = ""  # or an mi_jax run folder (its latest checkpoint's params)
+    c.init.lora_rank = 0  # > 0: train LoRA factors (and the audio modules) over a frozen base
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 300 if variant == "tiny" else 20_000
+    c.train.learning_rate = 1e-3 if variant == "tiny" else 1e-5
+    c.train.warmup_steps = 20 if variant == "tiny" else 500
+    c.train.final_lr_fraction = 0.1
+    c.train.weight_decay = 0.0
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.99
+    c.train.grad_clip = 1.0
+    c.train.grad_accum = 1
+    c.train.ema_decay = 0.999
+    c.train.log_every = 10
+    c.train.checkpoint_every = 100 if variant == "tiny" else 1000
+    c.train.keep_checkpoints = 3
+    c.train.nan_patience = 10  # stop after this many non-finite steps in a row
+
+    s = c.stage = ml_collections.ConfigDict()
+    s.name = stage
+    s.timestep_sampling = "logit_normal"
+    s.timestep_shift = 1.0 if variant == "tiny" else 7.0
+    s.guidance = 1.0  # embedded guidance scale fed to guidance-embedding models while training
+    s.loss = ml_collections.ConfigDict(dict(global_weight=1.0, face_weight=0.0, mouth_weight=0.0))
+    s.dropout = ml_collections.ConfigDict(dict(text=0.0, audio=0.0, reference=0.0))
+    if stage == "stage1" and not text_first:  # lip sync first: only the audio modules learn
+        s.use_audio = True
+        s.trainable = list(AUDIO_MODULES)
+        s.loss.update(face_weight=0.5, mouth_weight=1.0)
+        s.dropout.update(audio=0.05)
+    elif stage == "stage1":  # text_first: text + reference on the backbone, no audio yet
+        s.use_audio = False
+        s.trainable = [r"^(?!audio_projector/)(?!.*audio_attn/).*"]
+        s.loss.update(face_weight=0.5)
+        s.dropout.update(text=0.1, reference=0.05)
+    else:  # stage 2: text + audio + reference jointly, dropout for multi-condition CFG
+        s.use_audio = True
+        s.trainable = [r".*"]
+        s.loss.update(face_weight=0.5, mouth_weight=1.0 if text_first else 0.5)
+        s.dropout.update(text=0.1, audio=0.1, reference=0.05)
+    return c

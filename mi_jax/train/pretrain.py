@@ -1,0 +1,232 @@
+"""Stage-1 / stage-2 flow-matching step (the loop in train/loop.py runs it).
+
+Batch (global arrays, batch axis first; see mi_jax/data/store.py):
+    latents [B, T, h, w, C]   ref_latent [B, 1, h, w, C]   audio_states [B, (S,) F, n_layers, A]
+    text_embeds [B, L, D]     text_mask [B, L]             pooled [B, P]
+    face_mask, mouth_mask [B, T, h, w]                     speaker_masks [B, S, T, h, w]
+
+The stages differ only in data (`config.stage`): which conditions are on, their dropout
+probabilities (for classifier-free guidance), which parameters train and the loss weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from mi_jax.diffusion.flow import TIMESTEP_SCALE, interpolate, sample_time, velocity_target
+from mi_jax.models.dit import DiT, image_condition_input
+from mi_jax.nn.lora import lora_apply
+from mi_jax.train.losses import LossWeights, flow_matching_loss
+from mi_jax.train.state import TrainState, apply_if_finite, freeze
+
+
+def model_params(params):
+    """The DiT parameter tree: LoRA factors (when training LoRA) merged into the frozen base."""
+    if isinstance(params, dict) and set(params) == {"base", "lora"}:
+        return lora_apply(params["base"], params["lora"], 1.0)
+    return params
+
+
+def drop_conditions(batch: dict, rng, probs) -> dict:
+    """Per-sample condition dropout (for CFG): text -> the empty prompt (zero states, one valid
+    token so pooling stays finite), audio -> silence (zero features), reference -> zeros."""
+    b = batch["latents"].shape[0]
+    kt, ka, kr = jax.random.split(rng, 3)
+    out = dict(batch)
+
+    def drop(key, p, x, fill):
+        keep = jax.random.uniform(key, (b,)) >= p
+        return jnp.where(keep.reshape((b,) + (1,) * (x.ndim - 1)), x, fill)
+
+    if probs.text > 0:
+        keep_t = jax.random.uniform(kt, (b,)) >= probs.text
+        out["text_embeds"] = jnp.where(keep_t[:, None, None], batch["text_embeds"], 0)
+        empty = jnp.zeros_like(batch["text_mask"]).at[:, 0].set(1)
+        out["text_mask"] = jnp.where(keep_t[:, None], batch["text_mask"], empty)
+        out["pooled"] = jnp.where(keep_t[:, None], batch["pooled"], 0)
+    if probs.audio > 0 and "audio_states" in batch:
+        out["audio_states"] = drop(ka, probs.audio, batch["audio_states"], 0)
+    if probs.reference > 0:
+        out["ref_latent"] = drop(kr, probs.reference, batch["ref_latent"], 0)
+    return out
+
+
+def make_loss_fn(config) -> Callable:
+    """`loss_fn(params, batch, rng) -> (loss, metrics)` for the DiT of `config.model`."""
+    model = DiT(config.model)
+    mcfg = model.config
+    stage = config.stage
+    weights = LossWeights(stage.loss.global_weight, stage.loss.face_weight, stage.loss.mouth_weight)
+
+    def loss_fn(params, batch, rng):
+        k_noise, k_time, k_drop = jax.random.split(rng, 3)
+        x0 = batch["latents"].astype(jnp.float32)
+        b = x0.shape[0]
+        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+        t = sample_time(k_time, b, kind=stage.timestep_sampling, shift=stage.timestep_shift)
+        batch = drop_conditions(batch, k_drop, stage.dropout)
+        inputs = dict(
+            hidden_states=image_condition_input(interpolate(x0, noise, t), batch["ref_latent"], mcfg.image_condition_type),
+            timestep=t * TIMESTEP_SCALE,
+            encoder_hidden_states=batch["text_embeds"],
+            encoder_attention_mask=batch["text_mask"],
+            pooled_projections=batch["pooled"],
+        )
+        if mcfg.guidance_embeds:
+            inputs["guidance"] = jnp.full((b,), stage.guidance * TIMESTEP_SCALE)
+        if mcfg.audio_blocks and stage.use_audio:
+            audio = batch["audio_states"]
+            inputs["audio_states"] = audio if audio.ndim == 5 else audio[:, None]
+            if "speaker_masks" in batch:
+                inputs["audio_mask"] = batch["speaker_masks"]
+        v = model.apply({"params": model_params(params)}, **inputs)
+        target = velocity_target(x0, noise)
+        face, mouth = batch.get("face_mask"), batch.get("mouth_mask")
+        if mcfg.image_condition_type == "token_replace":
+            # latent frame 0 is the given portrait, not a prediction
+            v, target = v[:, 1:], target[:, 1:]
+            face = None if face is None else face[:, 1:]
+            mouth = None if mouth is None else mouth[:, 1:]
+        loss, parts = flow_matching_loss(v, target, face_mask=face, mouth_mask=mouth, weights=weights)
+        return loss, {"loss": loss, **parts}
+
+    return loss_fn
+
+
+def make_train_step(config, tx, labels, loss_fn: Callable | None = None) -> Callable:
+    """`step(state, batch) -> (state, metrics)`: gradient accumulation over
+    `config.train.grad_accum` micro-batches, clipping and AdamW (in `tx`), EMA, and the
+    NaN/Inf guard (a non-finite loss or gradient skips the update and is counted)."""
+    loss_fn = loss_fn or make_loss_fn(config)
+    accum = config.train.grad_accum
+    seed = config.seed
+
+    def grads_of(params, batch, rng):
+        return jax.value_and_grad(lambda p: loss_fn(freeze(p, labels), batch, rng), has_aux=True)(params)
+
+    def step(state: TrainState, batch):
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        if accum == 1:
+            (_, metrics), grads = grads_of(state.params, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                (_, m), g = grads_of(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, m)), None
+
+            zeros = grads_of_shape(state.params, micro, rng)
+            (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+            grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new_state = apply_if_finite(state, grads, finite, tx, config.train.ema_decay)
+        metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32),
+                       nan_count=new_state.nan_count, nan_streak=new_state.nan_streak)
+        return new_state, metrics
+
+    def grads_of_shape(params, micro, rng):
+        one = jax.tree.map(lambda x: x[0], micro)
+        (_, m), g = jax.eval_shape(grads_of, params, one, rng)
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g, m))
+
+    return step
+
+
+# ------------------------------------------------------------------ job
+
+
+def batch_sharding(mesh, rules=None):
+    """Batch leaves are split along their first axis as `activation_batch` says."""
+    from flax import linen as nn
+
+    from mi_jax.parallel.mesh import DEFAULT_RULES
+
+    return nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec("activation_batch"), mesh, rules or DEFAULT_RULES)
+
+
+def initial_params(config, mesh, param_shardings, abstract_params):
+    """The step-0 parameters: from a diffusers folder, from an earlier mi_jax run (stage 2
+    after stage 1), or freshly initialised; always created directly in their shards."""
+    import dataclasses as dc
+
+    from flax import linen as nn
+
+    from mi_jax.convert.hunyuan import load_diffusers_transformer
+    from mi_jax.models.dit import example_inputs
+    from mi_jax.models.dit_config import DIFFUSERS_FIELDS, DiTConfig
+    from mi_jax.parallel.mesh import with_rules
+    from mi_jax.train.checkpoints import load_run_params
+
+    mcfg = DiTConfig.coerce(config.model)
+    init = config.init
+    if init.diffusers and init.checkpoint:
+        raise ValueError("set init.diffusers or init.checkpoint, not both")
+    if init.diffusers:
+        run_fields = {f.name: getattr(mcfg, f.name) for f in dc.fields(mcfg) if f.name not in DIFFUSERS_FIELDS}
+        loaded_cfg, params = load_diffusers_transformer(init.diffusers, mesh=mesh, rng=jax.random.key(config.seed), **run_fields)
+        if loaded_cfg != mcfg:
+            diff = {k: (getattr(mcfg, k), getattr(loaded_cfg, k)) for k in DIFFUSERS_FIELDS
+                    if getattr(mcfg, k) != getattr(loaded_cfg, k)}
+            raise ValueError(f"init.diffusers={init.diffusers}: its config.json differs from config.model: {diff} "
+                             "(config value, checkpoint value); use the matching model config")
+        return params
+    if init.checkpoint:
+        return load_run_params(init.checkpoint, abstract_params, param_shardings)
+    model = DiT(mcfg)
+    with with_rules(mesh):
+        fn = jax.jit(lambda k: nn.unbox(model.init(k, **example_inputs(mcfg)))["params"], out_shardings=param_shardings)
+        return fn(jax.random.key(config.seed))
+
+
+def make_job(config, data):
+    """Everything `loop.run` needs for stage-1 / stage-2 training of `config`."""
+    from flax import linen as nn
+
+    from mi_jax.models.dit import example_inputs
+    from mi_jax.models.dit_config import DiTConfig
+    from mi_jax.nn.lora import lora_init
+    from mi_jax.parallel.mesh import logical_shardings, make_mesh
+    from mi_jax.train.loop import Job
+    from mi_jax.train.state import init_state, make_optimizer, state_shardings, trainable_labels
+
+    mesh = make_mesh(config.mesh)
+    mcfg = DiTConfig.coerce(config.model)
+    boxed = jax.eval_shape(lambda: DiT(mcfg).init(jax.random.key(0), **example_inputs(mcfg))["params"])
+    param_sh = logical_shardings(boxed, mesh)
+    abstract_params = nn.unbox(boxed)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rank = config.init.lora_rank
+
+    def make_params():
+        params = initial_params(config, mesh, param_sh, abstract_params)
+        if rank:
+            return {"base": params, "lora": lora_init(params, jax.random.key(config.seed + 1), rank)}
+        return params
+
+    # labels from shapes only (no allocation); with LoRA the factors and the audio modules train
+    if rank:
+        lora_shape = jax.eval_shape(lambda p: lora_init(p, jax.random.key(0), rank), abstract_params)
+        abstract_all = {"base": abstract_params, "lora": lora_shape}
+        patterns = [r"^lora/"] + [r"^base/" + p.lstrip("^") for p in config.stage.trainable if "audio" in p]
+        all_param_sh = {"base": param_sh, "lora": jax.tree.map(lambda _: replicated, lora_shape)}
+    else:
+        abstract_all, patterns, all_param_sh = abstract_params, list(config.stage.trainable), param_sh
+    labels = trainable_labels(abstract_all, patterns)
+    tx = make_optimizer(config.train, labels)
+    abstract_state = jax.eval_shape(lambda p: init_state(p, tx, labels), abstract_all)
+    shardings = state_shardings(abstract_state, all_param_sh, replicated)
+
+    def first_state():
+        params = make_params()
+        return jax.jit(lambda p: init_state(p, tx, labels), out_shardings=shardings)(params)
+
+    step = make_train_step(config, tx, labels)
+    batch_sh = jax.tree.map(lambda _: batch_sharding(mesh), data.element_spec)
+    return Job(config=config, mesh=mesh, init_state=first_state, abstract_state=abstract_state,
+               state_shardings=shardings, step_fn=step, batch_shardings=batch_sh, data=data,
+               total_steps=config.train.steps)
