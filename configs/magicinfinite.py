@@ -57,6 +57,30 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     c.data.num_workers = 0
     c.data.shuffle_seed = 0
 
+    # `mi-jax prepare`: clips -> windows of `latent_frames` latents (1 + 4(T-1) video frames)
+    p = c.prepare = ml_collections.ConfigDict()
+    p.fps = 25.0
+    p.sample_rate = 16000
+    p.height, p.width = (64, 64) if variant == "tiny" else (544, 544)
+    p.latent_frames = 3 if variant == "tiny" else 33
+    p.speakers = 1  # S: every window carries S audio tracks and masks (absent speakers are empty)
+    p.face_margin = 0.15
+    p.default_prompt = "a person talking"
+    p.text_len = 12 if variant == "tiny" else 256
+    p.workers = 2
+    p.shard_size = 256
+    # frozen encoders: a diffusers / transformers folder, or "random:SEED" (tiny, seeded; tests)
+    p.vae = "random:0" if variant == "tiny" else ""
+    p.vae_random = ml_collections.ConfigDict(dict(latent_channels=4, block_out_channels=(8, 8, 16, 16),
+                                                  layers_per_block=1, norm_num_groups=4))
+    p.wav2vec2 = "random:0" if variant == "tiny" else ""
+    p.wav2vec2_random = ml_collections.ConfigDict(dict(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 8, 8),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4))
+    p.audio_layers = (1, 2, 3, 4) if variant == "tiny" else tuple(range(1, 13))
+    p.text_encoder = "tiny" if variant == "tiny" else ""  # or a HunyuanVideo-I2V diffusers folder
+
     c.init = ml_collections.ConfigDict()
     c.init.diffusers = ""  # a diffusers HunyuanVideo(-I2V) transformer folder to start from
     c.init.checkpoint = ""  # or an mi_jax run folder (its latest checkpoint's params)

@@ -183,8 +183,9 @@ def initial_params(config, mesh, param_shardings, abstract_params):
         return fn(jax.random.key(config.seed))
 
 
-def make_job(config, data):
-    """Everything `loop.run` needs for stage-1 / stage-2 training of `config`."""
+def make_job(config, data, mesh=None):
+    """Everything `loop.run` needs for stage-1 / stage-2 training of `config` (on `mesh`, by
+    default the one `config.mesh` describes)."""
     from flax import linen as nn
 
     from mi_jax.models.dit import example_inputs
@@ -194,7 +195,7 @@ def make_job(config, data):
     from mi_jax.train.loop import Job
     from mi_jax.train.state import init_state, make_optimizer, state_shardings, trainable_labels
 
-    mesh = make_mesh(config.mesh)
+    mesh = mesh or make_mesh(config.mesh)
     mcfg = DiTConfig.coerce(config.model)
     boxed = jax.eval_shape(lambda: DiT(mcfg).init(jax.random.key(0), **example_inputs(mcfg))["params"])
     param_sh = logical_shardings(boxed, mesh)

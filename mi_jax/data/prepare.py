@@ -1,0 +1,314 @@
+"""`mi-jax prepare`: a folder of clips -> a sample store of fixed-length training windows.
+
+Per clip: decode (PyAV, resampled to `fps`, centre-cropped and resized to H x W), read the
+audio track (16 kHz, fitted to the frames), face boxes (the synthetic world's ground truth
+when the clip folder has one, else the Haar detector), then per window of F = 1 + 4(T - 1)
+video frames (stride F - 1, so windows share their boundary frame, as the causal VAE's first
+frame is coded alone): VAE latents, the reference latent (the clip's first frame, i.e. the
+portrait), Wav2Vec2 features aligned to video frames, text embeddings of the clip's prompt
+with the portrait, face / mouth / speaker masks at latent resolution, and ground truth.
+
+Accepted inputs: video files (mp4 / mov / webm / mkv; an optional `NAME.txt` beside holds the
+prompt) and synthetic clip folders (`clip.mp4` + `meta.json` + `truth.npz`, from
+`mi_jax.data.synthetic.Clip.save`). A clip that fails (corrupt, no audio, no face, shorter
+than one window) is skipped and listed with its reason in `prepare_report.json`; re-running
+skips clips already in the store. Decoding runs in a thread pool (PyAV and soxr release the
+GIL) while the main thread runs the jitted encoders.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from mi_jax.data import faces as faces_lib
+from mi_jax.data.store import StoreWriter, done_clips
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv")
+
+
+class ClipError(ValueError):
+    """This clip cannot be prepared; the message says why."""
+
+
+@dataclasses.dataclass
+class RawClip:
+    clip_id: str
+    frames: np.ndarray  # [N, H, W, 3] uint8
+    audio: np.ndarray  # [N / fps * sr] float32 mono (mixed)
+    speaker_audio: np.ndarray | None  # [S, samples] when known (synthetic world)
+    boxes: np.ndarray | None  # [N, S, 4] pixels, when known
+    prompt: str
+    truth: dict
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def find_clips(folder: str) -> list[tuple[str, str]]:
+    """`(clip_id, path)` for every video file and synthetic clip folder under `folder`."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--clips {folder}: no such folder")
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if "meta.json" in files and "clip.mp4" in files:
+            found.append((os.path.relpath(root, folder), root))
+            dirs[:] = []
+            continue
+        for name in sorted(files):
+            if name.lower().endswith(VIDEO_SUFFIXES):
+                path = os.path.join(root, name)
+                found.append((os.path.relpath(path, folder), path))
+    return found
+
+
+def _fit(frames: np.ndarray, height: int, width: int) -> tuple[np.ndarray, float, float, float]:
+    """Centre-crop to the target aspect ratio and resize (PIL, bilinear); returns the frames and
+    the (scale, x offset, y offset) that maps source pixels to target pixels."""
+    from PIL import Image
+
+    n, h, w, _ = frames.shape
+    if (h, w) == (height, width):
+        return frames, 1.0, 0.0, 0.0
+    scale = max(height / h, width / w)
+    ch, cw = round(height / scale), round(width / scale)
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    out = np.stack([np.asarray(Image.fromarray(f[y0 : y0 + ch, x0 : x0 + cw]).resize((width, height), Image.BILINEAR))
+                    for f in frames])
+    return out, scale, -x0 * scale, -y0 * scale
+
+
+def load_clip(clip_id: str, path: str, cfg) -> RawClip:
+    """Decodes one clip (video file or synthetic folder) at the prepare fps and size."""
+    from mi_jax.data import synthetic, video_io
+
+    folder = path if os.path.isdir(path) else None
+    video_path = os.path.join(folder, "clip.mp4") if folder else path
+    try:
+        video, audio = video_io.read_clip(video_path, fps=cfg.fps, sample_rate=cfg.sample_rate)
+    except video_io.VideoError as e:
+        raise ClipError(str(e)) from None
+    frames, scale, dx, dy = _fit(video.frames, cfg.height, cfg.width)
+    boxes = speaker_audio = None
+    truth: dict = {}
+    if folder:
+        meta, arrays = synthetic.load_truth(folder)
+        prompt = meta.get("prompt", "")
+        if abs(float(meta.get("fps", cfg.fps)) - cfg.fps) > 1e-6:
+            raise ClipError(f"synthetic clip rendered at {meta.get('fps')} fps; prepare runs at {cfg.fps}")
+        n = len(frames)
+        b = np.transpose(arrays["face_boxes"], (1, 0, 2))[:n].astype(np.float64)  # [N, S, 4]
+        boxes = b * scale + np.array([dx, dy, dx, dy])
+        speaker_audio = arrays.get("speaker_audio")
+        truth = {"mouth_open": arrays["mouth_open"][:, :n].tolist(), "actions": meta.get("actions", []),
+                 "seed": meta.get("seed"), "split": meta.get("split")}
+    else:
+        sidecar = os.path.splitext(path)[0] + ".txt"
+        prompt = open(sidecar).read().strip() if os.path.exists(sidecar) else cfg.default_prompt
+    return RawClip(clip_id, frames, audio, speaker_audio, boxes, prompt, truth)
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+class Encoders:
+    """The frozen encoders of prepare, built from `config.prepare` (folders or seeded random
+    tiny models for tests and the synthetic world) and jitted once."""
+
+    def __init__(self, config):
+        from mi_jax.models.dit_config import DiTConfig
+
+        self.cfg = config.prepare
+        self.model = DiTConfig.coerce(config.model)
+        self._vae()
+        self._wav2vec2()
+        self._text()
+
+    def _vae(self):
+        from flax import linen as nn
+
+        from mi_jax.convert.vae import load_diffusers_vae
+        from mi_jax.models.vae import CausalVAE, VAEConfig
+
+        spec = self.cfg.vae
+        if spec.startswith("random"):
+            vcfg = VAEConfig(**self.cfg.vae_random.to_dict())
+            model = CausalVAE(vcfg)
+            dummy = jnp.zeros((1, 1, vcfg.spatial_factor, vcfg.spatial_factor, 3))
+            seed = int(spec.partition(":")[2] or 0)
+            params = nn.unbox(jax.jit(lambda k: model.init(k, dummy, method="encode"))(jax.random.key(seed)))["params"]
+        else:
+            vcfg, params = load_diffusers_vae(spec)
+            model = CausalVAE(vcfg)
+        if vcfg.latent_channels != self.model.out_channels:
+            raise ValueError(f"prepare.vae has {vcfg.latent_channels} latent channels, the model expects "
+                             f"{self.model.out_channels}")
+        self.vae_config, self.vae_params = vcfg, params
+        encode = jax.jit(lambda p, v: model.apply({"params": p}, v, method="encode")[0] * vcfg.scaling_factor)
+        self.encode_video = lambda frames: np.asarray(
+            encode(self.vae_params, jnp.asarray(frames, jnp.float32)[None] / 127.5 - 1.0)[0])
+
+    def _wav2vec2(self):
+        from flax import linen as nn
+
+        from mi_jax.convert.wav2vec2 import load_transformers_wav2vec2
+        from mi_jax.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, example_inputs
+
+        spec = self.cfg.wav2vec2
+        if spec.startswith("random"):
+            wcfg = Wav2Vec2Config(**self.cfg.wav2vec2_random.to_dict())
+            model = Wav2Vec2(wcfg)
+            seed = int(spec.partition(":")[2] or 0)
+            params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), **example_inputs(wcfg)))["params"]
+        else:
+            wcfg, params = load_transformers_wav2vec2(spec)
+            model = Wav2Vec2(wcfg)
+        layers = list(self.cfg.audio_layers)
+        if len(layers) != self.model.audio_feature_layers or wcfg.hidden_size != self.model.audio_feature_dim:
+            raise ValueError(
+                f"prepare.audio_layers picks {len(layers)} layers of {wcfg.hidden_size}; the model expects "
+                f"audio_feature_layers={self.model.audio_feature_layers} x audio_feature_dim={self.model.audio_feature_dim}")
+        if max(layers) > wcfg.num_hidden_layers:
+            raise ValueError(f"prepare.audio_layers {layers}: the Wav2Vec2 has {wcfg.num_hidden_layers} layers")
+        fn = jax.jit(lambda p, x: jnp.stack([model.apply({"params": p}, x).hidden_states[i] for i in layers], -2))
+        self.w2v_params = params
+
+        def features(audio):
+            from mi_jax.data.audio_io import zero_mean_unit_var
+
+            x = jnp.asarray(zero_mean_unit_var(audio), jnp.float32)[None]
+            return np.asarray(fn(self.w2v_params, x)[0])  # [Na, n_layers, C]
+
+        self.audio_features = features
+
+    def _text(self):
+        from mi_jax.data.text_encoder import HunyuanTextEncoder, TinyTextEncoder
+
+        spec = self.cfg.text_encoder
+        if spec == "tiny":
+            enc = TinyTextEncoder(self.model.text_embed_dim, self.model.pooled_projection_dim, self.cfg.text_len)
+        else:
+            enc = HunyuanTextEncoder.from_diffusers_folder(spec)
+        if (enc.dim, enc.pooled_dim) != (self.model.text_embed_dim, self.model.pooled_projection_dim):
+            raise ValueError(f"prepare.text_encoder gives {enc.dim}/{enc.pooled_dim}-dim states; the model expects "
+                             f"text_embed_dim={self.model.text_embed_dim}, pooled={self.model.pooled_projection_dim}")
+        self.text = enc
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def windows(clip: RawClip, enc: Encoders, cfg) -> Iterator[dict]:
+    """The training windows of one decoded clip."""
+    from mi_jax.models.audio import align_to_video_frames
+
+    n = len(clip.frames)
+    t = cfg.latent_frames
+    f = 1 + 4 * (t - 1)
+    count = (n - 1) // (f - 1)
+    if count < 1:
+        raise ClipError(f"{n} frames at {cfg.fps} fps is shorter than one window of {f} frames "
+                        f"({f / cfg.fps:.2f} s); use longer clips or a smaller prepare.latent_frames")
+    s_max = cfg.speakers
+    if clip.boxes is None:
+        try:
+            track = faces_lib.detect_faces(clip.frames, num_speakers=1)
+        except ValueError as e:
+            raise ClipError(f"no face: {e}") from None
+        boxes = track
+    else:
+        boxes = clip.boxes
+    speakers = boxes.shape[1]
+    if speakers > s_max:
+        raise ClipError(f"{speakers} speakers but prepare.speakers={s_max}")
+    tracks = (clip.speaker_audio if clip.speaker_audio is not None and speakers > 1 else clip.audio[None])
+    tracks = tracks[:, : len(clip.audio)]
+    feats = [align_to_video_frames(enc.audio_features(a), n) for a in tracks]  # S x [N, L, C]
+    text = enc.text.encode([clip.prompt], clip.frames[:1])
+    ref = enc.encode_video(clip.frames[:1])
+    h, w = cfg.height // 8, cfg.width // 8
+    for k in range(count):
+        s0 = k * (f - 1)
+        frames = clip.frames[s0 : s0 + f]
+        masks = faces_lib.masks_from_boxes(boxes[s0 : s0 + f], f, cfg.height, cfg.width, margin=cfg.face_margin)
+        speaker = np.zeros((s_max, t, h, w), np.uint8)
+        speaker[:speakers] = masks.face
+        audio = np.zeros((s_max, f) + feats[0].shape[1:], np.float16)
+        for i, fe in enumerate(feats):
+            audio[i] = fe[s0 : s0 + f]
+        truth = dict(clip.truth)
+        if "mouth_open" in truth:
+            truth["mouth_open"] = [m[s0 : s0 + f] for m in clip.truth["mouth_open"]]
+        yield dict(
+            latents=enc.encode_video(frames),
+            ref_latent=ref,
+            audio_states=audio if s_max > 1 else audio[0],
+            text_embeds=text.prompt_embeds[0].astype(np.float16),
+            text_mask=text.prompt_attention_mask[0].astype(np.int32),
+            pooled=text.pooled[0].astype(np.float32),
+            face_mask=masks.face.any(0).astype(np.uint8),
+            mouth_mask=masks.mouth.any(0).astype(np.uint8),
+            speaker_masks=speaker,
+            clip_id=clip.clip_id,
+            window=k,
+            fps=float(cfg.fps),
+            truth=dict(truth, prompt=clip.prompt, start_frame=s0),
+        )
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def prepare(config, clips_dir: str, out_dir: str, *, progress: bool = True) -> dict:
+    """Prepares every clip under `clips_dir` not yet in the store `out_dir`; returns the report
+    (also written to `out_dir/prepare_report.json`)."""
+    cfg = config.prepare
+    if cfg.height % 16 or cfg.width % 16:
+        raise ValueError(f"prepare size {cfg.height}x{cfg.width}: use multiples of 16 (VAE 8x, patch 2)")
+    clips = find_clips(clips_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    done = done_clips(out_dir) if os.path.exists(os.path.join(out_dir, "manifest.json")) else set()
+    todo = [(cid, p) for cid, p in clips if cid not in done]
+    report = {"clips": len(clips), "already_done": len(clips) - len(todo), "prepared": [], "skipped": {},
+              "windows": 0}
+    if not todo:
+        _write_report(out_dir, report)
+        return report
+    enc = Encoders(config)
+    t0 = time.time()
+    bar = tqdm(total=len(todo), unit="clip", disable=not progress, dynamic_ncols=True)
+    with StoreWriter(out_dir, shard_size=cfg.shard_size) as writer, cf.ThreadPoolExecutor(cfg.workers) as pool:
+        futures = [(cid, pool.submit(load_clip, cid, p, cfg)) for cid, p in todo]
+        for cid, fut in futures:
+            try:
+                clip = fut.result()
+                samples = list(windows(clip, enc, cfg))
+                report["windows"] += writer.write_clip(cid, samples)
+                report["prepared"].append(cid)
+            except Exception as e:  # noqa: BLE001 - a bad clip never stops the run
+                report["skipped"][cid] = f"{type(e).__name__}: {e}"
+            bar.update(1)
+            bar.set_postfix(ok=len(report["prepared"]), skipped=len(report["skipped"]),
+                            clips_per_s=f"{bar.n / max(time.time() - t0, 1e-9):.2f}")
+    bar.close()
+    report["seconds"] = round(time.time() - t0, 1)
+    _write_report(out_dir, report)
+    return report
+
+
+def _write_report(out_dir: str, report: dict) -> None:
+    path = os.path.join(out_dir, "prepare_report.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
