@@ -29,3 +29,23 @@ def torch():
 
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+CONFIGS = os.path.join(_ROOT, "configs")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """A sample store prepared from 4 synthetic clips (2 s each) with the tiny config."""
+    from mi_jax.config_utils import load_config
+    from mi_jax.data import synthetic
+    from mi_jax.data.prepare import prepare
+
+    clips = tmp_path_factory.mktemp("synthetic_clips")
+    prompts = ["", "nodding", "shaking head", "smiling"]
+    for seed in range(4):
+        synthetic.render_clip(seed, 2.0, size=(64, 64), prompt=prompts[seed]).save(str(clips / f"clip_{seed}"))
+    out = str(tmp_path_factory.mktemp("store"))
+    report = prepare(load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1")), str(clips), out, progress=False)
+    assert not report["skipped"], report
+    return out

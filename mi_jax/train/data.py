@@ -4,6 +4,7 @@ checkpointable position (mi_jax.data.loader does the reading, shuffling and shar
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from mi_jax.data.loader import Loader, LoaderConfig, batch_sharding, to_global
 from mi_jax.data.store import FIELDS, StoreReader
@@ -27,7 +28,9 @@ class TrainData:
                                                   num_epochs=None, num_workers=config.data.num_workers))
         self.mesh = mesh
         sample = reader[0]
-        self.fields = [k for k in FIELDS if k in sample]
+        # `index` (the window's store index) keys each sample's noise: see pretrain.sample_keys
+        self.fields = [k for k in FIELDS if k in sample] + ["index"]
+        sample = dict(sample, index=np.asarray(sample["index"], np.int32))
         sharding = batch_sharding(mesh)
         self.element_spec = {
             k: jax.ShapeDtypeStruct((config.data.global_batch, *sample[k].shape), sample[k].dtype, sharding=sharding)

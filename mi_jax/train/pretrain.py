@@ -30,19 +30,33 @@ def model_params(params):
     return params
 
 
-def drop_conditions(batch: dict, rng, probs) -> dict:
-    """Per-sample condition dropout (for CFG): text -> the empty prompt (zero states, one valid
-    token so pooling stays finite), audio -> silence (zero features), reference -> zeros."""
+def sample_keys(rng, batch) -> jax.Array:
+    """One key per sample. Keyed by the sample's store index when the batch has one, so a
+    sample draws the same noise whatever its position in the batch: results do not depend on
+    how processes split the batch (one process or many give the same losses)."""
     b = batch["latents"].shape[0]
-    kt, ka, kr = jax.random.split(rng, 3)
+    ids = batch["index"] if "index" in batch else jnp.arange(b)
+    return jax.vmap(jax.random.fold_in, (None, 0))(rng, ids)
+
+
+def _uniform(keys):
+    return jax.vmap(lambda k: jax.random.uniform(k))(keys)
+
+
+def drop_conditions(batch: dict, keys, probs) -> dict:
+    """Per-sample condition dropout (for CFG): text -> the empty prompt (zero states, one valid
+    token so pooling stays finite), audio -> silence (zero features), reference -> zeros.
+    keys: `[B]` per-sample keys."""
+    b = batch["latents"].shape[0]
+    kt, ka, kr = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
     out = dict(batch)
 
     def drop(key, p, x, fill):
-        keep = jax.random.uniform(key, (b,)) >= p
+        keep = _uniform(key) >= p
         return jnp.where(keep.reshape((b,) + (1,) * (x.ndim - 1)), x, fill)
 
     if probs.text > 0:
-        keep_t = jax.random.uniform(kt, (b,)) >= probs.text
+        keep_t = _uniform(kt) >= probs.text
         out["text_embeds"] = jnp.where(keep_t[:, None, None], batch["text_embeds"], 0)
         empty = jnp.zeros_like(batch["text_mask"]).at[:, 0].set(1)
         out["text_mask"] = jnp.where(keep_t[:, None], batch["text_mask"], empty)
@@ -62,11 +76,12 @@ def make_loss_fn(config) -> Callable:
     weights = LossWeights(stage.loss.global_weight, stage.loss.face_weight, stage.loss.mouth_weight)
 
     def loss_fn(params, batch, rng):
-        k_noise, k_time, k_drop = jax.random.split(rng, 3)
+        keys = sample_keys(rng, batch)
+        k_noise, k_time, k_drop = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
         x0 = batch["latents"].astype(jnp.float32)
         b = x0.shape[0]
-        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        t = sample_time(k_time, b, kind=stage.timestep_sampling, shift=stage.timestep_shift)
+        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_noise)
+        t = jax.vmap(lambda k: sample_time(k, 1, kind=stage.timestep_sampling, shift=stage.timestep_shift)[0])(k_time)
         batch = drop_conditions(batch, k_drop, stage.dropout)
         inputs = dict(
             hidden_states=image_condition_input(interpolate(x0, noise, t), batch["ref_latent"], mcfg.image_condition_type),
