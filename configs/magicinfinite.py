@@ -81,6 +81,19 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     p.audio_layers = (1, 2, 3, 4) if variant == "tiny" else tuple(range(1, 13))
     p.text_encoder = "tiny" if variant == "tiny" else ""  # or a HunyuanVideo-I2V diffusers folder
 
+    # generation (mi_jax/diffusion/sampler.py): windows of the training length
+    g = c.sample = ml_collections.ConfigDict()
+    g.window = p.latent_frames  # W latents per window (RoPE positions as in training)
+    g.overlap = 1 if variant == "tiny" else 3  # O motion latents carried (InfiniteTalk: 3)
+    g.steps = 20 if variant == "tiny" else 50
+    g.shift = 1.0 if variant == "tiny" else 7.0
+    g.kind = "euler"
+    g.cfg_text = 2.0 if variant == "tiny" else 5.0
+    g.cfg_audio = 2.0 if variant == "tiny" else 4.0
+    g.cfg_reference = 1.0
+    g.cfg_end_fraction = 1.0  # < 1 anneals the scales towards 1 as t -> 0
+    g.embedded_guidance = 1.0
+
     c.init = ml_collections.ConfigDict()
     c.init.diffusers = ""  # a diffusers HunyuanVideo(-I2V) transformer folder to start from
     c.init.checkpoint = ""  # or an mi_jax run folder (its latest checkpoint's params)

@@ -3,6 +3,9 @@
     mi-jax synth    --out DIR [--clips N] [--seconds S] [--seed-start K] [--size HxW]
     mi-jax prepare  --clips DIR --out DIR --config configs/FILE.py:VARIANT [--config.FIELD=VALUE ...]
     mi-jax train    --config configs/FILE.py:VARIANT --workdir DIR [--config.FIELD=VALUE ...]
+    mi-jax generate --checkpoint RUN --portrait IMG --audio WAV [--audio WAV --mask IMG ...]
+                    --prompt TEXT --out OUT.mp4 [--seconds S] [--steps N] [--cfg-text X]
+                    [--cfg-audio Y] [--seed K] [--size WxH]
 
 Config overrides use the config's own field paths (`--config.train.steps=100`).
 """
@@ -68,6 +71,56 @@ def cmd_train(args, overrides) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import os
+
+    from tqdm import tqdm
+
+    from mi_jax.data.audio_io import AudioError
+    from mi_jax.data.inputs import InputError
+    from mi_jax.data.video_io import write_video
+    from mi_jax.pipeline import Pipeline
+
+    if not args.out.lower().endswith(".mp4"):
+        raise SystemExit(f"--out {args.out}: write an .mp4 file")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise SystemExit(f"--out {args.out}: folder {out_dir} does not exist")
+    size = None
+    if args.size:
+        w, _, h = args.size.lower().partition("x")
+        size = (int(h), int(w))
+    pipe = Pipeline.from_checkpoint(args.checkpoint, which=args.weights)
+    bar = tqdm(unit="window", dynamic_ncols=True)
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        chunks = pipe.stream(args.portrait, args.audio if len(args.audio) > 1 else args.audio[0], args.prompt,
+                             seconds=args.seconds, masks=args.mask or None, seed=args.seed, steps=args.steps,
+                             cfg_text=args.cfg_text, cfg_audio=args.cfg_audio, size=size, progress=progress)
+        first = next(chunks)  # inputs are checked here, before anything is written
+    except (InputError, AudioError) as e:
+        bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in pipe.notices:
+        print(f"note: {note}", file=sys.stderr)
+
+    def frames():
+        yield from first
+        for chunk in chunks:
+            yield from chunk
+
+    write_video(args.out, frames(), float(pipe.config.prepare.fps), audio=pipe.last_audio,
+                sample_rate=int(pipe.config.prepare.sample_rate))
+    bar.close()
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mi-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,16 +141,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="stage-1 / stage-2 training (resumes from --workdir)")
     p.add_argument("--config", required=True, help="configs/FILE.py:VARIANT")
     p.add_argument("--workdir", required=True)
+    p = sub.add_parser("generate", help="portrait + voice + prompt -> talking video (mp4 with the audio)")
+    p.add_argument("--checkpoint", required=True, help="a training or distillation run folder")
+    p.add_argument("--portrait", required=True)
+    p.add_argument("--audio", required=True, action="append", help="one per speaker")
+    p.add_argument("--mask", action="append", help="one mask image per speaker (white = that speaker)")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seconds", type=float, default=None, help="default: the length of the audio")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--cfg-text", type=float, default=None)
+    p.add_argument("--cfg-audio", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default=None, help="WxH (multiples of 16)")
+    p.add_argument("--weights", choices=("ema", "params"), default="ema")
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "synth":
+    if args.command in ("synth", "generate"):
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
-        return cmd_synth(args)
+        return cmd_synth(args) if args.command == "synth" else cmd_generate(args)
     overrides = _split_overrides(rest, parser)
     return {"prepare": cmd_prepare, "train": cmd_train}[args.command](args, overrides)
 

@@ -146,7 +146,7 @@ class Encoders:
             model = CausalVAE(vcfg)
             dummy = jnp.zeros((1, 1, vcfg.spatial_factor, vcfg.spatial_factor, 3))
             seed = int(spec.partition(":")[2] or 0)
-            params = nn.unbox(jax.jit(lambda k: model.init(k, dummy, method="encode"))(jax.random.key(seed)))["params"]
+            params = nn.unbox(jax.jit(lambda k: model.init(k, dummy))(jax.random.key(seed)))["params"]  # encoder + decoder
         else:
             vcfg, params = load_diffusers_vae(spec)
             model = CausalVAE(vcfg)

@@ -32,3 +32,13 @@ def load_run_params(run_dir: str, abstract_params, shardings, *, which: str = "p
         out = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
     return out["state"][which]
+
+
+def load_run_config(run_dir: str):
+    """The ml_collections config saved beside a run's latest checkpoint."""
+    import ml_collections
+
+    root, step = latest_checkpoint(run_dir)
+    with ocp.CheckpointManager(root) as manager:
+        out = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return ml_collections.ConfigDict(out["config"])

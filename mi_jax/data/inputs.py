@@ -1,0 +1,115 @@
+"""User inputs for generation, checked before any compilation: the portrait, speaker masks.
+
+Every problem raises `InputError` naming the input, the problem and the fix; fixable ones
+(RGBA / greyscale / CMYK / palette images, sizes off the patch grid) are converted and reported
+in `notices`, which the CLI prints.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+MIN_SIDE = 32
+GRID = 16  # VAE 8x times the DiT's 2x2 patch
+
+
+class InputError(ValueError):
+    """A user input cannot be used; the message says which, why, and what to do."""
+
+
+def _open_image(image, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype != np.uint8:
+            if arr.dtype.kind == "f" and arr.size and 0.0 <= float(arr.min()) and float(arr.max()) <= 1.0:
+                arr = (arr * 255).round().astype(np.uint8)
+            else:
+                raise InputError(f"{what}: array of dtype {arr.dtype}; pass uint8 RGB [H, W, 3] or floats in [0, 1]")
+        if arr.ndim not in (2, 3):
+            raise InputError(f"{what}: array of shape {arr.shape}; pass an image [H, W, 3] (or [H, W] greyscale)")
+        return Image.fromarray(arr)
+    path = os.fspath(image)
+    if not os.path.isfile(path):
+        raise InputError(f"{what}: {path} does not exist (or is not a file); check the path")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"{what}: {path} is not a readable image ({e}); use a PNG or JPEG") from None
+    return img
+
+
+def load_portrait(image, size: tuple[int, int] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Portrait -> uint8 RGB `[H, W, 3]` and notices.
+
+    size: (height, width) to produce (centre-cropped to its aspect ratio, then resized); None
+    keeps the image's size rounded down to a multiple of 16 (the latent patch grid).
+    """
+    from PIL import Image
+
+    notices: list[str] = []
+    img = _open_image(image, "portrait")
+    if img.mode != "RGB":
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            background = Image.new("RGB", img.size, (255, 255, 255))
+            background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
+            notices.append(f"portrait: {img.mode} image composited on white and converted to RGB")
+            img = background
+        else:
+            notices.append(f"portrait: {img.mode} image converted to RGB")
+            img = img.convert("RGB")
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise InputError(f"portrait: {w}x{h} is too small; use an image of at least {MIN_SIDE}x{MIN_SIDE} pixels")
+    if size is None:
+        th, tw = (h // GRID) * GRID, (w // GRID) * GRID
+        if (th, tw) != (h, w):
+            notices.append(f"portrait: {w}x{h} is not a multiple of {GRID}; cropped to {tw}x{th}")
+    else:
+        th, tw = size
+        if th % GRID or tw % GRID:
+            rh, rw = max(GRID, round(th / GRID) * GRID), max(GRID, round(tw / GRID) * GRID)
+            notices.append(f"size {tw}x{th} is not a multiple of {GRID}; rounded to {rw}x{rh}")
+            th, tw = rh, rw
+    scale = max(th / h, tw / w)
+    ch, cw = min(h, round(th / scale)), min(w, round(tw / scale))
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    img = img.crop((x0, y0, x0 + cw, y0 + ch))
+    if img.size != (tw, th):
+        img = img.resize((tw, th), Image.BICUBIC)
+    return np.asarray(img, np.uint8), notices
+
+
+def speaker_masks(masks, speakers: int, height: int, width: int, portrait: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Per-speaker masks at latent resolution `[S, H/8, W/8]` in [0, 1].
+
+    masks: None (one speaker: the face found in the portrait, else the whole frame) or one
+    image per speaker (white = that speaker's region)."""
+    from mi_jax.data import faces
+
+    notices: list[str] = []
+    if masks is None or len(masks) == 0:
+        if speakers > 1:
+            raise InputError(f"{speakers} audio tracks but no --mask: give one mask image per speaker "
+                             "(white where that speaker is)")
+        try:
+            boxes = faces.detect_faces(portrait[None], num_speakers=1)
+            fm = faces.masks_from_boxes(boxes, 1, height, width)
+            return fm.face[:, 0].astype(np.float32), notices
+        except ValueError:
+            notices.append("no face found in the portrait: audio acts on the whole frame (pass --mask to choose)")
+            return np.ones((1, height // 8, width // 8), np.float32), notices
+    if len(masks) != speakers:
+        raise InputError(f"{len(masks)} mask(s) for {speakers} audio track(s): give exactly one mask per --audio, "
+                         "in the same order")
+    try:
+        fm = faces.masks_from_images(list(masks), 1, height, width)
+    except ValueError as e:
+        raise InputError(f"mask: {e}") from None
+    return fm.face[:, 0].astype(np.float32), notices
