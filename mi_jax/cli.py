@@ -90,6 +90,16 @@ def cmd_generate(args) -> int:
     if args.size:
         w, _, h = args.size.lower().partition("x")
         size = (int(h), int(w))
+    from mi_jax.pipeline import check_inputs
+    from mi_jax.train.checkpoints import load_run_config
+
+    audio = args.audio if len(args.audio) > 1 else args.audio[0]
+    try:  # every input is checked before the model is loaded or anything compiled
+        check_inputs(load_run_config(args.checkpoint), args.portrait, audio, seconds=args.seconds,
+                     masks=args.mask or None, size=size)
+    except (InputError, AudioError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     pipe = Pipeline.from_checkpoint(args.checkpoint, which=args.weights)
     bar = tqdm(unit="window", dynamic_ncols=True)
 
@@ -98,7 +108,7 @@ def cmd_generate(args) -> int:
         bar.update(done - bar.n)
 
     try:
-        chunks = pipe.stream(args.portrait, args.audio if len(args.audio) > 1 else args.audio[0], args.prompt,
+        chunks = pipe.stream(args.portrait, audio, args.prompt,
                              seconds=args.seconds, masks=args.mask or None, seed=args.seed, steps=args.steps,
                              cfg_text=args.cfg_text, cfg_audio=args.cfg_audio, size=size, progress=progress)
         first = next(chunks)  # inputs are checked here, before anything is written

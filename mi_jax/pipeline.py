@@ -52,6 +52,43 @@ def sampler_config(config, **overrides) -> SamplerConfig:
     return SamplerConfig(**kw)
 
 
+def check_inputs(config, portrait, audio, *, seconds=None, masks=None, size=None, allow_silence=False):
+    """Reads and checks every user input (nothing is compiled): returns the portrait
+    `[H, W, 3]` uint8, the audio tracks (16 kHz, fitted to the video), the speaker masks at
+    latent resolution `[S, h, w]`, the number of video frames and the notices. Raises
+    `InputError` / `AudioError` naming the input, the problem and the fix."""
+    from mi_jax.data import audio_io
+    from mi_jax.data.inputs import InputError, load_portrait, speaker_masks
+
+    p = config.prepare
+    size = size or (p.height, p.width)
+    image, notices = load_portrait(portrait, size)
+    h, w = image.shape[:2]
+    tracks = [audio] if isinstance(audio, (str, np.ndarray)) or hasattr(audio, "__fspath__") else list(audio)
+    if not tracks:
+        raise InputError("audio: give at least one audio track")
+    loaded = []
+    for i, a in enumerate(tracks):
+        if isinstance(a, np.ndarray):
+            a = np.asarray(a, np.float32)
+            if a.ndim != 1 or a.size == 0 or not np.isfinite(a).all():
+                raise InputError(f"audio {i}: pass a finite mono float32 array at 16 kHz")
+            loaded.append(a)
+        else:
+            loaded.append(audio_io.load_audio(a, p.sample_rate, allow_silence=allow_silence, fps=p.fps))
+    mask_lat, more = speaker_masks(masks, len(loaded), h, w, image)
+    notices += more
+    n = max(len(a) for a in loaded)
+    if seconds is not None:
+        if seconds <= 0:
+            raise InputError(f"seconds={seconds}: must be positive")
+        n = int(round(seconds * p.sample_rate))
+    loaded = [audio_io.fit_to_frames(a, max(2, round(n / p.sample_rate * p.fps)), p.fps, p.sample_rate)
+              for a in loaded]
+    frames = audio_io.frames_for_audio(loaded[0], p.fps, p.sample_rate)
+    return image, loaded, mask_lat, frames, notices
+
+
 class Pipeline:
     def __init__(self, config, params, encoders=None):
         from mi_jax.data.prepare import Encoders
@@ -99,38 +136,6 @@ class Pipeline:
 
     # ------------------------------------------------------------------ inputs
 
-    def _inputs(self, portrait, audio, prompt, seconds, masks, size, allow_silence):
-        from mi_jax.data import audio_io
-        from mi_jax.data.inputs import InputError, load_portrait, speaker_masks
-
-        p = self.config.prepare
-        size = size or (p.height, p.width)
-        image, notices = load_portrait(portrait, size)
-        h, w = image.shape[:2]
-        tracks = [audio] if isinstance(audio, (str, np.ndarray)) or hasattr(audio, "__fspath__") else list(audio)
-        if not tracks:
-            raise InputError("audio: give at least one audio track")
-        loaded = []
-        for i, a in enumerate(tracks):
-            if isinstance(a, np.ndarray):
-                a = np.asarray(a, np.float32)
-                if a.ndim != 1 or a.size == 0 or not np.isfinite(a).all():
-                    raise InputError(f"audio {i}: pass a finite mono float32 array at 16 kHz")
-                loaded.append(a)
-            else:
-                loaded.append(audio_io.load_audio(a, p.sample_rate, allow_silence=allow_silence, fps=p.fps))
-        mask_lat, more = speaker_masks(masks, len(loaded), h, w, image)
-        notices += more
-        n = max(len(a) for a in loaded)
-        if seconds is not None:
-            if seconds <= 0:
-                raise InputError(f"seconds={seconds}: must be positive")
-            n = int(round(seconds * p.sample_rate))
-        loaded = [audio_io.fit_to_frames(a, max(2, round(n / p.sample_rate * p.fps)), p.fps, p.sample_rate)
-                  for a in loaded]
-        frames = audio_io.frames_for_audio(loaded[0], p.fps, p.sample_rate)
-        return image, loaded, mask_lat, frames, notices
-
     def _conditions(self, image, tracks, mask_lat, prompt, scfg, frames):
         from mi_jax.models.audio import align_to_video_frames
 
@@ -155,8 +160,8 @@ class Pipeline:
                progress=None) -> Iterator[np.ndarray]:
         """Yields uint8 frame chunks `[n, H, W, 3]` window by window (constant memory)."""
         scfg = sampler_config(self.config, steps=steps, cfg_text=cfg_text, cfg_audio=cfg_audio)
-        image, tracks, mask_lat, frames, notices = self._inputs(portrait, audio, prompt, seconds, masks, size,
-                                                                allow_silence)
+        image, tracks, mask_lat, frames, notices = check_inputs(
+            self.config, portrait, audio, seconds=seconds, masks=masks, size=size, allow_silence=allow_silence)
         self.notices = notices
         self.last_audio = np.sum(tracks, axis=0).astype(np.float32)  # the speakers mixed, for the mp4
         cond, audio_states, num_windows = self._conditions(image, tracks, mask_lat, prompt, scfg, frames)

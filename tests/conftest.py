@@ -49,3 +49,21 @@ def tiny_store(tmp_path_factory):
     report = prepare(load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1")), str(clips), out, progress=False)
     assert not report["skipped"], report
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_store, tmp_path_factory):
+    """A tiny stage-1 run (30 steps) on the synthetic store: a checkpoint to generate from."""
+    from mi_jax.config_utils import load_config
+    from mi_jax.parallel.mesh import make_mesh
+    from mi_jax.train.data import TrainData
+    from mi_jax.train.loop import run
+    from mi_jax.train.pretrain import make_job
+
+    cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1"),
+                      [f"data.store={tiny_store!r}", "mesh='fsdp=1'", "train.steps=30", "train.checkpoint_every=1000",
+                       "sample.steps=2"])
+    mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    run(make_job(cfg, TrainData(cfg, mesh), mesh), workdir, log=lambda *_: None)
+    return workdir

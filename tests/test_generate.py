@@ -1,0 +1,92 @@
+"""Generation end to end on the tiny config: the mp4's frames, fps and audio; every bad input
+fails clearly before anything is compiled, leaving no output file."""
+
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from mi_jax.cli import main as cli
+from mi_jax.data import synthetic
+from mi_jax.data.video_io import probe, read_audio
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen_inputs")
+    clip = synthetic.render_clip(1_000_005, 2.2, size=(64, 64))
+    Image.fromarray(clip.frames[0]).save(d / "portrait.png")
+    sf.write(d / "voice.wav", clip.audio, 16000)
+    return d
+
+
+def test_generate_writes_mp4_with_audio(tiny_run, inputs, tmp_path):
+    out = tmp_path / "talk.mp4"
+    code = cli(["generate", "--checkpoint", tiny_run, "--portrait", str(inputs / "portrait.png"),
+                "--audio", str(inputs / "voice.wav"), "--prompt", "a person talking", "--out", str(out),
+                "--steps", "2", "--seed", "1"])
+    assert code == 0 and out.exists()
+    info = probe(str(out))
+    assert info.fps == 25 and info.num_frames == 55 and (info.width, info.height) == (64, 64)
+    audio = read_audio(str(out))
+    assert abs(len(audio) / 16000 - 2.2) < 0.03  # the audio stream lasts as long as the input audio
+    assert [n for n in os.listdir(tmp_path)] == ["talk.mp4"]  # no temporary left behind
+
+
+def _bad_cases(inputs, tmp_path):
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.zeros((64, 64, 4), np.uint8)).save(rgba)
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tiny)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, np.float32), 16000)
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
+    short = tmp_path / "short.wav"
+    sf.write(short, np.random.default_rng(0).standard_normal(100).astype(np.float32) * 0.1, 16000)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(mask)
+    portrait, voice = str(inputs / "portrait.png"), str(inputs / "voice.wav")
+    return [
+        (["--portrait", str(broken), "--audio", voice], "not a readable image"),
+        (["--portrait", str(tmp_path / "missing.png"), "--audio", voice], "does not exist"),
+        (["--portrait", str(tiny), "--audio", voice], "too small"),
+        (["--portrait", portrait, "--audio", str(tmp_path / "missing.wav")], "missing.wav"),
+        (["--portrait", portrait, "--audio", str(silent)], "silen"),
+        (["--portrait", portrait, "--audio", str(nan)], "NaN"),
+        (["--portrait", portrait, "--audio", str(short)], "shorter than one"),
+        (["--portrait", portrait, "--audio", voice, "--audio", voice], "mask"),
+        (["--portrait", portrait, "--audio", voice, "--mask", str(mask), "--mask", str(mask)], "2 mask"),
+    ], rgba
+
+
+def test_bad_inputs_fail_clearly_and_leave_nothing(tiny_run, inputs, tmp_path, capsys):
+    cases, rgba = _bad_cases(inputs, tmp_path)
+    for extra, pattern in cases:
+        out = tmp_path / "out.mp4"
+        code = cli(["generate", "--checkpoint", tiny_run, "--out", str(out), *extra])
+        err = capsys.readouterr().err
+        assert code == 2, (extra, err)
+        assert pattern.lower() in err.lower(), (extra, err)
+        assert not out.exists()
+
+
+def test_fixable_inputs_are_converted_with_a_notice(tiny_run, inputs, tmp_path):
+    from mi_jax.pipeline import check_inputs
+    from mi_jax.train.checkpoints import load_run_config
+
+    config = load_run_config(tiny_run)
+    cases, rgba = _bad_cases(inputs, tmp_path)
+    grey = Image.open(inputs / "portrait.png").convert("L")
+    cmyk = Image.open(inputs / "portrait.png").convert("CMYK")
+    for image, word in [(str(rgba), "RGBA"), (grey, "L image"), (cmyk, "CMYK")]:
+        img, tracks, masks, frames, notices = check_inputs(config, image, str(inputs / "voice.wav"))
+        assert img.shape == (64, 64, 3) and any(word in n for n in notices), notices
+    img, *_, notices = check_inputs(config, str(inputs / "portrait.png"), str(inputs / "voice.wav"), size=(70, 50))
+    assert img.shape == (64, 48, 3) and any("rounded" in n for n in notices)
+    *_, frames, _ = check_inputs(config, str(inputs / "portrait.png"), str(inputs / "voice.wav"), seconds=1.0)
+    assert frames == 25
