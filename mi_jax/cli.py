@@ -6,6 +6,8 @@
     mi-jax generate --checkpoint RUN --portrait IMG --audio WAV [--audio WAV --mask IMG ...]
                     --prompt TEXT --out OUT.mp4 [--seconds S] [--steps N] [--cfg-text X]
                     [--cfg-audio Y] [--seed K] [--size WxH]
+    mi-jax import-weights --transformer DIR [--vae DIR] [--wav2vec DIR] --out CKPT [--config FILE:VARIANT]
+    mi-jax export   --checkpoint CKPT --out DIR [--dtype bf16|fp32] [--merge-lora] [--ema]
 
 Config overrides use the config's own field paths (`--config.train.steps=100`).
 """
@@ -131,6 +133,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_import_weights(args, overrides) -> int:
+    from mi_jax.convert import format_report, import_weights
+
+    model_overrides = {}
+    if args.config:  # MagicInfinite's audio fields (and run fields) from a training config
+        import dataclasses
+
+        from mi_jax.config_utils import load_config
+        from mi_jax.models.dit_config import DIFFUSERS_FIELDS, DiTConfig
+
+        model = load_config(args.config, overrides).model.to_dict()
+        names = {f.name for f in dataclasses.fields(DiTConfig)} - set(DIFFUSERS_FIELDS)
+        model_overrides = {k: v for k, v in model.items() if k in names}
+    report = import_weights(args.transformer, args.out, vae_dir=args.vae, wav2vec_dir=args.wav2vec,
+                            config_overrides=model_overrides or None, dtype=args.dtype, seed=args.seed,
+                            overwrite=args.overwrite)
+    print(format_report(report))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from mi_jax.convert import export_checkpoint
+
+    report = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, merge_lora=args.merge_lora,
+                               which="ema" if args.ema else "params", max_shard_size=args.max_shard_size,
+                               overwrite=args.overwrite)
+    print(json.dumps(report, indent=1, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mi-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,18 +197,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default=None, help="WxH (multiples of 16)")
     p.add_argument("--weights", choices=("ema", "params"), default="ema")
+
+    p = sub.add_parser("import-weights", help="diffusers / transformers folders -> an mi_jax checkpoint")
+    p.add_argument("--transformer", required=True, help="a diffusers HunyuanVideo(-I2V) transformer folder")
+    p.add_argument("--vae", default=None)
+    p.add_argument("--wav2vec", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default=None, help="configs/FILE.py:VARIANT whose model adds the audio modules")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None)
+    p.add_argument("--seed", type=int, default=0, help="initialises the new audio modules")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("export", help="an mi_jax checkpoint -> diffusers folders + the audio modules for PyTorch")
+    p.add_argument("--checkpoint", required=True, help="a run folder or an import-weights folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--merge-lora", action="store_true")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--max-shard-size", default="10GB")
+    p.add_argument("--overwrite", action="store_true")
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("synth", "generate"):
+    if args.command in ("synth", "generate", "export"):
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
-        return cmd_synth(args) if args.command == "synth" else cmd_generate(args)
+        return {"synth": cmd_synth, "generate": cmd_generate, "export": cmd_export}[args.command](args)
     overrides = _split_overrides(rest, parser)
-    return {"prepare": cmd_prepare, "train": cmd_train}[args.command](args, overrides)
+    return {"prepare": cmd_prepare, "train": cmd_train, "import-weights": cmd_import_weights}[args.command](
+        args, overrides)
 
 
 if __name__ == "__main__":

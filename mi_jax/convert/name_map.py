@@ -89,7 +89,7 @@ def to_torch(leaf: str, w: np.ndarray) -> np.ndarray:
     return flax_to_torch_kernel(w) if leaf == "kernel" else w
 
 
-def _torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+def torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     if leaf != "kernel":
         return tuple(flax_shape)
     n = len(flax_shape) - 2
@@ -147,7 +147,7 @@ def import_params(
             if key not in tensors:
                 missing.append(key)
                 continue
-            want = _torch_shape(path[-1], per_layer)
+            want = torch_shape(path[-1], per_layer)
             got = tuple(tensors[key].shape)
             if want != got:
                 misshaped[key] = (want, got)
