@@ -79,6 +79,7 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
         conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 8, 8),
         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4))
     p.audio_layers = (1, 2, 3, 4) if variant == "tiny" else tuple(range(1, 13))
+    p.audio_chunk_seconds = 8.0  # Wav2Vec2 runs on windows of this (+1 s context each side)
     p.text_encoder = "tiny" if variant == "tiny" else ""  # or a HunyuanVideo-I2V diffusers folder
 
     # generation (mi_jax/diffusion/sampler.py): windows of the training length

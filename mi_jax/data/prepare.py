@@ -183,11 +183,25 @@ class Encoders:
         fn = jax.jit(lambda p, x: jnp.stack([model.apply({"params": p}, x).hidden_states[i] for i in layers], -2))
         self.w2v_params = params
 
+        sr = int(self.cfg.sample_rate)
+        chunk, margin = int(self.cfg.audio_chunk_seconds * sr), sr  # 1 s of context on each side
+        win = chunk + 2 * margin
+
         def features(audio):
+            """`[samples]` -> `[Na, n_layers, C]`, uniform in time over the audio. Long audio runs
+            in fixed windows of `chunk + 2 margin` samples (one compiled shape; attention memory
+            bounded by the window, not the audio length) and keeps each window's centre."""
             from mi_jax.data.audio_io import zero_mean_unit_var
 
-            x = jnp.asarray(zero_mean_unit_var(audio), jnp.float32)[None]
-            return np.asarray(fn(self.w2v_params, x)[0])  # [Na, n_layers, C]
+            n = len(audio)
+            padded = np.pad(zero_mean_unit_var(audio).astype(np.float32), (margin, win))
+            parts = []
+            for s0 in range(0, n, chunk):
+                f = np.asarray(fn(self.w2v_params, jnp.asarray(padded[s0 : s0 + win])[None])[0])
+                i0, i1 = round(margin / win * len(f)), round((margin + chunk) / win * len(f))
+                parts.append(f[i0:i1])
+            per_chunk = len(parts[0])
+            return np.concatenate(parts)[: max(1, int(np.ceil(n / chunk * per_chunk)))]
 
         self.audio_features = features
 
