@@ -1,0 +1,218 @@
+"""Evaluation metrics and report (mi_jax.eval): near-perfect scores on the ground-truth renderer,
+low scores on unrelated or shuffled audio, hard cuts and colour drift; the report's files.
+Held-out synthetic clips, 64x64 (128 wide for two speakers), 6-12 s."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mi_jax.data.synthetic import render_clip
+from mi_jax.eval.metrics import (
+    Truth,
+    best_offset_correlation,
+    evaluate,
+    head_centres,
+    head_motion,
+    identity_drift,
+    measure,
+    seam_score,
+)
+from mi_jax.eval.report import check, plot_lip_sync, write_report
+
+SEED = 1_000_001  # held-out split
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return render_clip(SEED, 12.0)
+
+
+@pytest.fixture(scope="module")
+def truth(clip):
+    return Truth.from_clip(clip)
+
+
+@pytest.fixture(scope="module")
+def actions():
+    """The same identity neutral, nodding and shaking its head."""
+    return {p: render_clip(SEED + 1, 6.0, prompt=p, style="realistic") for p in ("", "nodding", "shaking head")}
+
+
+@pytest.fixture(scope="module")
+def duo():
+    return render_clip(SEED + 10, 8.0, size=(64, 128), speakers=2)
+
+
+def block_shuffled(audio, block, rng):
+    """audio with its blocks of `block` samples in random order (the tail kept in place)."""
+    n = len(audio) // block * block
+    blocks = audio[:n].reshape(-1, block)
+    return np.concatenate([blocks[rng.permutation(len(blocks))].reshape(-1), audio[n:]])
+
+
+def windows_from(frames, boundaries, jump):
+    """frames re-cut so every other window starts `jump` frames later: a hard cut at each boundary."""
+    starts, ends = [0, *boundaries], [*boundaries, len(frames)]
+    idx = [np.clip(np.arange(s, e) + (k % 2) * jump, 0, len(frames) - 1) for k, (s, e) in enumerate(zip(starts, ends))]
+    return frames[np.concatenate(idx)]
+
+
+# ----------------------------------------------------------------------------- lip sync
+
+
+@pytest.mark.parametrize("style", ["cartoon", "realistic"])
+@pytest.mark.parametrize("box_mode", ["track", "truth"])
+def test_lip_sync_on_ground_truth_is_near_perfect(style, box_mode):
+    c = render_clip(SEED + 2, 8.0, style=style)
+    (lip,) = measure(c.frames, Truth.from_clip(c), box_mode=box_mode)["lip_sync"]
+    assert lip["correlation"] >= 0.95 and lip["offset"] == 0, lip
+
+
+def test_lip_sync_with_unrelated_or_shuffled_audio_is_low(clip, truth):
+    other = render_clip(SEED + 100, 12.0).audio
+    shuffled = block_shuffled(clip.audio, 16000, np.random.default_rng(0))  # 1 s blocks
+    good = measure(clip.frames, truth)["lip_sync"][0]["correlation"]
+    for audio in (other, shuffled):
+        bad = measure(clip.frames, truth, audio)["lip_sync"][0]["correlation"]
+        assert abs(bad) < 0.3 and bad < 0.3 * good, (good, bad)
+
+
+def test_best_offset_finds_a_delayed_mouth(clip, truth):
+    """A video 3 frames late (the mouth lags the audio) is found at offset +3, still well correlated."""
+    late = np.concatenate([np.repeat(clip.frames[:1], 3, axis=0), clip.frames[:-3]])
+    (lip,) = measure(late, truth, box_mode="truth")["lip_sync"]
+    assert lip["offset"] == 3 and lip["correlation"] > 0.95
+    envelope = np.sin(np.arange(100) / 3.0)
+    assert best_offset_correlation(envelope, np.roll(envelope, -2), 5)[1] == -2
+
+
+def test_syncnet_hook_is_called_and_reported(clip, truth):
+    calls = []
+
+    def scorer(frames, audio, fps, sample_rate, face_boxes):  # a test double, not a SyncNet
+        calls.append((frames.shape, audio.shape, fps, sample_rate, face_boxes.shape))
+        return 7.5
+
+    results = evaluate([clip.frames[:100]], [truth], syncnet=scorer)
+    t = 100
+    assert calls[0] == ((t, 64, 64, 3), clip.speaker_audio[0].shape, 25.0, 16000, (t, 4))
+    assert results["videos"][0]["video"]["lip_sync"][0]["syncnet_confidence"] == 7.5
+    assert results["summary"]["syncnet"]["value"] == 7.5
+    with pytest.raises(ValueError, match="finite"):
+        evaluate([clip.frames[:100]], [truth], syncnet=lambda **_: float("nan"))
+
+
+# ----------------------------------------------------------------------------- identity, seams
+
+
+def test_identity_drift_is_zero_on_ground_truth_and_large_when_colours_drift(clip, truth):
+    assert abs(measure(clip.frames, truth)["identity"]["drift"]) < 0.02
+    # the face's colours slide towards blue over the clip
+    ramp = np.linspace(0, 1, len(clip.frames))[:, None, None, None] * clip.face_masks[0][..., None]
+    drifting = np.clip(clip.frames + ramp * np.array([-90.0, 0.0, 90.0]), 0, 255).astype(np.uint8)
+    identity = measure(drifting, truth)["identity"]
+    assert identity["drift"] > 0.1 and identity["window_frames"] == round(0.2 * len(clip.frames))
+
+
+def test_identity_drift_uses_the_first_and_last_minute_of_long_videos():
+    similarity = np.concatenate([np.ones(1500), np.linspace(1, 0.5, 1500), np.full(1500, 0.5)])  # 3 min at 25 fps
+    drift = identity_drift(similarity, fps=25.0)
+    assert drift["window_frames"] == 1500 and drift["first"] == 1 and drift["last"] == 0.5 and drift["drift"] == 0.5
+
+
+def test_seam_score_is_one_on_a_continuous_rendering_and_high_on_hard_cuts(clip):
+    boundaries = list(range(7, len(clip.frames), 7))  # arbitrary frames, 42 "windows"
+    assert 0.75 < seam_score(clip.frames, boundaries) < 1.25
+    assert seam_score(windows_from(clip.frames, boundaries, jump=12), boundaries) > 3.0
+
+
+# ----------------------------------------------------------------------------- text control, routing
+
+
+def test_nodding_moves_vertically_and_shaking_horizontally(actions):
+    ratio = {p: head_motion(head_centres(c.frames))["ratio"] for p, c in actions.items()}
+    assert ratio["nodding"] > 10 and ratio["shaking head"] < 0.1
+    assert ratio["shaking head"] < ratio[""] < ratio["nodding"]
+
+
+def test_two_speakers_are_routed_to_their_own_streams(duo):
+    truth = Truth.from_clip(duo)
+    margins = measure(duo.frames, truth)["routing"]["margins"]
+    assert min(margins) > 0.5, margins
+    swapped = measure(duo.frames, truth, duo.speaker_audio[::-1])["routing"]["margins"]
+    assert max(swapped) < -0.5, swapped
+
+
+# ----------------------------------------------------------------------------- evaluate and report
+
+
+def test_evaluate_and_report(tmp_path, clip, actions, duo):
+    rng = np.random.default_rng(1)
+    clips = [clip, *actions.values(), duo]
+    boundaries = [list(range(24, len(c.frames), 24)) for c in clips]
+    results = evaluate([c.frames for c in clips], clips, boundaries=boundaries)
+    summary = results["summary"]
+    assert summary["lip_sync"]["value"] > 0.95 and summary["lip_sync"]["ratio"] == pytest.approx(1.0)
+    assert summary["identity_drift"]["worst"] < 0.02 and 0.8 < summary["seam"]["value"] < 1.2
+    assert summary["routing"]["value"] > 0.5
+    assert all(row["passed"] in (True, None) for row in check(results)), check(results)
+
+    # the same videos with block-shuffled audio: lip sync falls far below 0.6 of the renderer's
+    shuffled = [np.stack([block_shuffled(s, 16000, rng) for s in c.speaker_audio]) for c in clips]
+    bad = evaluate([c.frames for c in clips], clips, audios=shuffled)
+    assert bad["summary"]["lip_sync"]["ratio"] < 0.3
+    assert next(r for r in check(bad) if r["metric"] == "lip-sync correlation")["passed"] is False
+
+    path = write_report(results, tmp_path / "report")
+    text = open(path).read()
+    assert path == str(tmp_path / "report" / "report.md")
+    assert f"{summary['lip_sync']['value']:.3f}" in text and f"{summary['seam']['value']:.3f}" in text
+    assert "| lip-sync correlation |" in text and "**FAIL**" not in text and "Two-speaker routing" in text
+    assert json.load(open(tmp_path / "report" / "results.json"))["summary"]["lip_sync"] == summary["lip_sync"]
+    pngs = sorted(p for p in os.listdir(tmp_path / "report") if p.endswith(".png"))
+    assert len(pngs) == len(clips) + 1 and "identity.png" in pngs
+    for name in pngs:
+        assert f"({name})" in text
+        with Image.open(tmp_path / "report" / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+    assert not [p for p in os.listdir(tmp_path / "report") if p.endswith(".tmp")]
+    assert "**FAIL**" in open(write_report(bad, tmp_path / "bad")).read()
+
+
+def test_evaluate_reads_saved_clips(tmp_path):
+    """The CLI's route: truth folders from Clip.save and generated mp4 files (H.264-compressed)."""
+    c = render_clip(SEED + 3, 4.0)
+    c.save(tmp_path / "truth")
+    results = evaluate([str(tmp_path / "truth" / "clip.mp4")], [str(tmp_path / "truth")])
+    (record,) = results["videos"]
+    assert record["name"] == "truth" and record["video"]["num_frames"] == 100
+    assert record["video"]["lip_sync"][0]["correlation"] > 0.9
+
+
+def test_plot_lip_sync_writes_a_png(tmp_path, clip, truth):
+    m = measure(clip.frames, truth)
+    path = plot_lip_sync(m["envelope_series"][0], m["mouth_series"][0], clip.fps, tmp_path / "sub" / "sync.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1] > 100
+        image.verify()
+
+
+def test_clear_errors(clip, truth):
+    with pytest.raises(ValueError, match="uint8"):
+        measure(clip.frames / 255.0, truth)
+    with pytest.raises(ValueError, match="boundaries"):
+        seam_score(clip.frames, [0, 5])
+    with pytest.raises(ValueError, match="streams"):
+        measure(clip.frames, truth, np.zeros((2, 1000), np.float32))
+    with pytest.raises(ValueError, match="box_mode"):
+        measure(clip.frames, truth, box_mode="guess")
+    with pytest.raises(ValueError, match="one per video"):
+        evaluate([clip.frames], [truth, truth])
+    with pytest.raises(ValueError, match="too short"):
+        measure(clip.frames[:5], truth)
+    with pytest.raises(ValueError, match="evaluate"):
+        write_report({}, "unused")
