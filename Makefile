@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test clean
+.PHONY: venv test demo demo-model clean
 
 $(VENV)/.installed: setup.cfg constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ venv: $(VENV)/.installed
 # Install (CPU) and run the whole test suite.
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The bundled demo model talks for a minute: out/demo.mp4 (voice muxed in) and out/lip_sync.png.
+demo: venv
+	$(VENV)/bin/mi-jax demo --seconds 60 --out out
+
+# Rebuild demo/ (VAE + stage 1 + stage 2 on the synthetic world, seeded) with the project's commands.
+demo-model: venv
+	$(VENV)/bin/mi-jax demo-model --out demo/model --work runs/demo
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

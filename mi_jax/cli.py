@@ -8,6 +8,10 @@
                     [--cfg-audio Y] [--seed K] [--size WxH]
     mi-jax import-weights --transformer DIR [--vae DIR] [--wav2vec DIR] --out CKPT [--config FILE:VARIANT]
     mi-jax export   --checkpoint CKPT --out DIR [--dtype bf16|fp32] [--merge-lora] [--ema]
+    mi-jax train-vae --out DIR [--config FILE:VARIANT] [--steps N]   (a small VAE for the synthetic world)
+    mi-jax eval     --checkpoint RUN --out DIR [--clips N] [--seconds S]
+    mi-jax demo     [--model demo/model] [--seconds 60] [--out out]
+    mi-jax demo-model [--out demo/model]                            (rebuilds the bundled demo model)
 
 Config overrides use the config's own field paths (`--config.train.steps=100`).
 """
@@ -163,6 +167,59 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_train_vae(args, overrides) -> int:
+    from mi_jax.config_utils import load_config
+    from mi_jax.train.vae import train_vae
+
+    print(json.dumps(train_vae(load_config(args.config, overrides), args.out, steps=args.steps, seed=args.seed)))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Generates from held-out synthetic clips and scores the videos against their truth."""
+    import os
+
+    from mi_jax.data import synthetic
+    from mi_jax.eval.metrics import evaluate
+    from mi_jax.eval.report import check, write_report
+    from mi_jax.pipeline import Pipeline
+
+    pipe = Pipeline.from_checkpoint(args.checkpoint)
+    actions = ["", "nodding", "shaking head"]
+    videos, truths, bounds = [], [], []
+    scfg = pipe.config.sample
+    step = 4 * (scfg.window - 1 - scfg.overlap)
+    for i in range(args.clips):
+        action = actions[i % len(actions)]
+        clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + i, args.seconds,
+                                     size=(pipe.config.prepare.height, pipe.config.prepare.width), prompt=action)
+        prompt = "a person talking" + (f", {action}" if action else "")
+        video = pipe.generate(clip.frames[0], clip.audio, prompt, seed=i)
+        videos.append(video.frames)
+        truths.append(clip)
+        first = 1 + 4 * (scfg.window - 1)  # the first window's frames, then one window every `step`
+        bounds.append(list(range(first, len(video.frames), step)))
+    results = evaluate(videos, truths, boundaries=bounds)
+    path = write_report(results, args.out)
+    rows = check(results)
+    print(f"wrote {path}")
+    return 0 if all(r["passed"] is not False for r in rows) else 1
+
+
+def cmd_demo(args) -> int:
+    from mi_jax.demo import run_demo
+
+    print(json.dumps(run_demo(args.model, args.out, args.seconds), indent=1))
+    return 0
+
+
+def cmd_demo_model(args) -> int:
+    from mi_jax.demo import build_demo_model
+
+    print(build_demo_model(args.out, args.work, seed=args.seed))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mi-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,19 +273,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--max-shard-size", default="10GB")
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("train-vae", help="train a small causal VAE on the synthetic world")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default="configs/magicinfinite.py:tiny,stage1")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("eval", help="generate on held-out synthetic clips and write a quality report")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--clips", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=10.0)
+
+    p = sub.add_parser("demo", help="the bundled demo model talks for a minute (out/demo.mp4, out/lip_sync.png)")
+    p.add_argument("--model", default="demo/model")
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--out", default="out")
+
+    p = sub.add_parser("demo-model", help="rebuild the bundled demo model from nothing (seeded)")
+    p.add_argument("--out", default="demo/model")
+    p.add_argument("--work", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("synth", "generate", "export"):
+    plain = {"synth": cmd_synth, "generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "demo": cmd_demo,
+             "demo-model": cmd_demo_model}
+    if args.command in plain:
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
-        return {"synth": cmd_synth, "generate": cmd_generate, "export": cmd_export}[args.command](args)
+        return plain[args.command](args)
     overrides = _split_overrides(rest, parser)
-    return {"prepare": cmd_prepare, "train": cmd_train, "import-weights": cmd_import_weights}[args.command](
-        args, overrides)
+    configured = {"prepare": cmd_prepare, "train": cmd_train, "import-weights": cmd_import_weights,
+                  "train-vae": cmd_train_vae}
+    return configured[args.command](args, overrides)
 
 
 if __name__ == "__main__":
