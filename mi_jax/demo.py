@@ -56,16 +56,18 @@ def run_demo(model: str = os.path.join(DEMO, "model"), out: str = "out", seconds
     os.makedirs(out, exist_ok=True)
     pipe = Pipeline.from_checkpoint(model)
     t0 = time.time()
-    frames = []
+    chunks = pipe.stream(portrait, voice, prompt, seconds=seconds)
+    frames = [next(chunks)]  # inputs are read and checked here
 
-    def keep(chunks):
+    def keep():
+        yield from frames[0]
         for chunk in chunks:
             frames.append(chunk)
             yield from chunk
 
     path = os.path.join(out, "demo.mp4")
-    write_video(path, keep(pipe.stream(portrait, voice, prompt, seconds=seconds)), float(pipe.config.prepare.fps),
-                audio=pipe.last_audio, sample_rate=int(pipe.config.prepare.sample_rate))
+    write_video(path, keep(), float(pipe.config.prepare.fps), audio=pipe.last_audio,
+                sample_rate=int(pipe.config.prepare.sample_rate))
     video = np.concatenate(frames)
     wall = time.time() - t0
     # mouth box: the portrait's lower face (the synthetic world's mouth sits at a fixed place

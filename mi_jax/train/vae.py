@@ -57,7 +57,7 @@ def train_vae(config, out_dir: str, *, steps: int = 2000, batch: int = 4, frames
     data = clip_batches(seed, batch, frames, size)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.asarray(next(data))))["params"]
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, 100, steps, lr * 0.05)))
+                     optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, min(100, steps // 2 + 1), max(steps, 2 * min(100, steps // 2 + 1)), lr * 0.05)))
     opt = tx.init(params)
 
     def loss_fn(p, x, key):
