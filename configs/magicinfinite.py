@@ -27,6 +27,10 @@ AUDIO_MODULES = (r"^audio_projector/", r"audio_attn/")
 
 def _model(variant: str) -> ml_collections.ConfigDict:
     model = load_config(os.path.join(_HERE, "hunyuan_video_i2v.py") + (":tiny" if variant == "tiny" else ":i2v")).model
+    if variant != "tiny":
+        # `mi-jax plan`: the stage-2 step at 544x544 x 33 frames, B=8 on fsdp=8, needs full remat
+        # to fit 80 GB (dots_no_batch: 84.4 GB; full: 51 GB per device; see the README's table)
+        model.remat_policy = "full"
     if variant == "tiny":
         model.update(audio_blocks=1, audio_feature_layers=4, audio_feature_dim=32, audio_window=1,
                      audio_hidden=32, audio_tokens=4, audio_token_dim=32)

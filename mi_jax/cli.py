@@ -10,6 +10,7 @@
     mi-jax export   --checkpoint CKPT --out DIR [--dtype bf16|fp32] [--merge-lora] [--ema]
     mi-jax train-vae --out DIR [--config FILE:VARIANT] [--steps N]   (a small VAE for the synthetic world)
     mi-jax eval     --checkpoint RUN --out DIR [--clips N] [--seconds S]
+    mi-jax plan     --config FILE:VARIANT --mesh fsdp=8 [--budget 80] [--gpu h100]   (AOT memory / FLOPs)
     mi-jax demo     [--model demo/model] [--seconds 60] [--out out]
     mi-jax demo-model [--out demo/model]                            (rebuilds the bundled demo model)
 
@@ -286,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", type=int, default=3)
     p.add_argument("--seconds", type=float, default=10.0)
 
+    sub.add_parser("plan", help="compile train / generate steps on abstract shapes: per-device memory, FLOPs, "
+                                "time estimate (see `mi-jax plan --help`)", add_help=False)
+
     p = sub.add_parser("demo", help="the bundled demo model talks for a minute (out/demo.mp4, out/lip_sync.png)")
     p.add_argument("--model", default="demo/model")
     p.add_argument("--seconds", type=float, default=60.0)
@@ -299,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # sets the host device count itself, before JAX starts
+        from mi_jax.parallel.plan import main as plan_main
+
+        return plan_main(argv[1:]) or 0
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     plain = {"synth": cmd_synth, "generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "demo": cmd_demo,

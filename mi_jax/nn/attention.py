@@ -8,7 +8,9 @@ DiT, which cuDNN handles natively) or as a boolean `mask` broadcastable to `[B, 
 - `cudnn`: cuDNN flash attention (GPU, bf16/fp16). Raises on shapes cuDNN does not support.
 - `auto`: cuDNN on GPU for half precision inputs without a dense mask, else XLA.
 
-Later parallel variants (Ulysses / ring over the `context` axis) register here as well.
+- `blockwise`: exact flash-style attention in plain JAX (memory O(L), custom backward).
+- `ulysses` / `ring`: context (sequence) parallel attention over the `context` mesh axis
+  (mi_jax/nn/context_parallel.py, `jax.shard_map`).
 """
 
 from __future__ import annotations
@@ -74,3 +76,7 @@ def attention(q, k, v, *, implementation: str = "xla", mask=None, kv_lengths=Non
             f"unknown attention implementation {implementation!r}; choose one of {available()}"
         ) from None
     return fn(q, k, v, mask=mask, kv_lengths=kv_lengths)
+
+
+# context-parallel and blockwise implementations register themselves ("blockwise", "ulysses", "ring")
+from mi_jax.nn import context_parallel  # noqa: E402,F401

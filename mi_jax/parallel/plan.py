@@ -1,0 +1,578 @@
+"""`plan`: per-device memory, FLOPs and an estimated step time of the train / generate (/ distill)
+steps, from an ahead-of-time compile on abstract shapes. Nothing is allocated: parameters,
+optimiser state and batches are `jax.eval_shape` results carrying their shardings, and each step
+is `jit(...).lower(abstract).compile()`d for the mesh over (forced host) devices.
+
+    python -m mi_jax.parallel.plan --config configs/magicinfinite.py:full,stage2 --mesh fsdp=8 \
+        --budget 80 --gpu h100 [--config.prepare.latent_frames=9 ...]
+
+Where the numbers come from:
+- memory: `compiled.memory_analysis()` of the per-device program (arguments, outputs, temporaries;
+  donated inputs counted once). Compiled by the CPU backend, so it is an estimate of the GPU
+  program: XLA:GPU fuses and schedules differently. On CPU the `auto` / `cudnn` / `xla`
+  attention is planned as `blockwise` (O(L) memory, like cuDNN flash attention), host
+  offloading (`offload_dots`) is not modelled, and CPU-only bf16 artefacts are switched off
+  (`CPU_COMPILER_OPTIONS`).
+- FLOPs: counted on the step's jaxpr (matmuls and convolutions, scan trip counts and remat
+  recomputation included). XLA's `cost_analysis()` counts a loop body once, so with scanned
+  layers it undercounts by the layer count; it is reported as `xla_flops_per_device` only.
+- time: max(FLOPs per device / (peak bf16 rate x MFU), matmul operand bytes / HBM bandwidth);
+  communication is not modelled. The MFU is an assumption (default 40%), stated in the report.
+
+New steps (the lead's sampler window, distillation) plug in with `register_step(name)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+import mi_jax.nn.context_parallel  # noqa: F401  (registers the blockwise / ulysses / ring attention)
+from mi_jax.parallel.mesh import DEFAULT_RULES, MESH_AXES, logical_shardings, make_mesh, with_rules
+
+GB = 1e9  # budgets and reports in GB (10^9 bytes), as GPU memory is sold
+
+
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    name: str
+    bf16_flops: float  # dense peak, FLOP/s
+    hbm_bandwidth: float  # bytes/s
+    memory_gb: float
+
+
+# Vendor datasheets: dense (no sparsity) bf16 tensor-core peak and HBM bandwidth.
+GPUS = {
+    "h100": GPU("H100 SXM", 989e12, 3.35e12, 80),
+    "h200": GPU("H200 SXM", 989e12, 4.8e12, 141),
+    "a100": GPU("A100 SXM", 312e12, 2.0e12, 80),
+}
+DEFAULT_MFU = 0.4
+# cheapest recomputation first; each saves more memory than the one before
+REMAT_ORDER = ("none", "dots", "dots_no_batch", "offload_dots", "full")
+LATENT_STRIDE = (4, 8)  # the HunyuanVideo VAE: 4x in time (1 + 4(T-1) frames), 8x in space
+
+
+# ------------------------------------------------------------------ steps
+
+
+@dataclasses.dataclass
+class StepSpec:
+    """A step to plan: `jit(fn, **jit_kwargs).lower(*args)` under `with_rules(mesh)`.
+    args: abstract values (ShapeDtypeStruct with shardings). batch / tokens describe the shape."""
+
+    fn: Callable
+    args: tuple
+    mesh: jax.sharding.Mesh
+    jit_kwargs: dict
+    batch: int
+    shape: dict
+    rules: tuple = DEFAULT_RULES
+
+
+STEP_BUILDERS: dict[str, Callable[..., StepSpec]] = {}
+
+
+def register_step(name: str):
+    """`@register_step("distill")` on a `builder(config, mesh, **options) -> StepSpec`; replaces
+    an existing builder of that name (e.g. the sampler's window step for "generate")."""
+
+    def deco(builder):
+        STEP_BUILDERS[name] = builder
+        return builder
+
+    return deco
+
+
+def abstract_batch(config, batch: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The training batch `{field: ShapeDtypeStruct [B, ...]}` that `mi-jax prepare` would write
+    for `config.prepare` (see mi_jax/data/store.py), plus the loader's `index`."""
+    p, m = config.prepare, config.model
+    b = batch or config.data.global_batch
+    if p.height % 16 or p.width % 16:
+        raise ValueError(f"prepare.height/width {p.height}x{p.width} must be multiples of 16 (VAE 8 x patch 2); "
+                         "e.g. 540 -> 544")
+    t, h, w, c = p.latent_frames, p.height // LATENT_STRIDE[1], p.width // LATENT_STRIDE[1], m.out_channels
+    f, s = 1 + LATENT_STRIDE[0] * (t - 1), p.speakers
+    sds = jax.ShapeDtypeStruct
+    spec = dict(
+        latents=sds((b, t, h, w, c), jnp.float32),
+        ref_latent=sds((b, 1, h, w, c), jnp.float32),
+        text_embeds=sds((b, p.text_len, m.text_embed_dim), jnp.float16),
+        text_mask=sds((b, p.text_len), jnp.int32),
+        pooled=sds((b, m.pooled_projection_dim), jnp.float32),
+        face_mask=sds((b, t, h, w), jnp.uint8),
+        mouth_mask=sds((b, t, h, w), jnp.uint8),
+        speaker_masks=sds((b, s, t, h, w), jnp.uint8),
+        index=sds((b,), jnp.int32),
+    )
+    if m.audio_blocks:
+        audio = (b, f, m.audio_feature_layers, m.audio_feature_dim) if s == 1 else \
+            (b, s, f, m.audio_feature_layers, m.audio_feature_dim)
+        spec["audio_states"] = sds(audio, jnp.float16)
+    return spec
+
+
+@dataclasses.dataclass
+class AbstractData:
+    """What `make_job` reads from a data source: only `element_spec` (shapes, for planning)."""
+
+    element_spec: dict
+
+
+def _tokens(config, latent_frames: int) -> dict:
+    p, m = config.prepare, config.model
+    video = latent_frames // m.patch_size_t * (p.height // 8 // m.patch_size) * (p.width // 8 // m.patch_size)
+    return dict(video_tokens=video, text_tokens=p.text_len, tokens=video + p.text_len)
+
+
+def job_step(job, rules=DEFAULT_RULES) -> StepSpec:
+    """The StepSpec of a `make_job` job's train step, placed as `loop.compile_step` places it."""
+    config = job.config
+    place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    state = jax.tree.map(place, job.abstract_state, job.state_shardings)
+    batch = jax.tree.map(place, job.data.element_spec, job.batch_shardings)
+    p, t = config.prepare, config.prepare.latent_frames
+    shape = dict(batch=config.data.global_batch, grad_accum=config.train.grad_accum, frames=1 + 4 * (t - 1),
+                 latent_frames=t, size=f"{p.height}x{p.width}", **_tokens(config, t))
+    return StepSpec(job.step_fn, (state, batch), job.mesh,
+                    dict(out_shardings=(job.state_shardings, None), donate_argnums=0),
+                    config.data.global_batch // config.train.grad_accum, shape, tuple(rules))
+
+
+def _reshard(job, mesh, rules):
+    """`job` with its state and batch placed by `rules` instead of the default table (what-if
+    plans: e.g. the optimiser state sharded over context as well as fsdp)."""
+    from mi_jax.models.dit import DiT, example_inputs
+    from mi_jax.models.dit_config import DiTConfig
+    from mi_jax.train.pretrain import batch_sharding
+    from mi_jax.train.state import state_shardings
+
+    mcfg = DiTConfig.coerce(job.config.model)
+    boxed = jax.eval_shape(lambda: DiT(mcfg).init(jax.random.key(0), **example_inputs(mcfg))["params"])
+    param_sh = logical_shardings(boxed, mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    if job.config.init.lora_rank:
+        param_sh = {"base": param_sh, "lora": jax.tree.map(lambda _: replicated, job.abstract_state.params["lora"])}
+    return dataclasses.replace(
+        job, state_shardings=state_shardings(job.abstract_state, param_sh, replicated),
+        batch_shardings=jax.tree.map(lambda _: batch_sharding(mesh, rules), job.data.element_spec))
+
+
+@register_step("train")
+def train_step(config, mesh, *, rules=None, **_) -> StepSpec:
+    """The stage-1/2 train step exactly as `loop.compile_step` compiles it (donated state)."""
+    from mi_jax.train.pretrain import make_job
+
+    micro, split = config.data.global_batch // config.train.grad_accum, mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro % split:
+        raise ValueError(f"train: the micro-batch of {micro} (data.global_batch / train.grad_accum) does not split "
+                         f"over data x fsdp = {split} devices; change the batch or the mesh")
+    job = make_job(config, AbstractData(abstract_batch(config)), mesh)
+    if rules is None:
+        return job_step(job)
+    return job_step(_reshard(job, mesh, rules), rules)
+
+
+@register_step("generate")
+def generate_window(config, mesh, *, latent_frames: int | None = None, branches: int = 3,
+                    dtype: str | None = "bfloat16", rules=None, **_) -> StepSpec:
+    """One DiT evaluation of a generation window: batch = `branches` CFG branches (text / audio /
+    reference unconditional + conditional), `latent_frames` (default config.prepare's) at
+    config.prepare's size; params and compute in `dtype` (None: the config's)."""
+    from mi_jax.models.dit import DiT, example_inputs
+    from mi_jax.models.dit_config import DiTConfig
+    from mi_jax.train.pretrain import batch_sharding
+
+    mcfg = DiTConfig.coerce(config.model)
+    if dtype:
+        mcfg = mcfg.replace(dtype=dtype, param_dtype=dtype)
+    t = latent_frames or config.prepare.latent_frames
+    p = config.prepare
+    inputs = jax.eval_shape(lambda: example_inputs(mcfg, batch=branches, frames=t, height=p.height // 8,
+                                                   width=p.width // 8, text_len=p.text_len))
+    model = DiT(mcfg)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **example_inputs(mcfg))["params"])
+    rules = tuple(rules or DEFAULT_RULES)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), logical_shardings(boxed, mesh, rules))
+    batch_sh = batch_sharding(mesh, rules)
+    if branches % math.prod(batch_sh.mesh.shape[a] for a in _axes(batch_sh.spec[0])):
+        batch_sh = jax.sharding.NamedSharding(mesh, jax.P())  # 3 branches on 8 devices: replicate
+    inputs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in inputs.items()}
+
+    def forward(params, inputs):
+        return model.apply({"params": params}, **inputs)
+
+    shape = dict(batch=branches, frames=1 + 4 * (t - 1), latent_frames=t, size=f"{p.height}x{p.width}",
+                 dtype=mcfg.dtype, **_tokens(config, t))
+    return StepSpec(forward, (params, inputs), mesh, {}, branches, shape, rules)
+
+
+def _axes(entry) -> tuple:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+# ------------------------------------------------------------------ FLOPs from the jaxpr
+
+
+def _dot_flops(eqn) -> tuple[float, float]:
+    lhs, rhs = (v.aval for v in eqn.invars)
+    out = eqn.outvars[0].aval
+    (lc, _), _ = eqn.params["dimension_numbers"]
+    k = math.prod(lhs.shape[i] for i in lc)
+    nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in (lhs, rhs, out))
+    return 2.0 * math.prod(out.shape) * k, float(nbytes)
+
+
+def _conv_flops(eqn) -> tuple[float, float]:
+    lhs, rhs = (v.aval for v in eqn.invars)
+    out = eqn.outvars[0].aval
+    out_features = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+    nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in (lhs, rhs, out))
+    return 2.0 * math.prod(out.shape) * math.prod(rhs.shape) / out_features, float(nbytes)
+
+
+def _walk(jaxpr) -> np.ndarray:
+    """[flops, matmul bytes] of a jaxpr (global shapes; shard_map bodies scaled by their mesh)."""
+    total = np.zeros(2)
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            total += _dot_flops(eqn)
+            continue
+        if name == "conv_general_dilated":
+            total += _conv_flops(eqn)
+            continue
+        subs = [j.jaxpr if isinstance(j, jax.extend.core.ClosedJaxpr) else j
+                for j in jax.extend.core.jaxprs_in_params(eqn.params)]
+        if not subs:
+            continue
+        counts = [_walk(j) for j in subs]
+        if name == "cond":
+            total += max(counts, key=lambda c: c[0])
+            continue
+        times = 1
+        if name == "scan":
+            times = eqn.params["length"]
+        elif name == "shard_map":
+            times = math.prod(eqn.params["mesh"].shape[a] for a in eqn.params["newly_manual_axes"])
+        total += times * sum(counts)  # while loops: trip count unknown, counted once
+    return total
+
+
+def count_flops(fn, *args) -> dict[str, float]:
+    """Matmul/conv FLOPs and matmul operand bytes of `fn(*args)` for the whole (global) step."""
+    flops, nbytes = _walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return dict(flops=float(flops), matmul_bytes=float(nbytes))
+
+
+# ------------------------------------------------------------------ one compile
+
+
+# CPU compile options for planning:
+# - LLVM's optimisations only slow the plan down (about 2x): buffer assignment, hence
+#   memory_analysis, is decided before them and comes out byte-identical without them.
+# - The CPU has no bf16 dots, so XLA upcasts bf16 weights to f32 and while-loop-invariant code
+#   motion then hoists that upcast of the whole scanned weight stack out of the layer loop: an f32
+#   copy of every layer at once, which the GPU program never has. Without the pass the upcast
+#   stays per layer (measured: temps 72 MB -> 5 MB for 16 stacked 1024x1024 bf16 layers).
+CPU_COMPILER_OPTIONS = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True,
+                            xla_disable_hlo_passes="while-loop-invariant-code-motion")
+
+
+def compiler_options() -> dict:
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+
+
+def compile_step(spec: StepSpec):
+    """-> (compiled, seconds). The lowering `loop.compile_step` does for the train step."""
+    t0 = time.time()
+    with with_rules(spec.mesh, spec.rules):
+        compiled = jax.jit(spec.fn, **spec.jit_kwargs).lower(*spec.args).compile(compiler_options=compiler_options())
+    return compiled, time.time() - t0
+
+
+def memory_gb(compiled) -> dict[str, float]:
+    """Per-device bytes of a compiled step, in GB. total = arguments + outputs - aliased (donated
+    buffers reused for outputs) + temporaries + generated code."""
+    m = compiled.memory_analysis()
+    parts = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
+                 temporaries=m.temp_size_in_bytes, code=m.generated_code_size_in_bytes)
+    parts["total"] = parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"] + parts["code"]
+    return {k: v / GB for k, v in parts.items()}
+
+
+def work_split(mesh, batch: int) -> float:
+    """How many ways a step's work divides: the batch over (data, fsdp) (padded when uneven), the
+    tokens over context, heads / MLP over tensor."""
+    bf = mesh.shape["data"] * mesh.shape["fsdp"]
+    return batch / math.ceil(batch / bf) * mesh.shape["context"] * mesh.shape["tensor"]
+
+
+def estimate_seconds(flops_per_device: float, bytes_per_device: float, gpu: GPU, mfu: float) -> float:
+    return max(flops_per_device / (gpu.bf16_flops * mfu), bytes_per_device / gpu.hbm_bandwidth)
+
+
+def plan_step(spec: StepSpec, gpu: GPU, mfu: float = DEFAULT_MFU) -> dict:
+    """Compile one step and measure it: memory (GB per device), FLOPs, estimated seconds."""
+    compiled, seconds = compile_step(spec)
+    with with_rules(spec.mesh, spec.rules):
+        counted = count_flops(spec.fn, *spec.args)
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    split = work_split(spec.mesh, spec.batch)
+    flops_dev, bytes_dev = counted["flops"] / split, counted["matmul_bytes"] / split
+    return dict(shape=spec.shape, memory_gb=memory_gb(compiled), flops_per_step=counted["flops"],
+                flops_per_device=flops_dev, xla_flops_per_device=float(cost.get("flops", 0.0)),
+                est_seconds=estimate_seconds(flops_dev, bytes_dev, gpu, mfu), compile_seconds=round(seconds, 1))
+
+
+# ------------------------------------------------------------------ the plan
+
+
+def _with(config, train: dict | None = None, **model_fields):
+    """A copy of `config` with `model_fields` (and `train` fields) replaced."""
+    c = copy.deepcopy(config)
+    with c.model.ignore_type():
+        c.model.update(model_fields)
+    if train:
+        c.train.update(train)
+    return c
+
+
+def _planned_attention(attention: str) -> str:
+    """cuDNN cannot compile on CPU and XLA's attention materialises [L, L] scores: plan the
+    blockwise kernel instead, whose memory is what cuDNN's flash attention needs."""
+    if jax.default_backend() == "cpu" and attention in ("auto", "cudnn", "xla"):
+        return "blockwise"
+    return attention
+
+
+def _named_devices(mesh_spec) -> int | None:
+    """Devices a mesh spec names (product of its sizes); None when one is -1 or none is given."""
+    if isinstance(mesh_spec, dict):
+        sizes = dict(mesh_spec)
+    else:
+        parts = (p.partition("=") for p in (mesh_spec or "").split(",") if p.strip())
+        sizes = {name.strip(): int(value) for name, _, value in parts}
+    if not sizes or -1 in sizes.values():
+        return None
+    return math.prod(sizes.values())
+
+
+def ensure_devices(mesh_spec) -> jax.sharding.Mesh:
+    """The mesh for `mesh_spec` over the first devices; a clear error when too few exist."""
+    n = _named_devices(mesh_spec) or jax.device_count()
+    if jax.device_count() < n:
+        raise RuntimeError(
+            f"mesh {mesh_spec!r} needs {n} devices, {jax.device_count()} present. Plan on forced host devices: "
+            f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} JAX_PLATFORMS=cpu before JAX starts "
+            f"(or call jax.config.update('jax_num_cpu_devices', {n}) first).")
+    return make_mesh(mesh_spec, jax.devices()[:n])
+
+
+def rules_with_embed(axes: Sequence[str]) -> tuple:
+    """DEFAULT_RULES with parameters' `embed` dimension sharded over `axes` (e.g. fsdp and context:
+    context parallelism then also splits the weights and optimiser state, ZeRO-style, instead of
+    replicating them over the context axis)."""
+    axes = tuple(axes)
+    return tuple((name, (axes if len(axes) > 1 else axes[0]) if name == "embed" else target)
+                 for name, target in DEFAULT_RULES)
+
+
+def _mesh_candidates(mesh, heads: int) -> list[tuple[dict, str | None, int]]:
+    """(mesh sizes, attention or None, split) over the same devices, trading fsdp for context
+    parallelism or tensor parallelism `split` ways."""
+    n = mesh.devices.size
+    out = []
+    for c in (2, 4, 8):
+        if n % c == 0 and c != mesh.shape["context"]:
+            out.append(({"fsdp": n // c, "context": c}, "ulysses" if heads % c == 0 else "ring", c))
+    for t in (2, 4, 8):
+        if n % t == 0 and heads % t == 0 and t != mesh.shape["tensor"]:
+            out.append(({"fsdp": n // t, "tensor": t}, None, t))
+    return out
+
+
+def _accum_for(config, sizes: dict, split: int) -> int:
+    """grad_accum for a mesh with `split`-way context / tensor parallelism: `split` times more
+    micro-batches, so each device still holds one sample's tokens / split (a smaller fsdp axis with
+    the same micro-batch would only give each device more samples). Unchanged when it cannot divide."""
+    accum, batch = config.train.grad_accum * split, config.data.global_batch
+    ok = batch % accum == 0 and (batch // accum) % (sizes.get("data", 1) * sizes.get("fsdp", 1)) == 0
+    return accum if ok else config.train.grad_accum
+
+
+def plan(config, mesh_spec=None, *, budget_gb: float = 80.0, gpu: str = "h100",
+         steps: Sequence[str] = ("train", "generate"), mfu: float = DEFAULT_MFU, suggest: bool = True,
+         generate_mesh_spec=None, window_frames: int | None = None, cfg_branches: int = 3,
+         generate_dtype: str | None = "bfloat16", max_trials: int = 6, rules=None,
+         log: Callable[[str], Any] | None = None) -> dict:
+    """Plans each step of `steps` for `config` on the mesh `mesh_spec` ("fsdp=8,context=1").
+
+    Returns `{"gpu", "budget_gb", "mfu", "steps": {name: {...}}, "warnings": [...]}`; each step
+    has `shape`, `mesh`, `remat_policy`, `attention`, `memory_gb` (arguments, outputs, aliased,
+    temporaries, total per device), `flops_per_step`, `flops_per_device`, `est_seconds`,
+    `compile_seconds`, `fits`, and, over budget with `suggest`, `tried` (the remat policies then
+    meshes compiled, in order, up to `max_trials`, with their totals) and `suggestion`.
+    generate: `window_frames` latent frames (default config.prepare.latent_frames), `cfg_branches`
+    batch, `generate_dtype` params/compute, on `generate_mesh_spec` (default `mesh_spec`).
+    `rules`: a logical-axis rules table instead of mesh.DEFAULT_RULES (see `rules_with_embed`).
+    """
+    say = log or (lambda _: None)
+    if gpu.lower() not in GPUS:
+        raise ValueError(f"unknown gpu {gpu!r}; choose one of {sorted(GPUS)}")
+    unknown = [s for s in steps if s not in STEP_BUILDERS]
+    if unknown:
+        raise ValueError(f"unknown step(s) {unknown}; registered: {sorted(STEP_BUILDERS)}")
+    card = GPUS[gpu.lower()]
+    report = dict(gpu=card.name, budget_gb=budget_gb, mfu=mfu, steps={}, warnings=[])
+    for name in steps:
+        mesh = ensure_devices(generate_mesh_spec if name == "generate" and generate_mesh_spec else mesh_spec)
+        options = dict(rules=rules)
+        if name == "generate":
+            options.update(latent_frames=window_frames, branches=cfg_branches, dtype=generate_dtype)
+        policy, attention = config.model.remat_policy, _planned_attention(config.model.attention)
+        if name == "generate":
+            policy = "none"  # no backward pass: nothing to rematerialise
+        say(f"plan {name}: compiling (remat={policy}, attention={attention}, mesh={dict(mesh.shape)}) ...")
+        entry = plan_step(STEP_BUILDERS[name](_with(config, remat_policy=policy, attention=attention), mesh, **options),
+                          card, mfu)
+        entry.update(mesh=dict(mesh.shape), remat_policy=policy, attention=attention)
+        entry["fits"] = entry["memory_gb"]["total"] <= budget_gb
+        say(f"plan {name}: {entry['memory_gb']['total']:.3g} GB/device, compiled in {entry['compile_seconds']} s")
+        if not entry["fits"]:
+            report["warnings"].append(
+                f"{name}: {entry['memory_gb']['total']:.3g} GB per device is over the {budget_gb:g} GB budget "
+                f"(remat_policy={policy}, mesh={_mesh_str(mesh)})")
+            if suggest:
+                _suggest(name, config, mesh, policy, attention, options, card, mfu, budget_gb, entry, report, say,
+                         max_trials)
+        report["steps"][name] = entry
+    return report
+
+
+def _suggest(name, config, mesh, policy, attention, options, card, mfu, budget_gb, entry, report, say,
+             max_trials):
+    """Remat policies in REMAT_ORDER after the current one, then other meshes (with `full`, and
+    for training the grad_accum that keeps per-device tokens falling: `_accum_for`)."""
+    tried = entry["tried"] = []
+    cpu = jax.default_backend() == "cpu"
+    accum = config.train.grad_accum if name != "generate" else 1
+    candidates = [(p, mesh, attention, accum) for p in REMAT_ORDER[REMAT_ORDER.index(policy) + 1:]
+                  if name != "generate" and not (cpu and p == "offload_dots")]
+    for sizes, attn, split in _mesh_candidates(mesh, config.model.num_attention_heads):
+        candidates.append(("full" if name != "generate" else "none", make_mesh(sizes, list(mesh.devices.flat)),
+                           attn or attention, accum if name == "generate" else _accum_for(config, sizes, split)))
+    for p, m, attn, acc in candidates[:max_trials]:
+        say(f"plan {name}: trying remat={p}, attention={attn}, mesh={_mesh_str(m)}, grad_accum={acc} ...")
+        row = dict(remat_policy=p, mesh=_mesh_str(m), attention=attn, grad_accum=acc)
+        try:
+            train = {"grad_accum": acc} if name != "generate" else None
+            step = STEP_BUILDERS[name](_with(config, train, remat_policy=p, attention=attn), m, **options)
+            total = plan_step(step, card, mfu)["memory_gb"]["total"]
+        except Exception as e:  # noqa: BLE001 - a mesh the model cannot use is a result, not a crash
+            tried.append(dict(row, error=str(e).splitlines()[0][:200]))
+            continue
+        tried.append(dict(row, total_gb=total))
+        if total <= budget_gb:
+            parts = ([] if name == "generate" else [f"remat_policy={p}"]) + \
+                ([] if m is mesh else [f"mesh {_mesh_str(m)}", f"attention={attn}"]) + \
+                ([] if acc == accum else [f"train.grad_accum={acc}"])
+            entry["suggestion"] = ", ".join(parts)
+            report["warnings"].append(f"{name}: fits with {entry['suggestion']} ({total:.3g} GB per device)")
+            return
+    hint = "" if options.get("rules") else (
+        "; context / tensor parallelism replicate the weights and optimiser state unless parameters are "
+        "also sharded over those axes: try rules_with_embed(('fsdp', 'context')) (--embed-axes fsdp,context)")
+    report["warnings"].append(f"{name}: none of the {len(tried)} alternatives tried fits {budget_gb:g} GB; "
+                              f"lower the batch or the window, or add devices{hint}")
+
+
+def _mesh_str(mesh) -> str:
+    return ",".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES if mesh.shape[a] > 1) or "single device"
+
+
+# ------------------------------------------------------------------ printing
+
+
+def format_report(report: dict) -> str:
+    """The plan as a text table (one row per step), then the alternatives tried and warnings."""
+    lines = [f"GPU {report['gpu']}, budget {report['budget_gb']:g} GB per device, est s at "
+             f"{report['mfu']:.0%} MFU (assumed; communication not modelled). Memory in GB per device: "
+             "total = args + outs - donated + temps.", ""]
+    head = (f"{'step':<9} {'shape (B, size, frames/latent, tokens)':<40} {'mesh':<10} {'attention':<9} "
+            f"{'remat':<13} {'args':>6} {'outs':>6} {'temps':>6} {'total':>6} {'TFLOP/dev':>9} {'est s':>6} "
+            f"{'compile s':>9} fits")
+    lines += [head, "-" * len(head)]
+    for name, e in report["steps"].items():
+        s, m = e["shape"], e["memory_gb"]
+        shape = f"B={s['batch']} {s['size']} {s['frames']}f/{s['latent_frames']}lat {s['tokens']}tok"
+        mesh = ",".join(f"{a}={n}" for a, n in e["mesh"].items() if n > 1) or "1 device"
+        lines.append(f"{name:<9} {shape:<40} {mesh:<10} {e['attention']:<9} {e['remat_policy']:<13} "
+                     f"{m['arguments']:6.3g} {m['outputs']:6.3g} {m['temporaries']:6.3g} {m['total']:6.3g} "
+                     f"{e['flops_per_device'] / 1e12:9.4g} {e['est_seconds']:6.3g} {e['compile_seconds']:9.1f} "
+                     f"{'yes' if e['fits'] else 'NO'}")
+    for name, e in report["steps"].items():
+        for t in e.get("tried", []):
+            res = f"{t['total_gb']:.3g} GB" if "total_gb" in t else f"failed: {t['error']}"
+            lines.append(f"  {name}: tried remat={t['remat_policy']}, mesh {t['mesh']}, "
+                         f"attention={t['attention']}, grad_accum={t['grad_accum']}: {res}")
+    lines += [f"WARNING {w}" for w in report["warnings"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--mesh", default="fsdp=-1")
+    ap.add_argument("--generate-mesh", default=None)
+    ap.add_argument("--budget", type=float, default=80.0, help="GB per device")
+    ap.add_argument("--gpu", default="h100", choices=sorted(GPUS))
+    ap.add_argument("--steps", default="train,generate")
+    ap.add_argument("--window-frames", type=int, default=None, help="latent frames of the generation window")
+    ap.add_argument("--no-suggest", action="store_true")
+    ap.add_argument("--max-trials", type=int, default=6)
+    ap.add_argument("--embed-axes", default=None,
+                    help="shard parameters' embed dimension over these mesh axes, e.g. fsdp,context (default: fsdp)")
+    ap.add_argument("--json", default=None, help="also write the report here")
+    args, rest = ap.parse_known_args(argv)
+    overrides = [r[len("--config."):] for r in rest if r.startswith("--config.")]
+    if len(overrides) != len(rest):
+        ap.error(f"unrecognised arguments: {[r for r in rest if not r.startswith('--config.')]}")
+    from mi_jax.config_utils import load_config
+
+    n = max(_named_devices(args.mesh) or 8, _named_devices(args.generate_mesh) or 0)
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # before any JAX computation: plan on n forced host (CPU) devices
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", n)
+    config = load_config(args.config, overrides)
+    rules = rules_with_embed(args.embed_axes.split(",")) if args.embed_axes else None
+    report = plan(config, args.mesh, budget_gb=args.budget, gpu=args.gpu, steps=args.steps.split(","),
+                  suggest=not args.no_suggest, max_trials=args.max_trials, rules=rules,
+                  generate_mesh_spec=args.generate_mesh, window_frames=args.window_frames,
+                  log=lambda s: print(s, flush=True))
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""`plan` on the tiny config (AOT compile over forced host devices), the FLOP counter, the launch
+scripts (XLA flag names parse, the multi-node launcher runs 2 processes) and the GPU benchmark's
+CPU dry run."""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mi_jax.config_utils import load_config
+from mi_jax.parallel import plan
+from mi_jax.parallel.mesh import make_mesh, with_rules
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "magicinfinite.py") + ":tiny,stage2"
+MESH = "fsdp=2"
+
+
+def _config(remat="dots_no_batch"):
+    config = load_config(CONFIG)
+    config.model.remat_policy = remat
+    return config
+
+
+@pytest.fixture(scope="module")
+def report():
+    return plan.plan(_config(), MESH, budget_gb=80, gpu="h100")
+
+
+def test_plan_reports_what_the_compiled_step_says(report):
+    train, gen = report["steps"]["train"], report["steps"]["generate"]
+    for entry in (train, gen):
+        assert entry["fits"] and entry["memory_gb"]["total"] > 0 and entry["flops_per_step"] > 0
+        assert entry["est_seconds"] > 0 and entry["compile_seconds"] >= 0
+    assert not report["warnings"]
+    assert train["attention"] == "blockwise"  # the config's "auto" stands in as O(L) attention on CPU
+    assert gen["shape"]["batch"] == 3 and train["shape"]["tokens"] == 3 * 4 * 4 + 12
+
+    # the same step compiled independently, the way loop.compile_step lowers it (same CPU options)
+    from mi_jax.train.pretrain import make_job
+
+    config = _config()
+    config.model.attention = "blockwise"
+    mesh = make_mesh(MESH, jax.devices()[:2])
+    job = make_job(config, plan.AbstractData(plan.abstract_batch(config)), mesh)
+    place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    state = jax.tree.map(place, job.abstract_state, job.state_shardings)
+    batch = jax.tree.map(place, job.data.element_spec, job.batch_shardings)
+    with with_rules(mesh):
+        compiled = jax.jit(job.step_fn, out_shardings=(job.state_shardings, None), donate_argnums=0) \
+            .lower(state, batch).compile(compiler_options=plan.compiler_options())
+    m = compiled.memory_analysis()
+    got = train["memory_gb"]
+    assert got["arguments"] * plan.GB == m.argument_size_in_bytes
+    assert got["temporaries"] * plan.GB == m.temp_size_in_bytes
+    assert got["aliased"] * plan.GB == m.alias_size_in_bytes  # the donated state
+    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    assert math.isclose(got["total"] * plan.GB, total)
+
+    text = plan.format_report(report)
+    assert "train" in text and "generate" in text and "WARNING" not in text
+
+
+def test_over_budget_warns_and_suggests_remat(report):
+    budget = report["steps"]["train"]["memory_gb"]["total"] * 0.999
+    over = plan.plan(_config(), MESH, budget_gb=budget, gpu="h100", steps=("train",), max_trials=1)
+    entry = over["steps"]["train"]
+    assert not entry["fits"]
+    assert any("over the" in w for w in over["warnings"])
+    # the next policy in REMAT_ORDER (offload_dots is skipped on CPU) is full: it saves memory
+    assert entry["tried"][0]["remat_policy"] == "full"
+    assert entry["tried"][0]["total_gb"] < entry["memory_gb"]["total"]
+    assert entry["suggestion"] == "remat_policy=full"
+    assert "fits with remat_policy=full" in plan.format_report(over)
+
+
+def test_count_flops_counts_loops_and_shard_map():
+    def layers(x, w):  # 4 scanned matmuls: XLA's cost_analysis would count one
+        return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0]
+
+    x, w = jax.ShapeDtypeStruct((16, 32), jnp.float32), jax.ShapeDtypeStruct((4, 32, 32), jnp.float32)
+    assert plan.count_flops(layers, x, w)["flops"] == 4 * 2 * 16 * 32 * 32
+    mesh = make_mesh("data=4,fsdp=2")
+    sharded = jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(jax.P("data"), jax.P()), out_specs=jax.P("data"))
+    a, b = jax.ShapeDtypeStruct((16, 32), jnp.float32), jax.ShapeDtypeStruct((32, 8), jnp.float32)
+    assert plan.count_flops(sharded, a, b)["flops"] == 2 * 16 * 32 * 8 * 2  # replicated over fsdp=2
+    with pytest.raises(ValueError, match="unknown gpu"):
+        plan.plan(_config(), MESH, gpu="tpu")
+    with pytest.raises(RuntimeError, match="xla_force_host_platform_device_count=64"):
+        plan.plan(_config(), "fsdp=64")
+
+
+# ------------------------------------------------------------------ launch/
+
+
+def test_xla_flag_presets_parse():
+    """An unknown flag name aborts XLA at start-up; the preset must survive it (any backend
+    parses the GPU flags)."""
+    script = (f"source {ROOT}/launch/xla_flags.sh h100 && echo \"$XLA_FLAGS\" && "
+              f"{sys.executable} -c 'import jax; jax.numpy.zeros(1).block_until_ready()'")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in out.stdout
+    assert "--xla_gpu_all_gather_combine_threshold_bytes=134217728" in out.stdout  # 1 GiB / 8 GPUs
+    bad = subprocess.run(["bash", "-c", f"source {ROOT}/launch/xla_flags.sh b200"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown preset" in bad.stderr
+
+
+def _multinode(tmp_path, code: str):
+    import portpicker
+
+    env = dict(os.environ, MI_JAX_COORDINATOR=f"127.0.0.1:{portpicker.pick_unused_port()}", MI_JAX_NUM_NODES="1",
+               MI_JAX_NODE_RANK="0", MI_JAX_GPUS_PER_NODE="2", MI_JAX_CPU_DEVICES="1", MI_JAX_LOG_DIR=str(tmp_path),
+               MI_JAX_XLA_PRESET="none", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([f"{ROOT}/launch/multinode.sh", sys.executable, "-c", code], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_multinode_launcher_runs_one_process_per_gpu(tmp_path):
+    code = ("from mi_jax.parallel.distributed import maybe_initialize; maybe_initialize()\n"
+            "import jax, jax.numpy as jnp\n"
+            "from jax.experimental import multihost_utils\n"
+            "ids = multihost_utils.process_allgather(jnp.array([jax.process_index()]))\n"
+            "print('ok', jax.process_count(), ids.ravel().tolist())\n")
+    out = _multinode(tmp_path, code)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for i in range(2):
+        assert "ok 2 [0, 1]" in (tmp_path / f"process_{i}.log").read_text()
+    failing = _multinode(tmp_path, "import os, sys; sys.exit(3 if os.environ['MI_JAX_PROCESS_ID'] == '1' else 0)")
+    assert failing.returncode == 3
+
+
+# ------------------------------------------------------------------ benchmarks/gpu_window.py
+
+
+def test_gpu_benchmark_dry_run(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_window", os.path.join(ROOT, "benchmarks", "gpu_window.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--dry-run", "--iters", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "window: B=3" in printed and "train: B=1" in printed and "plan:" in printed
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["workload"] for r in rows] == ["window", "train"]
+    assert all(r["seconds"] > 0 and r["plan_memory_gb"] > 0 and r["model_tflops"] > 0 for r in rows)
