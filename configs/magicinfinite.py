@@ -44,10 +44,10 @@ def _model(variant: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     parts = [p.strip() for p in arg.split(",") if p.strip()]
     variant = parts[0] if parts and parts[0] in ("tiny", "full") else "tiny"
-    stage = next((p for p in parts if p.startswith("stage")), "stage1")
+    stage = next((p for p in parts if p.startswith("stage") or p == "distill"), "stage1")
     text_first = "text_first" in parts
-    unknown = set(parts) - {"tiny", "full", "stage1", "stage2", "text_first"}
-    if unknown or stage not in ("stage1", "stage2"):
+    unknown = set(parts) - {"tiny", "full", "stage1", "stage2", "distill", "text_first"}
+    if unknown or stage not in ("stage1", "stage2", "distill"):
         raise ValueError(f"unknown config arg part(s) {sorted(unknown) or stage}; use e.g. 'tiny,stage1'")
 
     c = ml_collections.ConfigDict()
@@ -137,9 +137,30 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
         s.trainable = [r"^(?!audio_projector/)(?!.*audio_attn/).*"]
         s.loss.update(face_weight=0.5)
         s.dropout.update(text=0.1, reference=0.05)
-    else:  # stage 2: text + audio + reference jointly, dropout for multi-condition CFG
+    else:  # stage 2 (and the distillation data): text + audio + reference jointly, CFG dropout
         s.use_audio = True
         s.trainable = [r".*"]
         s.loss.update(face_weight=0.5, mouth_weight=1.0 if text_first else 0.5)
         s.dropout.update(text=0.1, audio=0.1, reference=0.05)
+    if stage == "distill":
+        _distill(c, variant)
     return c
+
+
+def _distill(c, variant: str) -> None:
+    """DMD2 to `num_steps` (mi_jax/train/dmd2.py): `mi-jax distill --config ...:tiny,distill
+    --config.init.checkpoint=STAGE2_RUN`. The result samples in K steps with no CFG passes."""
+    d = c.distill = ml_collections.ConfigDict()
+    d.num_steps = 4
+    d.time_shift = 1.0 if variant == "tiny" else 5.0
+    d.ttur = 5  # critic updates per generator update (DMD2)
+    d.curriculum_steps = 100 if variant == "tiny" else 2000  # base loss -> DM loss (MagicInfinite)
+    d.real_guidance = 2.0  # the teacher's CFG weight before MagicInfinite's 2-3x attenuation
+    d.teacher_cfg_text = c.sample.cfg_text
+    d.teacher_cfg_audio = c.sample.cfg_audio
+    d.student_guidance = 1.0  # embedded guidance fed to the student (guidance-embedding models)
+    d.lora_rank = 8 if variant == "tiny" else 64
+    d.cfg_distill_weight = 0.0
+    c.train.learning_rate = 1e-4 if variant == "tiny" else 1e-6
+    # the distilled model samples in K steps, one pass each (CFG is baked in)
+    c.sample.update(kind="x0", steps=d.num_steps, shift=d.time_shift, cfg_text=1.0, cfg_audio=1.0)

@@ -3,6 +3,7 @@
     mi-jax synth    --out DIR [--clips N] [--seconds S] [--seed-start K] [--size HxW]
     mi-jax prepare  --clips DIR --out DIR --config configs/FILE.py:VARIANT [--config.FIELD=VALUE ...]
     mi-jax train    --config configs/FILE.py:VARIANT --workdir DIR [--config.FIELD=VALUE ...]
+    mi-jax distill  --config configs/magicinfinite.py:tiny,distill --workdir DIR --config.init.checkpoint=RUN
     mi-jax generate --checkpoint RUN --portrait IMG --audio WAV [--audio WAV --mask IMG ...]
                     --prompt TEXT --out OUT.mp4 [--seconds S] [--steps N] [--cfg-text X]
                     [--cfg-audio Y] [--seed K] [--size WxH]
@@ -60,7 +61,11 @@ def cmd_prepare(args, overrides) -> int:
     return 0
 
 
-def cmd_train(args, overrides) -> int:
+def cmd_distill(args, overrides) -> int:
+    return cmd_train(args, overrides, distill=True)
+
+
+def cmd_train(args, overrides, distill: bool = False) -> int:
     from mi_jax.parallel.distributed import maybe_initialize
 
     maybe_initialize()
@@ -73,7 +78,13 @@ def cmd_train(args, overrides) -> int:
     config = load_config(args.config, overrides)
     mesh = make_mesh(config.mesh)
     data = TrainData(config, mesh)
-    metrics = run(make_job(config, data, mesh), args.workdir)
+    if distill:
+        from mi_jax.train.distill import make_distill_job
+
+        job = make_distill_job(config, data, mesh)
+    else:
+        job = make_job(config, data, mesh)
+    metrics = run(job, args.workdir)
     print(json.dumps(metrics))
     return 0
 
@@ -241,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="stage-1 / stage-2 training (resumes from --workdir)")
     p.add_argument("--config", required=True, help="configs/FILE.py:VARIANT")
     p.add_argument("--workdir", required=True)
+    p = sub.add_parser("distill", help="DMD2 step distillation of a stage-2 run (--config.init.checkpoint)")
+    p.add_argument("--config", required=True, help="configs/magicinfinite.py:tiny,distill")
+    p.add_argument("--workdir", required=True)
+
     p = sub.add_parser("generate", help="portrait + voice + prompt -> talking video (mp4 with the audio)")
     p.add_argument("--checkpoint", required=True, help="a training or distillation run folder")
     p.add_argument("--portrait", required=True)
@@ -317,7 +332,7 @@ def main(argv=None) -> int:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
         return plain[args.command](args)
     overrides = _split_overrides(rest, parser)
-    configured = {"prepare": cmd_prepare, "train": cmd_train, "import-weights": cmd_import_weights,
+    configured = {"prepare": cmd_prepare, "train": cmd_train, "distill": cmd_distill, "import-weights": cmd_import_weights,
                   "train-vae": cmd_train_vae}
     return configured[args.command](args, overrides)
 

@@ -100,6 +100,7 @@ class Pipeline:
         from mi_jax.models.vae import CausalVAE, VAEStream
 
         self.vae_stream = VAEStream(CausalVAE(self.enc.vae_config))
+        self._window_fns: dict = {}  # SamplerConfig -> jitted window step (compiled once per setting)
 
     @classmethod
     def from_checkpoint(cls, run_dir: str, *, which: str = "ema") -> Pipeline:
@@ -116,6 +117,10 @@ class Pipeline:
         if which not in ("ema", "params"):
             raise ValueError(f"which={which!r}: use 'ema' or 'params'")
         config = load_run_config(run_dir)
+        if "distill" in config:  # a DMD2 run: the generator (base + LoRA), K-step sampling
+            from mi_jax.train.distill import load_student
+
+            return cls(config, load_student(run_dir, config))
         mcfg = DiTConfig.coerce(config.model)
         abstract = nn.unbox(abstract_dit_params(mcfg))
         patterns = list(config.stage.trainable)
@@ -166,7 +171,9 @@ class Pipeline:
         self.last_audio = np.sum(tracks, axis=0).astype(np.float32)  # the speakers mixed, for the mp4
         cond, audio_states, num_windows = self._conditions(image, tracks, mask_lat, prompt, scfg, frames)
         windows = window_audio(audio_states, scfg, num_windows) if audio_states is not None else [None] * num_windows
-        window_fn = jax.jit(make_window_fn(self.model_config, scfg))
+        if scfg not in self._window_fns:
+            self._window_fns[scfg] = jax.jit(make_window_fn(self.model_config, scfg))
+        window_fn = self._window_fns[scfg]
         carry = initial_carry(seed, 1, cond["ref_latent"].shape[2:], scfg)
         decoder = _StreamDecoder(self.vae_stream, self.enc.vae_params, self.enc.vae_config.scaling_factor,
                                  cond["ref_latent"])

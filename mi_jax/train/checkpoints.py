@@ -24,14 +24,19 @@ def latest_checkpoint(run_dir: str) -> tuple[str, int]:
 def load_run_params(run_dir: str, abstract_params, shardings, *, which: str = "params"):
     """The `params` (or `ema`) tree of the latest checkpoint of `run_dir`, restored straight
     into `shardings` (the rest of the saved train state is not read)."""
+    return load_run_tree(run_dir, {which: abstract_params}, {which: shardings})[which]
+
+
+def load_run_tree(run_dir: str, abstract: dict, shardings: dict) -> dict:
+    """Any sub-tree of the latest saved state (e.g. `{"base": ..., "gen": {"params": ...}}` of
+    a distillation run), restored into `shardings`; nothing else is read."""
     root, step = latest_checkpoint(run_dir)
-    target = {which: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_params, shardings)}
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     with ocp.CheckpointManager(root) as manager:
         out = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
-    return out["state"][which]
+    return out["state"]
 
 
 def load_run_config(run_dir: str):
