@@ -122,18 +122,12 @@ def test_sigkill_resume_is_bit_identical_and_sigterm_saves(tiny_store, tmp_path)
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     subprocess.run(_train_cmd(tiny_store, ref_dir, *common), env=_env(), check=True, capture_output=True, timeout=300)
 
-    proc = subprocess.Popen(_train_cmd(tiny_store, run_dir, *common), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        rows = read_metrics(str(run_dir))
-        if rows and rows[-1]["step"] >= 13:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = read_metrics(str(run_dir))[-1]["step"]
-    assert 13 <= killed_at < 20, killed_at
+    # SIGKILL at step 13 exactly (the loop's fault-injection hook; polling from here would race
+    # a run this fast), after the step-10 checkpoint and before the step-15 one
+    killed = subprocess.run(_train_cmd(tiny_store, run_dir, *common), env=dict(_env(), MI_JAX_FAULT_KILL_AT_STEP="13"),
+                            capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert read_metrics(str(run_dir))[-1]["step"] == 13
     subprocess.run(_train_cmd(tiny_store, run_dir, *common), env=_env(), check=True, capture_output=True, timeout=300)
 
     step_a, a = _final_params(ref_dir)

@@ -159,6 +159,8 @@ def run(job: Job, workdir: str, *, log=print) -> dict:
             if stop["flag"]:
                 log(f"SIGTERM: saved step {done}, exiting")
                 break
+            if os.environ.get("MI_JAX_FAULT_KILL_AT_STEP") == str(done):  # fault injection for tests
+                os.kill(os.getpid(), signal.SIGKILL)
         progress.close()
     finally:
         manager.wait_until_finished()
