@@ -36,7 +36,7 @@ import numpy as np
 from flax import linen as nn
 
 from mi_jax.nn.attention import attention
-from mi_jax.nn.layers import Dense, partitioned, torch_default_kernel_init
+from mi_jax.nn.layers import Dense, GroupNorm, partitioned, torch_default_kernel_init
 
 Dtype = jnp.dtype
 DOWN_BLOCK = "HunyuanVideoDownBlock3D"
@@ -199,26 +199,6 @@ class CausalConv3d(nn.Module):
         x = jnp.pad(x, ((0, 0), (k, 0), (s, s), (s, s), (0, 0)), mode="edge")
         kernel = (self.kernel,) * 3
         return Conv3d(self.features, kernel, self.strides, self.dtype, self.param_dtype, name="conv")(x)
-
-
-class GroupNorm(nn.Module):
-    """torch `GroupNorm` on `[B, ..., C]`: per sample and group, statistics over every other
-    axis (time included), computed in float32."""
-
-    groups: int
-    eps: float = 1e-6
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        scale = self.param("scale", partitioned(nn.initializers.ones, ("conv_out",)), (c,), self.param_dtype)
-        bias = self.param("bias", partitioned(nn.initializers.zeros, ("conv_out",)), (c,), self.param_dtype)
-        xf = x.astype(jnp.float32).reshape(x.shape[0], -1, self.groups, c // self.groups)
-        mean = xf.mean((1, 3), keepdims=True)
-        var = jnp.square(xf - mean).mean((1, 3), keepdims=True)
-        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 class ResnetBlock(nn.Module):

@@ -23,7 +23,7 @@ from flax import linen as nn
 from flax import struct
 
 from mi_jax.nn.attention import attention
-from mi_jax.nn.layers import Dense, Dtype, LayerNorm, partitioned, torch_default_kernel_init
+from mi_jax.nn.layers import Dense, Dtype, GroupNorm, LayerNorm, partitioned, torch_default_kernel_init
 
 # transformers' ACT2FN names -> JAX. "gelu" is the exact (erf) GELU, as in torch.
 ACTIVATIONS = {
@@ -199,24 +199,6 @@ class Conv1d(nn.Module):
         return y
 
 
-class ChannelGroupNorm(nn.Module):
-    """`nn.GroupNorm(num_groups=C, num_channels=C)`: each channel normalised over time, x: [B, T, C]."""
-
-    eps: float = _CONV_NORM_EPS
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        scale = self.param("scale", partitioned(nn.initializers.ones, ("conv_out",)), (c,), self.param_dtype)
-        bias = self.param("bias", partitioned(nn.initializers.zeros, ("conv_out",)), (c,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(1, keepdims=True)
-        var = jnp.square(xf - mean).mean(1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(x.dtype)
-
-
 class FeatureEncoder(nn.Module):
     """Raw audio `[B, S]` -> conv features `[B, frames, conv_dim[-1]]` (`conv_layers_{i}`)."""
 
@@ -258,7 +240,8 @@ class ConvLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Conv1d(self.features, self.kernel_size, self.stride, self.use_bias, name="conv", **kw)(x)
         if self.norm == "group":
-            x = ChannelGroupNorm(param_dtype=self.param_dtype, name="layer_norm")(x)
+            # torch `GroupNorm(C, C)`: each channel normalised over time
+            x = GroupNorm(x.shape[-1], _CONV_NORM_EPS, param_dtype=self.param_dtype, name="layer_norm")(x)
         elif self.norm == "layer":
             x = LayerNorm(_CONV_NORM_EPS, axis_name="conv_out", param_dtype=self.param_dtype, name="layer_norm")(x)
         return ACTIVATIONS[self.activation](x)

@@ -78,6 +78,26 @@ class LayerNorm(nn.Module):
         return y * scale.astype(y.dtype) + bias.astype(y.dtype)
 
 
+class GroupNorm(nn.Module):
+    """torch `GroupNorm` on `[B, ..., C]`: per sample and group, statistics over every other
+    axis (time included), computed in float32."""
+
+    groups: int
+    eps: float = 1e-6
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("conv_out",)), (c,), self.param_dtype)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("conv_out",)), (c,), self.param_dtype)
+        xf = x.astype(jnp.float32).reshape(x.shape[0], -1, self.groups, c // self.groups)
+        mean = xf.mean((1, 3), keepdims=True)
+        var = jnp.square(xf - mean).mean((1, 3), keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with a learned scale, statistics in float32 (diffusers' `RMSNorm`)."""
 
