@@ -136,14 +136,14 @@ def import_params(
     """
     flat = {p: v for p, v in traverse_util.flatten_dict(abstract).items() if not (skip and skip(p))}
     flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
-    wanted: dict[str, tuple[tuple[str, ...], int | None]] = {}
+    wanted: set[str] = set()
     missing, misshaped = [], {}
     for path, leaf in flat.items():
         keys = name_map.torch_keys(path, leaf.shape)
         stacked = name_map.is_stacked(path)
         per_layer = leaf.shape[1:] if stacked else leaf.shape
-        for i, key in enumerate(keys):
-            wanted[key] = (path, i if stacked else None)
+        for key in keys:
+            wanted.add(key)
             if key not in tensors:
                 missing.append(key)
                 continue
