@@ -183,7 +183,8 @@ def cmd_train_vae(args, overrides) -> int:
     from mi_jax.config_utils import load_config
     from mi_jax.train.vae import train_vae
 
-    print(json.dumps(train_vae(load_config(args.config, overrides), args.out, steps=args.steps, seed=args.seed)))
+    print(json.dumps(train_vae(load_config(args.config, overrides), args.out, steps=args.steps, seed=args.seed,
+                                 batch=args.batch)))
     return 0
 
 
@@ -293,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-vae", help="train a small causal VAE on the synthetic world")
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="configs/magicinfinite.py:tiny,stage1")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=8, help="clips of 5 frames per step")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("eval", help="generate on held-out synthetic clips and write a quality report")

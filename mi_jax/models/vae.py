@@ -172,14 +172,29 @@ class Conv3d(nn.Module):
         kernel = self.param("kernel", kernel_init, shape, self.param_dtype)
         bias_init = partitioned(_uniform(1.0 / math.sqrt(cin * math.prod(self.kernel_size))), ("conv_out",))
         bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            self.strides,
-            "VALID",
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-        )
-        return y + bias.astype(self.dtype)
+        return conv3d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides) + bias.astype(self.dtype)
+
+
+def conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
+    """VALID 3-D convolution `[B, T, H, W, Ci] x [kt, kh, kw, Ci, Co]`, as a sum over the kt
+    temporal taps of 2-D convolutions of the frames (frames folded into the batch). Same maths as
+    one `conv_general_dilated` over three spatial dims; XLA:CPU runs 3-D convolutions through a
+    slow generic path (this form: 4x faster forward, 2x forward + backward on the VAE's shapes),
+    and on GPU both lower to cuDNN convolutions."""
+    kt = kernel.shape[0]
+    if kt == 1 or jax.default_backend() != "cpu":
+        return jax.lax.conv_general_dilated(x, kernel, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    b, t = x.shape[:2]
+    st = strides[0]
+    t_out = (t - kt) // st + 1
+    y = None
+    for i in range(kt):
+        frames = jax.lax.slice_in_dim(x, i, i + st * (t_out - 1) + 1, st, axis=1)
+        frames = frames.reshape(b * t_out, *x.shape[2:])
+        yi = jax.lax.conv_general_dilated(frames, kernel[i], strides[1:], "VALID",
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = yi if y is None else y + yi
+    return y.reshape(b, t_out, *y.shape[1:])
 
 
 class CausalConv3d(nn.Module):
