@@ -8,7 +8,7 @@ and voice of the synthetic world), generates through the sliding-window sampler,
 mouth opening measured from the generated pixels), and prints the lip-sync correlation.
 
 `mi-jax demo-model` rebuilds `demo/` from nothing with the project's own commands (synthetic
-clips -> VAE -> prepare -> stage 1 -> stage 2), seeded, so the bundled checkpoint is
+clips -> VAE -> prepare -> stage 1 -> stage 2 -> DMD2 to 4 steps), seeded, so the bundled checkpoint is
 reproducible; see `build_demo_model`.
 """
 
@@ -86,29 +86,44 @@ def run_demo(model: str = os.path.join(DEMO, "model"), out: str = "out", seconds
 
 
 def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/demo", *, clips: int = 48,
-                     vae_steps: int = 3000, stage1_steps: int = 1500, stage2_steps: int = 1500, seed: int = 0,
+                     vae_steps: int = 4000, vae_batch: int = 8, vae_refine_steps: int = 0,
+                     stage1_steps: int = 3000, stage2_steps: int = 6000, distill_steps: int = 400, seed: int = 0,
                      log=print) -> str:
-    """The demo model from nothing, seeded: synthetic clips -> a trained tiny VAE -> prepare ->
-    stage 1 -> stage 2; copies the final run (weights + config, no optimiser state) to `out`."""
+    """The demo model from nothing, seeded: synthetic clips -> a trained tiny VAE (uniform L1;
+    optionally then face / mouth-weighted, `refine_vae`) -> prepare -> stage 1 -> stage 2 -> DMD2 (4 steps,
+    LoRA); copies the final run (weights + config) to `out`.
+
+    Stage order: `text_first` (configs/magicinfinite.py). With no pretrained backbone, stage 1
+    of the default order would train audio modules over a random frozen DiT; here stage 1
+    teaches the backbone video (text + reference) and stage 2 adds audio jointly.
+    A VAE already in `demo/vae` is kept (it is the slow part on a CPU: 0.5 step/s here, 27 on one
+    H200; the bundled one was trained on an H200 with exactly this call).
+    """
     from mi_jax.cli import main as cli
     from mi_jax.config_utils import load_config
-    from mi_jax.train.vae import train_vae
+    from mi_jax.train.vae import refine_vae, train_vae
 
     os.makedirs(work, exist_ok=True)
     spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "magicinfinite.py")
     vae_dir = os.path.join(os.path.dirname(out.rstrip("/")) or DEMO, "vae")
     data, store = os.path.join(work, "clips"), os.path.join(work, "store")
-    common = [f"--config.prepare.vae={vae_dir}", f"--config.seed={seed}"]
+    common = [f"--config.prepare.vae={vae_dir}", f"--config.seed={seed}", f"--config.data.store={store}",
+              "--config.mesh=fsdp=1"]
     cli(["synth", "--out", data, "--clips", str(clips), "--seconds", "4", "--seed-start", str(seed)])
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
-        log(train_vae(load_config(spec + ":tiny,stage1"), vae_dir, steps=vae_steps, seed=seed, log=log))
-    cli(["prepare", "--clips", data, "--out", store, "--config", spec + ":tiny,stage1", *common])
-    s1, s2 = os.path.join(work, "stage1"), os.path.join(work, "stage2")
-    cli(["train", "--config", spec + ":tiny,stage1", "--workdir", s1, f"--config.data.store={store}",
-         "--config.mesh=fsdp=1", f"--config.train.steps={stage1_steps}", *common])
-    cli(["train", "--config", spec + ":tiny,stage2", "--workdir", s2, f"--config.data.store={store}",
-         "--config.mesh=fsdp=1", f"--config.train.steps={stage2_steps}", f"--config.init.checkpoint={s1}", *common])
+        log(train_vae(load_config(spec + ":tiny,stage1"), vae_dir, steps=vae_steps, batch=vae_batch, seed=seed,
+                      log=log))
+        if vae_refine_steps:  # off by default: 400 CPU steps did not bring the mouth back (see refine_vae)
+            log(refine_vae(vae_dir, steps=vae_refine_steps, lr=1e-3, seed=seed + 1, log=log))
+    cli(["prepare", "--clips", data, "--out", store, "--config", spec + ":tiny,stage1", *common[:2]])
+    s1, s2, s3 = (os.path.join(work, s) for s in ("stage1", "stage2", "distill"))
+    cli(["train", "--config", spec + ":tiny,stage1,text_first", "--workdir", s1,
+         f"--config.train.steps={stage1_steps}", *common])
+    cli(["train", "--config", spec + ":tiny,stage2,text_first", "--workdir", s2,
+         f"--config.train.steps={stage2_steps}", f"--config.init.checkpoint={s1}", *common])
+    cli(["distill", "--config", spec + ":tiny,distill", "--workdir", s3,
+         f"--config.train.steps={distill_steps}", f"--config.init.checkpoint={s2}", *common])
     if os.path.exists(out):
         shutil.rmtree(out)
-    shutil.copytree(s2, out, ignore=shutil.ignore_patterns("tensorboard"))
+    shutil.copytree(s3, out, ignore=shutil.ignore_patterns("tensorboard"))
     return out
