@@ -32,7 +32,7 @@ def demo_inputs(folder: str, seconds: float = 60.0) -> tuple[str, str]:
     from mi_jax.data import synthetic
 
     portrait, voice = os.path.join(folder, "portrait.png"), os.path.join(folder, "voice.wav")
-    if not (os.path.exists(portrait) and os.path.exists(voice)):
+    if not (os.path.exists(portrait) and os.path.exists(voice)) or sf.info(voice).duration < seconds - 1e-3:
         os.makedirs(folder, exist_ok=True)
         clip = synthetic.render_clip(HELDOUT_SEED, 0.2, size=(64, 64))
         Image.fromarray(clip.frames[0]).save(portrait)
@@ -43,7 +43,9 @@ def demo_inputs(folder: str, seconds: float = 60.0) -> tuple[str, str]:
 
 
 def run_demo(model: str = os.path.join(DEMO, "model"), out: str = "out", seconds: float = 60.0,
-             prompt: str = "a person talking") -> dict:
+             prompt: str = "a person talking", inputs: str | None = None) -> dict:
+    """Generates `seconds` of the demo; `inputs`: where the portrait and voice are (written there
+    if missing; default: beside the model, i.e. demo/)."""
     from mi_jax.data.synthetic import measure_mouth_open, mouth_envelope
     from mi_jax.data.video_io import write_video
     from mi_jax.eval.metrics import best_offset_correlation
@@ -52,7 +54,7 @@ def run_demo(model: str = os.path.join(DEMO, "model"), out: str = "out", seconds
 
     if not os.path.isdir(model):
         raise FileNotFoundError(f"{model}: no demo model; build it with `mi-jax demo-model` (see the README)")
-    portrait, voice = demo_inputs(os.path.dirname(model.rstrip("/")) or DEMO, seconds)
+    portrait, voice = demo_inputs(inputs or os.path.dirname(model.rstrip("/")) or DEMO, seconds)
     os.makedirs(out, exist_ok=True)
     pipe = Pipeline.from_checkpoint(model)
     t0 = time.time()
