@@ -82,7 +82,7 @@ def run_demo(model: str = os.path.join(DEMO, "model"), out: str = "out", seconds
     env = mouth_envelope(pipe.last_audio, len(video), float(pipe.config.prepare.fps))
     corr, offset = best_offset_correlation(env, mouth, 5)
     plot = plot_lip_sync(env, mouth, float(pipe.config.prepare.fps), os.path.join(out, "lip_sync.png"),
-                         title=f"lip sync: r = {corr:.2f} at offset {offset}")
+                         title="demo (the voice against the mouth measured from generated pixels)")
     return {"video": path, "plot": plot, "frames": len(video), "seconds": len(video) / pipe.config.prepare.fps,
             "wall_seconds": round(wall, 1), "lip_sync_correlation": round(float(corr), 3), "offset": int(offset)}
 
