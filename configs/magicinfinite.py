@@ -160,6 +160,8 @@ def _distill(c, variant: str) -> None:
     d.teacher_cfg_audio = c.sample.cfg_audio
     d.student_guidance = 1.0  # embedded guidance fed to the student (guidance-embedding models)
     d.lora_rank = 8 if variant == "tiny" else 64
+    d.lora_activations = True  # LoRA as x W + (x a) b in the step; False merges W + a b (13B shapes:
+    #                            1.64x a fine-tuning step's memory against 1.09x; benchmarks/dmd2_memory.py)
     d.cfg_distill_weight = 0.0
     c.train.learning_rate = 1e-4 if variant == "tiny" else 1e-6
     # the distilled model samples in K steps, one pass each (CFG is baked in)

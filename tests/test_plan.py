@@ -153,3 +153,30 @@ def test_gpu_benchmark_dry_run(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [r["workload"] for r in rows] == ["window", "train"]
     assert all(r["seconds"] > 0 and r["plan_memory_gb"] > 0 and r["model_tflops"] > 0 for r in rows)
+
+
+# ------------------------------------------------------------------ the DMD2 step
+
+
+def test_plan_distill_step(tmp_path, capsys):
+    """`mi-jax plan` on a distill config plans the DMD2 step (registered as "distill") beside the
+    train step by default, and its generate window runs one branch (CFG baked in); the DMD2
+    step is compiled like the others and its row printed."""
+    import json
+
+    distill = os.path.join(ROOT, "configs", "magicinfinite.py") + ":tiny,distill"
+    assert plan.default_steps(load_config(distill)) == ("train", "distill", "generate")
+    assert plan.default_steps(_config()) == ("train", "generate")
+    assert plan.sampling_branches(load_config(distill)) == 1 and plan.sampling_branches(_config()) == 3
+    out = tmp_path / "plan.json"
+    assert plan.main(["--config", distill, "--mesh", MESH, "--steps", "distill", "--no-suggest",
+                      "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith("distill "))
+    assert "B=4 64x64" in row and "fsdp=2" in row and row.endswith("yes")
+    entry = json.loads(out.read_text())["steps"]["distill"]
+    memory = entry["memory_gb"]
+    assert memory["total"] > memory["arguments"] > 0 and memory["aliased"] > 0  # the donated state
+    assert entry["flops_per_step"] > 0 and entry["shape"]["grad_accum"] == 1
+    with pytest.raises(ValueError, match="no `distill` section"):
+        plan.plan(_config(), MESH, steps=("distill",))

@@ -1,5 +1,5 @@
-"""`plan`: per-device memory, FLOPs and an estimated step time of the train / generate (/ distill)
-steps, from an ahead-of-time compile on abstract shapes. Nothing is allocated: parameters,
+"""`plan`: per-device memory, FLOPs and an estimated step time of the train / distill (DMD2) /
+generate steps, from an ahead-of-time compile on abstract shapes. Nothing is allocated: parameters,
 optimiser state and batches are `jax.eval_shape` results carrying their shardings, and each step
 is `jit(...).lower(abstract).compile()`d for the mesh over (forced host) devices.
 
@@ -19,7 +19,8 @@ Where the numbers come from:
 - time: max(FLOPs per device / (peak bf16 rate x MFU), matmul operand bytes / HBM bandwidth);
   communication is not modelled. The MFU is an assumption (default 40%), stated in the report.
 
-New steps (the lead's sampler window, distillation) plug in with `register_step(name)`.
+Steps are registered with `register_step(name)`: `train` (stage 1/2), `distill` (DMD2, planned
+by default for a config with a `distill` section), `generate` (one sampler window).
 """
 
 from __future__ import annotations
@@ -182,6 +183,27 @@ def train_step(config, mesh, *, rules=None, **_) -> StepSpec:
     if rules is None:
         return job_step(job)
     return job_step(_reshard(job, mesh, rules), rules)
+
+
+@register_step("distill")
+def distill_step(config, mesh, *, rules=None, **_) -> StepSpec:
+    """The DMD2 step (mi_jax/train/distill.py) exactly as `mi-jax distill` compiles it (donated
+    state): generator and critic (LoRA factors over the one frozen base, or full copies with
+    `distill.lora_rank=0`), the real score with its CFG branches, backward simulation, TTUR's
+    generator update under `lax.cond` (the plan counts its larger branch)."""
+    from mi_jax.train.distill import make_distill_job
+
+    if "distill" not in config:
+        raise ValueError("distill: the config has no `distill` section; use e.g. configs/magicinfinite.py:tiny,distill")
+    batch, split = config.data.global_batch, mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % split:
+        raise ValueError(f"distill: the batch of {batch} (data.global_batch) does not split over data x fsdp = "
+                         f"{split} devices; change the batch or the mesh")
+    job = make_distill_job(config, AbstractData(abstract_batch(config)), mesh, rules=rules, need_teacher=False)
+    spec = job_step(job, rules or DEFAULT_RULES)
+    spec.shape["grad_accum"] = 1  # the DMD2 step takes the whole batch at once
+    spec.batch = batch
+    return spec
 
 
 @register_step("generate")
@@ -414,9 +436,24 @@ def _accum_for(config, sizes: dict, split: int) -> int:
     return accum if ok else config.train.grad_accum
 
 
+def default_steps(config) -> tuple[str, ...]:
+    """train and generate; with a `distill` section, the DMD2 step beside the train step (the
+    plain fine-tuning step it is measured against)."""
+    return ("train", "distill", "generate") if "distill" in config else ("train", "generate")
+
+
+def sampling_branches(config) -> int:
+    """DiT passes per sampling step of `config.sample`: the batched CFG branches (1 when the
+    scales are all 1, as for a distilled model)."""
+    from mi_jax.diffusion.guidance import GuidanceSchedule
+
+    s = config.sample
+    return len(GuidanceSchedule(text=s.cfg_text, audio=s.cfg_audio, reference=s.cfg_reference).branches)
+
+
 def plan(config, mesh_spec=None, *, budget_gb: float = 80.0, gpu: str = "h100",
-         steps: Sequence[str] = ("train", "generate"), mfu: float = DEFAULT_MFU, suggest: bool = True,
-         generate_mesh_spec=None, window_frames: int | None = None, cfg_branches: int = 3,
+         steps: Sequence[str] | None = None, mfu: float = DEFAULT_MFU, suggest: bool = True,
+         generate_mesh_spec=None, window_frames: int | None = None, cfg_branches: int | None = None,
          generate_dtype: str | None = "bfloat16", max_trials: int = 6, rules=None,
          log: Callable[[str], Any] | None = None) -> dict:
     """Plans each step of `steps` for `config` on the mesh `mesh_spec` ("fsdp=8,context=1").
@@ -426,11 +463,17 @@ def plan(config, mesh_spec=None, *, budget_gb: float = 80.0, gpu: str = "h100",
     temporaries, total per device), `flops_per_step`, `flops_per_device`, `est_seconds`,
     `compile_seconds`, `fits`, and, over budget with `suggest`, `tried` (the remat policies then
     meshes compiled, in order, up to `max_trials`, with their totals) and `suggestion`.
+    steps: default `default_steps(config)` (train, then distill for a config with a `distill`
+    section, then generate).
     generate: `window_frames` latent frames (default config.prepare.latent_frames), `cfg_branches`
-    batch, `generate_dtype` params/compute, on `generate_mesh_spec` (default `mesh_spec`).
+    batch (default: the branches config.sample's guidance runs: 3, or 1 for a distilled model),
+    `generate_dtype` params/compute, on `generate_mesh_spec` (default `mesh_spec`).
     `rules`: a logical-axis rules table instead of mesh.DEFAULT_RULES (see `rules_with_embed`).
     """
     say = log or (lambda _: None)
+    steps = default_steps(config) if steps is None else steps
+    if cfg_branches is None:
+        cfg_branches = sampling_branches(config)
     if gpu.lower() not in GPUS:
         raise ValueError(f"unknown gpu {gpu!r}; choose one of {sorted(GPUS)}")
     unknown = [s for s in steps if s not in STEP_BUILDERS]
@@ -473,8 +516,9 @@ def _suggest(name, config, mesh, policy, attention, options, card, mfu, budget_g
     candidates = [(p, mesh, attention, accum) for p in REMAT_ORDER[REMAT_ORDER.index(policy) + 1:]
                   if name != "generate" and not (cpu and p == "offload_dots")]
     for sizes, attn, split in _mesh_candidates(mesh, config.model.num_attention_heads):
+        # only the train step accumulates gradients over micro-batches
         candidates.append(("full" if name != "generate" else "none", make_mesh(sizes, list(mesh.devices.flat)),
-                           attn or attention, accum if name == "generate" else _accum_for(config, sizes, split)))
+                           attn or attention, accum if name != "train" else _accum_for(config, sizes, split)))
     for p, m, attn, acc in candidates[:max_trials]:
         say(f"plan {name}: trying remat={p}, attention={attn}, mesh={_mesh_str(m)}, grad_accum={acc} ...")
         row = dict(remat_policy=p, mesh=_mesh_str(m), attention=attn, grad_accum=acc)
@@ -543,7 +587,9 @@ def main(argv=None) -> int:
     ap.add_argument("--generate-mesh", default=None)
     ap.add_argument("--budget", type=float, default=80.0, help="GB per device")
     ap.add_argument("--gpu", default="h100", choices=sorted(GPUS))
-    ap.add_argument("--steps", default="train,generate")
+    ap.add_argument("--steps", default=None,
+                    help="comma-separated, from %s (default: train,generate; train,distill,generate for a "
+                         "distill config)" % ",".join(sorted(STEP_BUILDERS)))
     ap.add_argument("--window-frames", type=int, default=None, help="latent frames of the generation window")
     ap.add_argument("--no-suggest", action="store_true")
     ap.add_argument("--max-trials", type=int, default=6)
@@ -563,7 +609,8 @@ def main(argv=None) -> int:
         jax.config.update("jax_num_cpu_devices", n)
     config = load_config(args.config, overrides)
     rules = rules_with_embed(args.embed_axes.split(",")) if args.embed_axes else None
-    report = plan(config, args.mesh, budget_gb=args.budget, gpu=args.gpu, steps=args.steps.split(","),
+    steps = args.steps.split(",") if args.steps else None
+    report = plan(config, args.mesh, budget_gb=args.budget, gpu=args.gpu, steps=steps,
                   suggest=not args.no_suggest, max_trials=args.max_trials, rules=rules,
                   generate_mesh_spec=args.generate_mesh, window_frames=args.window_frames,
                   log=lambda s: print(s, flush=True))

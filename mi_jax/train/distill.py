@@ -5,6 +5,9 @@ and the DiT, and the job the one loop runs (`mi-jax distill`).
 - real score: the frozen teacher with multi-condition CFG (text, audio; one batched pass),
   its scales set by the DMD2 core's attenuated weight g: scale_c = 1 + (g - 1) s_c / s_ref,
   where s_c is the sampling config's scale for condition c and s_ref = `distill.real_guidance`.
+- LoRA (`distill.lora_rank`) runs on activations inside the step (`distill.lora_activations`,
+  mi_jax/nn/lora.py), its factors and their Adam moments sharded like their kernels: the step
+  then needs 1.09x a fine-tuning step's memory on the 13B shapes (benchmarks/dmd2_memory.py).
 - token_replace: frame 0 is the portrait; its velocity is set so that its x0 prediction is
   exactly the portrait, so neither the DM gradient nor the critic loss act there.
 """
@@ -27,7 +30,8 @@ def dmd2_config(config) -> dmd2.DMD2Config:
     d = config.distill
     return dmd2.DMD2Config(num_steps=d.num_steps, time_shift=d.time_shift, ttur=d.ttur,
                            curriculum_steps=d.curriculum_steps, real_guidance=d.real_guidance,
-                           lora_rank=d.lora_rank, cfg_distill_weight=d.cfg_distill_weight, seed=config.seed)
+                           lora_rank=d.lora_rank, lora_activations=d.get("lora_activations", True),
+                           cfg_distill_weight=d.cfg_distill_weight, seed=config.seed)
 
 
 def make_velocity(mcfg: DiTConfig):
@@ -108,23 +112,27 @@ def load_student(run_dir: str, config):
     return dmd2.merged(tree["base"], tree["gen"]["params"], cfg)
 
 
-def make_distill_job(config, data, mesh=None):
-    """The loop's Job for DMD2 distillation of the teacher at `config.init.checkpoint`."""
+def make_distill_job(config, data, mesh=None, *, rules=None, need_teacher: bool = True):
+    """The loop's Job for DMD2 distillation of the teacher at `config.init.checkpoint`.
+    `need_teacher=False` (`mi-jax plan`): no teacher is named; everything but `init_state` works
+    on shapes alone. `rules`: a logical-axis rules table instead of mesh.DEFAULT_RULES."""
     from flax import linen as nn
 
     from mi_jax.convert.hunyuan import abstract_dit_params
-    from mi_jax.parallel.mesh import logical_shardings, make_mesh
+    from mi_jax.nn.lora import lora_shardings
+    from mi_jax.parallel.mesh import DEFAULT_RULES, logical_shardings, make_mesh
     from mi_jax.train.checkpoints import load_run_params
     from mi_jax.train.loop import Job
     from mi_jax.train.pretrain import batch_sharding
     from mi_jax.train.state import make_optimizer, state_shardings, trainable_labels
 
-    if not config.init.checkpoint:
+    if need_teacher and not config.init.checkpoint:
         raise ValueError("distillation needs the teacher: set --config.init.checkpoint=RUN (a stage-2 run)")
     mesh = mesh or make_mesh(config.mesh)
+    rules = rules or DEFAULT_RULES
     mcfg = DiTConfig.coerce(config.model)
     boxed = abstract_dit_params(mcfg)
-    base_sh = logical_shardings(boxed, mesh)
+    base_sh = logical_shardings(boxed, mesh, rules)
     base_abstract = nn.unbox(boxed)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     cfg = dmd2_config(config)
@@ -144,12 +152,17 @@ def make_distill_job(config, data, mesh=None):
 
     abstract_state = jax.eval_shape(init, base_abstract)
     shardings = state_shardings(abstract_state, base_sh, replicated)
+    if cfg.lora_rank > 0:  # the LoRA factors and their Adam moments split like their kernels
+        factor_sh = state_shardings(abstract_state, lora_shardings(adapter_shape, base_sh), replicated)
+        shardings = jax.tree.map(lambda f, s: s if f is replicated else f, factor_sh, shardings)
 
     def first_state():
+        if not config.init.checkpoint:
+            raise ValueError("distillation needs the teacher: set --config.init.checkpoint=RUN (a stage-2 run)")
         teacher = load_run_params(config.init.checkpoint, base_abstract, base_sh, which="params")
         return jax.jit(init, out_shardings=shardings)(teacher)
 
-    batch_sh = jax.tree.map(lambda _: batch_sharding(mesh), data.element_spec)
+    batch_sh = jax.tree.map(lambda _: batch_sharding(mesh, rules), data.element_spec)
     return Job(config=config, mesh=mesh, init_state=first_state, abstract_state=abstract_state,
                state_shardings=shardings, step_fn=step, batch_shardings=batch_sh, data=data,
                total_steps=config.train.steps)

@@ -26,12 +26,16 @@ noise, velocity target noise - x0, x0 = x_t - t v. Every network is a callable; 
 
 State: one frozen `base` tree shared by the real score, the generator and the critic; the
 generator and the critic are LoRA factors over it (`lora_rank > 0`, `nn/lora.py`) or full
-copies (DMD2's and CausVid's choice). A step is `step(state, batch) -> (state, metrics)` with
+copies (DMD2's and CausVid's choice). With `lora_activations` the step runs LoRA on activations
+(x W + (x a) b, PEFT's form) rather than on merged kernels: a DMD2 step on the 13B shapes then
+needs 1.09x a plain fine-tuning step's memory per device, against 1.64x merged and 2.23x with
+full copies (benchmarks/dmd2_memory.py). A step is `step(state, batch) -> (state, metrics)` with
 `batch = {"x0": real latents [B, ...], "cond": pytree}`, so it runs in train/loop.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,7 +46,7 @@ import optax
 from flax import struct
 
 from mi_jax.diffusion.flow import interpolate, predict_x0, sample_time, sampling_times, shift_time
-from mi_jax.nn.lora import DEFAULT_TARGETS, lora_apply, lora_init
+from mi_jax.nn.lora import DEFAULT_TARGETS, activation_lora, lora_apply, lora_init, lora_params
 from mi_jax.train.state import TrainState, apply_if_finite
 
 sg = jax.lax.stop_gradient
@@ -72,6 +76,8 @@ class DMD2Config:
     lora_rank: int = 0  # > 0: generator and critic are LoRA factors over the one frozen base
     lora_scale: float = 1.0  # alpha / rank (DMD2 SDXL LoRA: rank 64, alpha 8)
     lora_targets: Sequence[str] = DEFAULT_TARGETS
+    lora_activations: bool = False  # True: LoRA on activations, x W + (x a) b, inside the step (nn/lora.py
+    #                                 `activation_lora`; layers y = x @ kernel); False: merged W + a b
     gan_g_weight: float = 0.0  # > 0 turns the GAN head on: DMD2 5e-3 (SDXL), 1e-3 (SD1.5)
     gan_d_weight: float = 1e-2  # DMD2 guidance_cls_loss_weight
     cfg_distill_weight: float = 0.0  # > 0 adds the CFG-distillation term to the generator loss
@@ -285,8 +291,25 @@ def adapter_init(base, rng, cfg: DMD2Config):
 
 
 def merged(base, adapter, cfg: DMD2Config):
-    """The parameter tree a network runs with: base + LoRA (merged inside the step), or the copy."""
+    """The parameter tree a network runs with outside the step (sampling, export): base + LoRA
+    merged, or the copy."""
     return lora_apply(base, adapter, cfg.lora_scale) if cfg.lora_rank > 0 else adapter
+
+
+def adapted(base, adapter, cfg: DMD2Config):
+    """The parameter tree a network runs with inside the step: `merged`, or with
+    `cfg.lora_activations` the factors beside the base kernels (`lora_params`), applied on
+    activations under `_lora_context`. Merging inside the step forms every adapted kernel (and
+    its gradient) at full size, replicated when the factors are: on the 13B shapes 1.64x a
+    fine-tuning step's memory (3.5x with replicated factors) against 1.09x on activations
+    (benchmarks/dmd2_memory.py)."""
+    if cfg.lora_rank > 0 and cfg.lora_activations:
+        return lora_params(base, adapter, cfg.lora_scale)
+    return merged(base, adapter, cfg)
+
+
+def _lora_context(cfg: DMD2Config):
+    return activation_lora() if cfg.lora_rank > 0 and cfg.lora_activations else contextlib.nullcontext()
 
 
 def init_dmd2_state(base, rng, cfg: DMD2Config, gen_tx: optax.GradientTransformation,
@@ -348,13 +371,13 @@ def make_dmd2_step(cfg: DMD2Config, gen_apply: Callable, fake_apply: Callable, r
 
     def gen_loss(gp, base, critic_params, x_k, t_k, x_data, cond, w, rng):
         k_dm_t, k_dm_n, k_base, k_cfg, k_gan = jax.random.split(rng, 5)
-        gen = merged(base, gp, cfg)
+        gen = adapted(base, gp, cfg)
         x0_gen = generator_x0(gen_apply, gen, x_k, t_k, cond)
         # distribution matching: real and fake scores at a random t of the detached sample
         b = x0_gen.shape[0]
         t = dm_times(k_dm_t, b, cfg)
         x_t = interpolate(sg(x0_gen), jax.random.normal(k_dm_n, x0_gen.shape, jnp.float32), t)
-        critic = merged(base, sg(critic_params["score"]), cfg)
+        critic = adapted(base, sg(critic_params["score"]), cfg)
         v_real = real_score(base, x_t, t, cond, attenuated_guidance(t, cfg)).astype(jnp.float32)
         x0_real = predict_x0(x_t, v_real, t)
         x0_fake = predict_x0(x_t, fake_apply(critic, x_t, t, cond).astype(jnp.float32), t)
@@ -382,7 +405,7 @@ def make_dmd2_step(cfg: DMD2Config, gen_apply: Callable, fake_apply: Callable, r
         b = x0_gen.shape[0]
         t = dm_times(k_t, b, cfg)
         noise = jax.random.normal(k_n, x0_gen.shape, jnp.float32)
-        critic = merged(base, cp["score"], cfg)
+        critic = adapted(base, cp["score"], cfg)
         v = fake_apply(critic, interpolate(x0_gen, noise, t), t, cond).astype(jnp.float32)
         flow = jnp.mean(jnp.square(v - (noise - x0_gen)))
         gan_d = jnp.zeros((), jnp.float32)
@@ -392,12 +415,13 @@ def make_dmd2_step(cfg: DMD2Config, gen_apply: Callable, fake_apply: Callable, r
             gan_d = jnp.mean(jax.nn.softplus(fake)) + jnp.mean(jax.nn.softplus(-real))
         return flow + cfg.gan_d_weight * gan_d, dict(critic_loss=flow, gan_d_loss=gan_d)
 
-    def step(state: DMD2State, batch):
+    def one_step(state: DMD2State, batch):
         rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
         k_in, k_gen, k_critic = jax.random.split(rng, 3)
         base, x_data, cond = state.base, batch["x0"].astype(jnp.float32), batch["cond"]
         w = curriculum_weight(state.step, cfg.curriculum_steps)
-        x_k, t_k = generator_input(gen_apply, merged(base, sg(state.gen.params), cfg), x_data, cond, times, k_in, cfg)
+        x_k, t_k = generator_input(gen_apply, adapted(base, sg(state.gen.params), cfg), x_data, cond, times, k_in,
+                                   cfg)
 
         def update_gen(gen_state):
             grad_fn = jax.value_and_grad(gen_loss, has_aux=True)
@@ -407,7 +431,7 @@ def make_dmd2_step(cfg: DMD2Config, gen_apply: Callable, fake_apply: Callable, r
             return new, x0, dict(parts, gen_grad_norm=norm), finite
 
         def skip_gen(gen_state):
-            x0 = generator_x0(gen_apply, merged(base, gen_state.params, cfg), x_k, t_k, cond)
+            x0 = generator_x0(gen_apply, adapted(base, gen_state.params, cfg), x_k, t_k, cond)
             return gen_state, x0, dict(state.last), jnp.ones((), bool)
 
         due = state.step % cfg.ttur == 0
@@ -425,6 +449,10 @@ def make_dmd2_step(cfg: DMD2Config, gen_apply: Callable, fake_apply: Callable, r
                        nan_count=new.nan_count, nan_streak=new.nan_streak)
         return new, metrics
 
+    def step(state: DMD2State, batch):
+        with _lora_context(cfg):  # every network call of the step is traced under it
+            return one_step(state, batch)
+
     return step
 
 
@@ -435,9 +463,9 @@ def make_cfg_distill_step(cfg: DMD2Config, student_apply: Callable, real_score: 
     velocity in one pass at any g in [g_min, g_max] (`cfg_distill_loss`)."""
 
     def loss_fn(gp, base, x0, cond, rng):
-        return cfg_distill_loss(student_apply, merged(base, gp, cfg), real_score, base, x0, cond, rng, cfg)
+        return cfg_distill_loss(student_apply, adapted(base, gp, cfg), real_score, base, x0, cond, rng, cfg)
 
-    def step(state: DMD2State, batch):
+    def one_step(state: DMD2State, batch):
         rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.gen.params, state.base, batch["x0"], batch["cond"], rng)
         gen_state, finite, norm = _update(state.gen, grads, loss, tx, cfg.ema_decay)
@@ -445,5 +473,9 @@ def make_cfg_distill_step(cfg: DMD2Config, student_apply: Callable, real_score: 
         new = _finish(state, finite, gen=gen_state, last=last)
         return new, dict(loss=loss, cfg_loss=loss, gen_grad_norm=norm, nan_count=new.nan_count,
                          nan_streak=new.nan_streak)
+
+    def step(state: DMD2State, batch):
+        with _lora_context(cfg):  # every network call of the step is traced under it
+            return one_step(state, batch)
 
     return step
