@@ -3,11 +3,13 @@
 tests and laptops:
 
     python launch/local.py --processes 2 --cpu-devices 2 -- mi-jax train --config ... --workdir ...
+    python launch/local.py --processes 2 --cpu-devices 1 -- mi-jax generate --checkpoint RUN ... --out talk.mp4
 
 Each process gets MI_JAX_COORDINATOR / MI_JAX_NUM_PROCESSES / MI_JAX_PROCESS_ID (read by
 mi_jax.parallel.distributed.maybe_initialize) and, with --cpu-devices, that many CPU devices.
 Output lines are prefixed with the process index; if one process fails the others are stopped
-and the exit code is the first failure's.
+and the exit code is the first failure's. `mi-jax generate` runs its window step on a mesh over
+every process's devices; process 0 writes the mp4, the others exit 0 without writing.
 """
 
 from __future__ import annotations

@@ -96,7 +96,11 @@ def cmd_generate(args) -> int:
 
     from mi_jax.data.audio_io import AudioError
     from mi_jax.data.inputs import InputError
-    from mi_jax.data.video_io import write_video
+    import jax
+
+    from mi_jax.parallel.distributed import maybe_initialize
+
+    maybe_initialize()  # under launch/local.py, SLURM or multinode.sh; before anything touches JAX
     from mi_jax.pipeline import Pipeline
 
     if not args.out.lower().endswith(".mp4"):
@@ -118,8 +122,9 @@ def cmd_generate(args) -> int:
     except (InputError, AudioError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    pipe = Pipeline.from_checkpoint(args.checkpoint, which=args.weights)
-    bar = tqdm(unit="window", dynamic_ncols=True)
+    pipe = Pipeline.from_checkpoint(args.checkpoint, which=args.weights, mesh=args.mesh)
+    writer = jax.process_index() == 0
+    bar = tqdm(unit="window", dynamic_ncols=True, disable=not writer)
 
     def progress(done, total):
         bar.total = total
@@ -138,14 +143,13 @@ def cmd_generate(args) -> int:
         print(f"note: {note}", file=sys.stderr)
 
     def frames():
-        yield from first
-        for chunk in chunks:
-            yield from chunk
+        yield first
+        yield from chunks
 
-    write_video(args.out, frames(), float(pipe.config.prepare.fps), audio=pipe.last_audio,
-                sample_rate=int(pipe.config.prepare.sample_rate))
+    written = pipe.write(args.out, frames())  # process 0 writes (atomically); the others compute their part
     bar.close()
-    print(f"wrote {args.out}")
+    if written:
+        print(f"wrote {written}")
     return 0
 
 
@@ -271,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default=None, help="WxH (multiples of 16)")
     p.add_argument("--weights", choices=("ema", "params"), default="ema")
+    p.add_argument("--mesh", default=None,
+                   help="e.g. fsdp=2: the window step's mesh (default: one device; every device of a "
+                        "multi-process job)")
 
     p = sub.add_parser("import-weights", help="diffusers / transformers folders -> an mi_jax checkpoint")
     p.add_argument("--transformer", required=True, help="a diffusers HunyuanVideo(-I2V) transformer folder")

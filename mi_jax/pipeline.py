@@ -4,22 +4,44 @@
     video = pipe.generate("portrait.png", "speech.wav", "a person talking, nodding")
     video.save("out.mp4")                       # H.264 + the input audio, written atomically
     for frames in pipe.stream(...): ...         # constant memory, any length
+    pipe.write("out.mp4", pipe.stream(...))     # streamed to disk (process 0 of a job writes)
 
 Every input is checked before anything is compiled (mi_jax.data.inputs, mi_jax.data.audio_io).
+
+Constant cost per second of video: everything a window touches has one shape whatever the
+length, so after the first call nothing compiles again. Per call, fixed work only: the text
+encoder, the portrait's VAE latent, the speaker masks. Per window, inside the loop: its audio
+features, sliced from Wav2Vec2 run on fixed 8 s chunks as the windows reach them
+(`Encoders.audio_frame_chunks`), the jitted window step, and the VAE's streaming decoder,
+whose every shape (first tile, chunk, each possible end) is compiled once per latent size.
+Frames leave as they are decoded; nothing is kept per window, and freed heap is handed back to
+the OS every window (`release_free_heap`), so memory stays flat however long the video.
+
+Devices: the window step runs on a mesh (`data, fsdp, context, tensor`, mi_jax/parallel/mesh.py)
+with the DiT's parameters placed by the logical rules table (FSDP by default) and the inputs
+replicated; the DiT's activation constraints then split the CFG branches over `data x fsdp`
+(padded when they do not divide), as `mi-jax plan`'s generate step assumes. Default mesh: one
+device in a single process; every device of a multi-process job (launch/local.py, SLURM),
+where every process runs every window (each holds part of the mesh) and process 0 alone
+decodes the replicated latents and writes the mp4 (`stream`, `write`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
-from collections.abc import Iterator, Sequence
+import functools
+import math
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mi_jax.diffusion.guidance import GuidanceSchedule
-from mi_jax.diffusion.sampler import SamplerConfig, initial_carry, make_window_fn, pad_audio_states, window_audio
+from mi_jax.diffusion.sampler import SamplerConfig, initial_carry, make_window_fn, window_frames
 from mi_jax.models.dit_config import DiTConfig
+from mi_jax.parallel.mesh import DEFAULT_RULES, logical_shardings, make_mesh, with_rules
 
 
 @dataclasses.dataclass
@@ -89,23 +111,99 @@ def check_inputs(config, portrait, audio, *, seconds=None, masks=None, size=None
     return image, loaded, mask_lat, frames, notices
 
 
+def generation_mesh(spec: str | None = None) -> jax.sharding.Mesh:
+    """The devices generation runs on. `spec` ("fsdp=4", "data=2,fsdp=2"; one axis may be -1):
+    a mesh over the first devices it names. None: the first device in a single process,
+    every device of the job over `fsdp` in a multi-process one. In a multi-process job the
+    mesh must span every process's devices (each process takes part in every window)."""
+    if spec is None:
+        spec = "fsdp=-1" if jax.process_count() > 1 else "fsdp=1"
+    sizes = [int(p.partition("=")[2]) for p in spec.split(",") if p.strip()]
+    n = jax.device_count() if -1 in sizes else math.prod(sizes)
+    if jax.process_count() > 1 and n != jax.device_count():
+        raise ValueError(f"mesh {spec!r} names {n} devices; a job of {jax.process_count()} processes generates on "
+                         f"all its {jax.device_count()} devices (use -1 to fill, e.g. 'fsdp=-1')")
+    if n > jax.device_count():
+        raise ValueError(f"mesh {spec!r} needs {n} devices, {jax.device_count()} present")
+    return make_mesh(spec, jax.devices()[:n])
+
+
+def _put(x, sharding: jax.sharding.Sharding):
+    """`x` (numpy, or an array holding the same value in every process) placed as `sharding`,
+    which may span other processes' devices."""
+    if isinstance(x, jax.Array):
+        if x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        if not x.is_fully_addressable or sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:  # pragma: no cover - no C library to load
+        return None
+
+
+def release_free_heap() -> None:
+    """Hands freed heap memory back to the OS (glibc's `malloc_trim`; nothing elsewhere). XLA's
+    worker threads allocate from per-thread malloc arenas that keep what they free, so without
+    this a long generation's RSS creeps up by fragments although its live memory is flat."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated (possibly multi-process) array's value in this process."""
+    return np.asarray(x.addressable_data(0))
+
+
+@dataclasses.dataclass
+class _Request:
+    """One call's checked inputs and fixed-shape conditions."""
+
+    scfg: SamplerConfig
+    frames: int  # video frames to emit
+    num_windows: int
+    cond: dict  # replicated on the mesh
+    ref: np.ndarray  # [1, 1, h, w, C] the portrait's latent (scaled)
+    audio: _AudioWindows | None
+
+
 class Pipeline:
-    def __init__(self, config, params, encoders=None):
+    def __init__(self, config, params, encoders=None, *, mesh: jax.sharding.Mesh | None = None,
+                 rules=DEFAULT_RULES):
+        from mi_jax.convert.hunyuan import abstract_dit_params
         from mi_jax.data.prepare import Encoders
+        from mi_jax.models.vae import CausalVAE, VAEStream
 
         self.config = config
         self.model_config = DiTConfig.coerce(config.model)
-        self.params = params
+        self.mesh = mesh if mesh is not None else generation_mesh()
+        self.rules = tuple(rules)
+        shardings = logical_shardings(abstract_dit_params(self.model_config), self.mesh, self.rules)
+        self.params = jax.tree.map(_put, params, shardings)
+        self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.enc = encoders or Encoders(config)
-        from mi_jax.models.vae import CausalVAE, VAEStream
-
         self.vae_stream = VAEStream(CausalVAE(self.enc.vae_config))
         self._window_fns: dict = {}  # SamplerConfig -> jitted window step (compiled once per setting)
+        self._carry_fns: dict = {}
+        self._decoders: dict = {}  # latent shape -> _FrameDecoder (compiled once per size)
+        self.notices: list[str] = []
+        self.last_audio: np.ndarray | None = None
 
     @classmethod
-    def from_checkpoint(cls, run_dir: str, *, which: str = "ema") -> Pipeline:
+    def from_checkpoint(cls, run_dir: str, *, which: str = "ema", mesh: str | jax.sharding.Mesh | None = None,
+                        rules=DEFAULT_RULES) -> Pipeline:
         """A training / distillation run folder (its latest checkpoint; `which`: "ema" or
-        "params")."""
+        "params"). `mesh`: a Mesh or a spec for `generation_mesh` (default: see there); the
+        parameters are restored straight into their shards."""
         from flax import linen as nn
 
         from mi_jax.convert.hunyuan import abstract_dit_params
@@ -116,78 +214,122 @@ class Pipeline:
 
         if which not in ("ema", "params"):
             raise ValueError(f"which={which!r}: use 'ema' or 'params'")
+        mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else generation_mesh(mesh)
         config = load_run_config(run_dir)
         if "distill" in config:  # a DMD2 run: the generator (base + LoRA), K-step sampling
             from mi_jax.train.distill import load_student
 
-            return cls(config, load_student(run_dir, config))
+            if jax.process_count() > 1:
+                raise ValueError(f"{run_dir} is a distillation run: its generator loads on one process's device "
+                                 "(train/distill.py load_student); generate from it in a single process")
+            return cls(config, load_student(run_dir, config), mesh=mesh, rules=rules)
         mcfg = DiTConfig.coerce(config.model)
-        abstract = nn.unbox(abstract_dit_params(mcfg))
+        boxed = abstract_dit_params(mcfg)
+        abstract = nn.unbox(boxed)
+        shardings = logical_shardings(boxed, mesh, rules)
         patterns = list(config.stage.trainable)
         if config.init.lora_rank:
             lora = jax.eval_shape(lambda p: lora_init(p, jax.random.key(0), config.init.lora_rank), abstract)
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             abstract = {"base": abstract, "lora": lora}
+            shardings = {"base": shardings, "lora": jax.tree.map(lambda _: replicated, lora)}
             patterns = [r"^lora/"] + [r"^base/" + p.lstrip("^") for p in patterns if "audio" in p]
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
         params = load_run_params(run_dir, abstract, shardings, which="params")
         if which == "ema":
             labels = trainable_labels(abstract, patterns)
             ema_abstract = jax.tree.map(lambda a, lab: a if lab == TRAIN else None, abstract, labels)
-            ema_sh = jax.tree.map(lambda a, lab: device if lab == TRAIN else None, abstract, labels)
+            ema_sh = jax.tree.map(lambda s, lab: s if lab == TRAIN else None, shardings, labels)
             ema = load_run_params(run_dir, ema_abstract, ema_sh, which="ema")
             params = jax.tree.map(lambda p, e: p if e is None else e, params, ema, is_leaf=lambda x: x is None)
-        return cls(config, model_params(params))
+        return cls(config, model_params(params), mesh=mesh, rules=rules)
 
     # ------------------------------------------------------------------ inputs
 
-    def _conditions(self, image, tracks, mask_lat, prompt, scfg, frames):
-        from mi_jax.models.audio import align_to_video_frames
-
-        text = self.enc.text.encode([prompt], image[None])
-        ref = self.enc.encode_video(image[None])[None]  # [1, 1, h, w, C]
-        cond = dict(text_embeds=jnp.asarray(text.prompt_embeds, jnp.float32),
-                    text_mask=jnp.asarray(text.prompt_attention_mask, jnp.int32),
-                    pooled=jnp.asarray(text.pooled, jnp.float32), ref_latent=jnp.asarray(ref))
-        num_windows = scfg.num_windows(frames)
-        audio = None
-        if self.model_config.audio_blocks:
-            feats = np.stack([align_to_video_frames(self.enc.audio_features(a), frames) for a in tracks])[None]
-            audio = pad_audio_states(jnp.asarray(feats), scfg.audio_frames(num_windows))
-            cond["audio_mask"] = jnp.broadcast_to(jnp.asarray(mask_lat)[None, :, None],
-                                                  (1, len(tracks), scfg.window, *mask_lat.shape[1:]))
-        return cond, audio, num_windows
-
-    # ------------------------------------------------------------------ generation
-
-    def stream(self, portrait, audio, prompt: str = "", *, seconds=None, masks: Sequence | None = None,
-               seed: int = 0, steps=None, cfg_text=None, cfg_audio=None, size=None, allow_silence=False,
-               progress=None) -> Iterator[np.ndarray]:
-        """Yields uint8 frame chunks `[n, H, W, 3]` window by window (constant memory)."""
+    def _request(self, portrait, audio, prompt, *, seconds, masks, steps, cfg_text, cfg_audio, size,
+                 allow_silence) -> _Request:
+        release_free_heap()  # what earlier calls (and compilation) freed
+        p = self.config.prepare
         scfg = sampler_config(self.config, steps=steps, cfg_text=cfg_text, cfg_audio=cfg_audio)
         image, tracks, mask_lat, frames, notices = check_inputs(
             self.config, portrait, audio, seconds=seconds, masks=masks, size=size, allow_silence=allow_silence)
         self.notices = notices
-        self.last_audio = np.sum(tracks, axis=0).astype(np.float32)  # the speakers mixed, for the mp4
-        cond, audio_states, num_windows = self._conditions(image, tracks, mask_lat, prompt, scfg, frames)
-        windows = window_audio(audio_states, scfg, num_windows) if audio_states is not None else [None] * num_windows
+        self.last_audio = tracks[0] if len(tracks) == 1 else np.sum(tracks, axis=0, dtype=np.float32)
+        text = self.enc.text.encode([prompt], image[None])
+        ref = np.asarray(self.enc.encode_video(image[None])[None], np.float32)  # [1, 1, h, w, C]
+        cond = dict(text_embeds=np.asarray(text.prompt_embeds, np.float32),
+                    text_mask=np.asarray(text.prompt_attention_mask, np.int32),
+                    pooled=np.asarray(text.pooled, np.float32), ref_latent=ref)
+        windows = None
+        if self.model_config.audio_blocks:
+            mask = np.asarray(mask_lat, np.float32)[None, :, None]  # [1, S, 1, h, w]
+            cond["audio_mask"] = np.ascontiguousarray(np.broadcast_to(mask, (1, len(tracks), scfg.window,
+                                                                             *mask_lat.shape[1:])))
+            windows = _AudioWindows(self.enc, tracks, scfg, frames, float(p.fps))
+        cond = jax.tree.map(lambda x: _put(x, self._replicated), cond)
+        return _Request(scfg, frames, scfg.num_windows(frames), cond, ref, windows)
+
+    # ------------------------------------------------------------------ generation
+
+    def _window_fn(self, scfg: SamplerConfig):
         if scfg not in self._window_fns:
-            self._window_fns[scfg] = jax.jit(make_window_fn(self.model_config, scfg))
-        window_fn = self._window_fns[scfg]
-        carry = initial_carry(seed, 1, cond["ref_latent"].shape[2:], scfg)
-        decoder = _StreamDecoder(self.vae_stream, self.enc.vae_params, self.enc.vae_config.scaling_factor,
-                                 cond["ref_latent"])
-        emitted = 0
-        for k in range(num_windows):
-            carry, (motion, new) = window_fn(self.params, cond, carry, windows[k])
-            latents = jnp.concatenate([motion, new], 1) if k == 0 else new
-            for chunk in decoder.push(latents, final=k == num_windows - 1):
-                chunk = chunk[: frames - emitted]
-                emitted += len(chunk)
-                if len(chunk):
-                    yield chunk
+            self._window_fns[scfg] = jax.jit(make_window_fn(self.model_config, scfg),
+                                             out_shardings=self._replicated)
+        return self._window_fns[scfg]
+
+    def _initial_carry(self, scfg: SamplerConfig, latent_shape, seed: int) -> dict:
+        key = (scfg, tuple(latent_shape))
+        if key not in self._carry_fns:
+            self._carry_fns[key] = jax.jit(lambda s: initial_carry(s, 1, latent_shape, scfg),
+                                           out_shardings=self._replicated)
+        if not -(2**31) <= seed < 2**31:
+            raise ValueError(f"seed={seed}: use a 32-bit integer")
+        return self._carry_fns[key](np.int32(seed))
+
+    def _windows(self, req: _Request, seed: int, progress=None) -> Iterator[np.ndarray]:
+        """Each window's generated latents `[1, n, h, w, C]` in this process (window 0's start
+        with its motion positions)."""
+        fn = self._window_fn(req.scfg)
+        carry = self._initial_carry(req.scfg, req.ref.shape[2:], seed)
+        for k in range(req.num_windows):
+            audio = None if req.audio is None else _put(req.audio.window(k), self._replicated)
+            with with_rules(self.mesh, self.rules):  # per call: a generator must not hold the mesh across yields
+                carry, (motion, new) = fn(self.params, req.cond, carry, audio)
+            new = _host(new)
+            release_free_heap()
+            yield np.concatenate([_host(motion), new], axis=1) if k == 0 else new
             if progress is not None:
-                progress(k + 1, num_windows)
+                progress(k + 1, req.num_windows)
+
+    def latents(self, portrait, audio, prompt: str = "", *, seconds=None, masks: Sequence | None = None,
+                seed: int = 0, steps=None, cfg_text=None, cfg_audio=None, size=None, allow_silence=False,
+                progress=None) -> Iterator[np.ndarray]:
+        """The generated latents (after the reference, scaled as the DiT sees them), window by
+        window: `[1, n, h, w, C]` float32 each (see `stream` for the arguments)."""
+        req = self._request(portrait, audio, prompt, seconds=seconds, masks=masks, steps=steps, cfg_text=cfg_text,
+                            cfg_audio=cfg_audio, size=size, allow_silence=allow_silence)
+        return self._windows(req, seed, progress)
+
+    def stream(self, portrait, audio, prompt: str = "", *, seconds=None, masks: Sequence | None = None,
+               seed: int = 0, steps=None, cfg_text=None, cfg_audio=None, size=None, allow_silence=False,
+               progress=None) -> Iterator[np.ndarray]:
+        """Yields uint8 frame chunks `[n, H, W, 3]` window by window (constant memory). The
+        inputs are checked on the first `next()`. In a multi-process job only process 0
+        decodes (it writes the video); the others run their part of every window and yield
+        one empty chunk `[0, H, W, 3]` per window."""
+        req = self._request(portrait, audio, prompt, seconds=seconds, masks=masks, steps=steps, cfg_text=cfg_text,
+                            cfg_audio=cfg_audio, size=size, allow_silence=allow_silence)
+        if jax.process_index() != 0:
+            f = self.enc.vae_config.spatial_factor
+            for _ in self._windows(req, seed, progress):
+                yield np.zeros((0, f * req.ref.shape[2], f * req.ref.shape[3], 3), np.uint8)
+            return
+        decoder = self._decoder(req.ref.shape[2:])
+        emitted = 0
+        for chunk in decoder.frames(req.ref, self._windows(req, seed, progress)):
+            chunk = chunk[: req.frames - emitted]
+            emitted += len(chunk)
+            if len(chunk):
+                yield chunk
 
     def generate(self, portrait, audio, prompt: str = "", **kw) -> Generation:
         """The whole video in memory (see `stream` for the arguments)."""
@@ -195,35 +337,124 @@ class Pipeline:
         return Generation(np.concatenate(chunks), self.last_audio, float(self.config.prepare.fps),
                           int(self.config.prepare.sample_rate), list(self.notices))
 
+    def write(self, path: str, frames: Iterable[np.ndarray]) -> str | None:
+        """Encodes streamed frames (`stream`'s chunks, or single uint8 `[H, W, 3]` frames) with
+        the last call's audio into an H.264 + AAC mp4 at `path`, atomically, holding no frames.
+        In a multi-process job only process 0 writes; the others consume the frames (they run
+        their part of every window) and return None."""
+        from mi_jax.data.video_io import write_video
 
-class _StreamDecoder:
-    """Feeds generated latents (after the reference) to the VAE's streaming decoder in the chunk
-    sizes it takes; yields uint8 frames."""
+        def single(items):
+            for x in items:
+                if np.ndim(x) == 4:
+                    yield from x
+                else:
+                    yield x
 
-    def __init__(self, stream, params, scaling, ref):
-        self.stream, self.params, self.scaling = stream, params, scaling
-        self.buffer = ref / scaling
-        self.state = None
+        if jax.process_index() != 0:
+            for _ in frames:
+                pass
+            return None
+        p = self.config.prepare
+        write_video(path, single(frames), float(p.fps), audio=self.last_audio, sample_rate=int(p.sample_rate))
+        return path
 
-    @staticmethod
-    def _to_uint8(video):
-        return np.asarray(jnp.clip((video[0] + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8))
+    def _decoder(self, latent_shape) -> _FrameDecoder:
+        key = tuple(latent_shape)
+        if key not in self._decoders:
+            self._decoders[key] = _FrameDecoder(self.vae_stream, self.enc.vae_params,
+                                                self.enc.vae_config.scaling_factor, key)
+        return self._decoders[key]
 
-    def push(self, latents, final: bool):
-        self.buffer = jnp.concatenate([self.buffer, latents / self.scaling], axis=1)
+
+class _AudioWindows:
+    """Each window's audio features `[1, S, 1 + 4 (W - 1), n_layers, C]`, sliced as the windows
+    advance from the Wav2Vec2 chunks they reach (holding only the chunks the current window
+    spans). Frames after the video's end are zero, as `sampler.pad_audio_states` pads."""
+
+    def __init__(self, enc, tracks, scfg: SamplerConfig, frames: int, fps: float):
+        self.chunks = [enc.audio_frame_chunks(a, fps) for a in tracks]
+        self.scfg, self.frames = scfg, frames
+        self.buffer: np.ndarray | None = None  # [S, n, L, C] features of video frames start..start + n - 1
+        self.start = 0
+        self.silence: np.ndarray | None = None
+
+    def _more(self) -> np.ndarray:
+        parts = [next(c, None) for c in self.chunks]
+        if parts[0] is None:  # after the audio (zeroed in `window`)
+            return self.silence
+        chunk = np.stack(parts)
+        if self.silence is None:
+            self.silence = np.zeros_like(chunk)
+        return chunk
+
+    def window(self, k: int) -> np.ndarray:
+        lo, hi = window_frames(self.scfg, k)
+        if self.buffer is None:
+            self.buffer = self._more()
+        while self.start + self.buffer.shape[1] < hi:
+            self.buffer = np.concatenate([self.buffer, self._more()], axis=1)
+        drop = lo - self.start
+        self.buffer, self.start = self.buffer[:, drop:], lo
+        out = self.buffer[:, : hi - lo].copy()
+        out[:, max(self.frames - lo, 0) :] = 0.0
+        return out[None]
+
+
+def _to_uint8(video):
+    return jnp.clip((video[0] + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8)
+
+
+class _FrameDecoder:
+    """Generated latents -> uint8 frames `[n, H, W, 3]` through the VAE's streaming decoder
+    (`VAEStream`: a first tile of `latents_first` latents, chunks of `latents_per_chunk`, then
+    the rest), on this process's default device (the latents are replicated).
+
+    Every shape a stream can meet is compiled ahead of time per latent size: the first tile,
+    a chunk and each of the `latents_per_chunk` possible ends, so no video length compiles
+    anything later. Only clips shorter than the first tile (under `latents_first` latents,
+    a fraction of a second) decode in one call, compiled per length on first use."""
+
+    def __init__(self, stream, params, scaling: float, latent_shape):
+        h, w, c = latent_shape
+        self.stream, self.params = stream, params
+        spec = lambda n: jax.ShapeDtypeStruct((1, n, h, w, c), jnp.float32)  # noqa: E731
+        first = spec(stream.latents_first)
+
+        def start(p, x):
+            frames, state = stream.decode_start(p, x / scaling)
+            return _to_uint8(frames), state
+
+        def chunk(p, state, x):
+            frames, state = stream.decode_chunk(p, state, x / scaling)
+            return _to_uint8(frames), state
+
+        def end(p, state, x):
+            return _to_uint8(stream.decode_end(p, state, x / scaling if x.shape[1] else None))
+
+        state = jax.eval_shape(stream.decode_start, params, first)[1]
+        self._start = jax.jit(start).lower(params, first).compile()
+        self._chunk = jax.jit(chunk).lower(params, state, spec(stream.latents_per_chunk)).compile()
+        self._ends = [jax.jit(end).lower(params, state, spec(r)).compile() for r in range(stream.latents_per_chunk)]
+        self._whole = jax.jit(lambda p, x: _to_uint8(stream.decode(p, x / scaling)))
+
+    def frames(self, ref: np.ndarray, latents: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """`ref [1, 1, h, w, C]` then every window's latents -> frame chunks (portrait first)."""
         s = self.stream
-        if self.state is None:
-            if self.buffer.shape[1] < s.latents_first:
-                if final:
-                    yield self._to_uint8(s.decode(self.params, self.buffer))
-                return
-            frames, self.state = s.decode_start(self.params, self.buffer[:, : s.latents_first])
-            self.buffer = self.buffer[:, s.latents_first :]
-            yield self._to_uint8(frames)
-        while self.buffer.shape[1] >= s.latents_per_chunk:
-            frames, self.state = s.decode_chunk(self.params, self.state, self.buffer[:, : s.latents_per_chunk])
-            self.buffer = self.buffer[:, s.latents_per_chunk :]
-            yield self._to_uint8(frames)
-        if final:
-            rest = self.buffer if self.buffer.shape[1] else None
-            yield self._to_uint8(s.decode_end(self.params, self.state, rest))
+        buffer, state = ref, None
+        for new in latents:
+            buffer = np.concatenate([buffer, new], axis=1)
+            if state is None:
+                if buffer.shape[1] < s.latents_first:
+                    continue
+                frames, state = self._start(self.params, buffer[:, : s.latents_first])
+                buffer = buffer[:, s.latents_first :]
+                yield np.asarray(frames)
+            while buffer.shape[1] >= s.latents_per_chunk:
+                frames, state = self._chunk(self.params, state, buffer[:, : s.latents_per_chunk])
+                buffer = buffer[:, s.latents_per_chunk :]
+                yield np.asarray(frames)
+        if state is None:
+            yield np.asarray(self._whole(self.params, buffer))
+        else:
+            yield np.asarray(self._ends[buffer.shape[1]](self.params, state, buffer))

@@ -90,3 +90,51 @@ def test_fixable_inputs_are_converted_with_a_notice(tiny_run, inputs, tmp_path):
     assert img.shape == (64, 48, 3) and any("rounded" in n for n in notices)
     *_, frames, _ = check_inputs(config, str(inputs / "portrait.png"), str(inputs / "voice.wav"), seconds=1.0)
     assert frames == 25
+
+
+def test_a_new_length_compiles_nothing_and_audio_streams_per_window(tiny_run, inputs):
+    """After one call, another length (other window count, other end of the VAE stream) needs no
+    new executable: every shape in the loop is fixed. Each window's audio features, built from
+    Wav2Vec2 chunks as the windows advance, equal slicing the whole clip's features."""
+    import jax
+
+    from mi_jax.diffusion.sampler import pad_audio_states, window_audio
+    from mi_jax.pipeline import Pipeline, _AudioWindows, check_inputs, sampler_config
+
+    pipe = Pipeline.from_checkpoint(tiny_run)
+    args = (str(inputs / "portrait.png"), str(inputs / "voice.wav"), "a person talking")
+    assert len(pipe.generate(*args, seconds=1.2, steps=2).frames) == 30  # 9 latents: the stream ends on 1
+    compiled = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        video = pipe.generate(*args, seconds=2.0, steps=2)  # 14 latents: the stream ends on 0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len(video.frames) == 50 and compiled == []
+
+    config, scfg = pipe.config, sampler_config(pipe.config)
+    _, tracks, _, frames, _ = check_inputs(config, *args[:2], seconds=2.0)
+    windows = _AudioWindows(pipe.enc, tracks, scfg, frames, 25.0)
+    whole = np.concatenate(list(pipe.enc.audio_frame_chunks(tracks[0], 25.0)))[:frames][None, None]
+    expected = np.asarray(window_audio(pad_audio_states(whole, scfg.audio_frames(scfg.num_windows(frames))), scfg,
+                                      scfg.num_windows(frames)))
+    got = np.stack([windows.window(k) for k in range(scfg.num_windows(frames))])
+    np.testing.assert_array_equal(got, expected)
+    assert np.abs(got).max() > 0
+
+
+def test_writing_is_repeatable(tmp_path):
+    """The same frames and audio give the same mp4, byte for byte (so runs can be compared)."""
+    from mi_jax.pipeline import Generation
+
+    rng = np.random.default_rng(0)
+    # smooth content: PyAV's implicit colour conversion in `encode` gave differing files for it
+    frames = np.clip(np.cumsum(rng.integers(-3, 4, (12, 64, 64, 3)), axis=2) + 128, 0, 255).astype(np.uint8)
+    video = Generation(frames, rng.uniform(-0.5, 0.5, 7680).astype(np.float32), 25.0)
+    files = [open(video.save(str(tmp_path / f"{i}.mp4")), "rb").read() for i in range(4)]
+    assert files[0] and all(f == files[0] for f in files)

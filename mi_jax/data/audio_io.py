@@ -39,9 +39,23 @@ class SilentAudioWarning(UserWarning):
     """All-silent audio loaded with `allow_silence=True`."""
 
 
+def _sum_squares(audio: np.ndarray) -> float:
+    # float64 accumulation without a float64 copy of the whole signal (long recordings)
+    return float(np.einsum("i,i->", audio.ravel(), audio.ravel(), dtype=np.float64))
+
+
+def mean_std(audio: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of `audio`, accumulated in float64, holding no copy of it."""
+    n = audio.size
+    if not n:
+        return 0.0, 0.0
+    mean = float(np.sum(audio, dtype=np.float64)) / n
+    return mean, math.sqrt(max(_sum_squares(audio) / n - mean * mean, 0.0))
+
+
 def dbfs(audio: np.ndarray) -> float:
     """RMS level in dB relative to full scale (-inf for digital silence)."""
-    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if audio.size else 0.0
+    rms = math.sqrt(_sum_squares(audio) / audio.size) if audio.size else 0.0
     return 20.0 * math.log10(rms) if rms > 0 else -math.inf
 
 
@@ -100,14 +114,14 @@ def normalize_loudness(audio: np.ndarray, mode: str | None = "rms", target_dbfs:
     if mode not in DEFAULT_TARGET_DBFS:
         raise ValueError(f"normalize must be 'rms', 'peak' or None, got {mode!r}.")
     target = 10.0 ** ((DEFAULT_TARGET_DBFS[mode] if target_dbfs is None else target_dbfs) / 20.0)
-    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    peak = max(float(audio.max()), -float(audio.min())) if audio.size else 0.0
     if peak == 0.0:
         return audio
     if mode == "peak":
         gain = target / peak
     else:
         gain = min(target / 10.0 ** (dbfs(audio) / 20.0), 1.0 / peak)
-    return (audio * gain).astype(np.float32)
+    return np.multiply(audio, gain, dtype=np.float32)
 
 
 def zero_mean_unit_var(audio: np.ndarray, eps: float = 1e-7) -> np.ndarray:
@@ -149,13 +163,14 @@ def load_audio(
         ) from None
     if audio.shape[0] == 0:
         raise AudioError(f"{path}: contains no samples (zero length). Re-export or record the audio again.")
-    bad = int(np.count_nonzero(~np.isfinite(audio)))
+    bad = audio.size - int(np.count_nonzero(np.isfinite(audio)))
     if bad:
         raise AudioError(
             f"{path}: {bad} of {audio.size} samples are NaN or Inf (a broken float encoding). Re-export "
             "the audio, e.g. as 16-bit PCM wav."
         )
-    audio = resample(audio.mean(axis=1), orig_rate, sample_rate).astype(np.float32)
+    mono = audio[:, 0] if audio.shape[1] == 1 else audio.mean(axis=1)
+    audio = np.asarray(resample(mono, orig_rate, sample_rate), np.float32)
     if len(audio) < samples_for_frames(1, fps, sample_rate):
         raise AudioError(
             f"{path}: {len(audio) / sample_rate * 1000:.1f} ms of audio is shorter than one video frame at "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -182,6 +183,7 @@ class Encoders:
             raise ValueError(f"prepare.audio_layers {layers}: the Wav2Vec2 has {wcfg.num_hidden_layers} layers")
         fn = jax.jit(lambda p, x: jnp.stack([model.apply({"params": p}, x).hidden_states[i] for i in layers], -2))
         self.w2v_params = params
+        self._w2v = fn
 
         sr = int(self.cfg.sample_rate)
         chunk, margin = int(self.cfg.audio_chunk_seconds * sr), sr  # 1 s of context on each side
@@ -204,6 +206,45 @@ class Encoders:
             return np.concatenate(parts)[: max(1, int(np.ceil(n / chunk * per_chunk)))]
 
         self.audio_features = features
+
+    def audio_frame_chunks(self, audio: np.ndarray, fps: float) -> Iterator[np.ndarray]:
+        """Wav2Vec2 features at video-frame times, streamed: `[samples]` (16 kHz mono) -> chunk
+        after chunk of `[chunk_frames, n_layers, C]` (`chunk_frames = round(audio_chunk_seconds
+        x fps)` video frames; ceil(frames / chunk_frames) chunks, where frames = the video frames
+        the audio covers; past the audio's end the window reads zeros, as `audio_features`).
+
+        Generation's audio path: every chunk is one Wav2Vec2 call on the same fixed window
+        (`chunk` + 1 s of context on each side, normalised with the whole track's mean and
+        variance, as `zero_mean_unit_var`), so one compilation serves every audio length and
+        only the chunk being read is held, never features for the whole clip. Feature j of a
+        window sits at sample `j x window / Nf`, the convention of `audio_features`; video
+        frame f (time f / fps) takes the linear interpolation at its sample position.
+        """
+        from mi_jax.data.audio_io import mean_std
+
+        sr = int(self.cfg.sample_rate)
+        chunk_frames = max(1, round(self.cfg.audio_chunk_seconds * fps))
+        per_frame = sr / fps
+        margin = sr
+        win = math.ceil(chunk_frames * per_frame) + 2 * margin
+        audio = np.asarray(audio, np.float32)
+        n = len(audio)
+        mean, std = mean_std(audio)  # zero_mean_unit_var's statistics, without a copy of the track
+        scale = 1.0 / math.sqrt(std * std + 1e-7)
+        frames = math.floor(n / per_frame + 1e-9)
+        for c in range(max(1, math.ceil(frames / chunk_frames))):
+            f0 = c * chunk_frames
+            s0 = round(f0 * per_frame) - margin  # the window's first sample (may be < 0)
+            segment = np.zeros(win, np.float32)
+            lo, hi = max(s0, 0), min(s0 + win, n)
+            if hi > lo:
+                segment[lo - s0 : hi - s0] = (audio[lo:hi] - mean) * scale
+            feats = np.asarray(self._w2v(self.w2v_params, segment[None])[0])  # [Nf, L, C]
+            q = ((f0 + np.arange(chunk_frames)) * per_frame - s0) * (len(feats) / win)
+            i0 = np.clip(np.floor(q).astype(np.int64), 0, len(feats) - 1)
+            i1 = np.minimum(i0 + 1, len(feats) - 1)
+            w = (q - i0).clip(0.0, 1.0)[:, None, None].astype(np.float32)
+            yield feats[i0] * (1.0 - w) + feats[i1] * w
 
     def _text(self):
         from mi_jax.data.text_encoder import HunyuanTextEncoder, TinyTextEncoder

@@ -352,7 +352,7 @@ def write_video(
             )
         if not np.all(np.isfinite(audio)):
             raise VideoError(f"{path}: the audio contains NaN or Inf samples; fix the audio before writing.")
-        audio = np.clip(audio, -1.0, 1.0)
+        # clipped to [-1, 1] per frame in `_encode_audio`, not copied whole (long videos)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     container = None
@@ -370,7 +370,9 @@ def write_video(
                 video.width, video.height, video.pix_fmt = w, h, "yuv420p"
                 if audio is not None:
                     audio_stream = container.add_stream("aac", rate=sample_rate, layout="mono")
-            picture = av.VideoFrame.from_ndarray(_even(frame, pad_odd, path), format="rgb24")
+            # converted here, not by the encoder: PyAV's implicit rgb24 -> yuv420p conversion inside
+            # `encode` is not repeatable (the same frames gave different files), this one is
+            picture = av.VideoFrame.from_ndarray(_even(frame, pad_odd, path), format="rgb24").reformat(format="yuv420p")
             picture.pts = count - 1
             container.mux(video.encode(picture))
             if audio_stream is not None:
@@ -403,7 +405,7 @@ def _encode_audio(container, stream, chunk: np.ndarray, begin: int, end: int, sa
 
     if end <= begin:
         return
-    chunk = np.pad(chunk, (0, end - begin - len(chunk)))  # audio shorter than the video: silence
+    chunk = np.pad(np.clip(chunk, -1.0, 1.0), (0, end - begin - len(chunk)))  # audio shorter than the video: silence
     frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk[None]), format="fltp", layout="mono")
     frame.sample_rate, frame.pts = sample_rate, begin
     container.mux(stream.encode(frame))

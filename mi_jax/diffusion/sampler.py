@@ -80,11 +80,19 @@ class SamplerConfig:
         return 1 + FRAMES_PER_LATENT * self.generated_latents(num_windows)
 
 
+def window_frames(cfg: SamplerConfig, k: int) -> tuple[int, int]:
+    """Video frames `[start, stop)` whose audio window k reads: `1 + 4 (W - 1)` frames from
+    `4 k (W - 1 - O)` (the module docstring's layout)."""
+    start = FRAMES_PER_LATENT * cfg.new_per_window * k
+    return start, start + 1 + FRAMES_PER_LATENT * (cfg.window - 1)
+
+
 def window_audio(audio_states: jax.Array, cfg: SamplerConfig, num_windows: int) -> jax.Array:
     """`[B, S, F, L, C]` per-video-frame features (F >= cfg.audio_frames) -> per window
-    `[num_windows, B, S, 1 + 4 (W - 1), L, C]`."""
-    span = 1 + FRAMES_PER_LATENT * (cfg.window - 1)
-    starts = FRAMES_PER_LATENT * cfg.new_per_window * np.arange(num_windows)
+    `[num_windows, B, S, 1 + 4 (W - 1), L, C]` (the whole clip at once; generation builds each
+    window's slice as it goes, mi_jax/pipeline.py)."""
+    starts = np.array([window_frames(cfg, k)[0] for k in range(num_windows)])
+    span = window_frames(cfg, 0)[1]
     idx = starts[:, None] + np.arange(span)[None]
     if idx.max() >= audio_states.shape[2]:
         raise ValueError(f"audio_states cover {audio_states.shape[2]} frames; {num_windows} windows read "
