@@ -19,7 +19,9 @@ runs each length in a fresh Python process, which:
    streaming decoder and H.264 + AAC encoding into the mp4, timed from the call to the closed
    file (compilation excluded by step 2; the `compiles` column counts XLA compilations
    during this call, expected 0). It runs `--repeats` times and the table shows the fastest
-   (the machine is shared; the fastest run is the least disturbed one);
+   (the machine is shared; the fastest run is the least disturbed one). `CPU s / video s` is
+   the process's CPU time (all threads) of that call per video second: less sensitive than
+   wall time to other programs on the machine, printed beside it;
 4. peak memory of the measured calls: before them, the process hands freed heap back to the OS
    (`release_free_heap`, glibc's malloc_trim, as the pipeline does at every call and window:
    otherwise what compilation freed but malloc kept, which varies by +-100 MiB from run to
@@ -80,12 +82,12 @@ def child(seconds: float, steps: int, repeats: int, inputs: str, out: str) -> di
     pipe = Pipeline(config, params)
     portrait = os.path.join(inputs, "portrait.png")
 
-    def generate(wav: str) -> float:
-        t0 = time.perf_counter()
+    def generate(wav: str) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         pipe.write(out, pipe.stream(portrait, wav, PROMPT))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
-    cold = generate(os.path.join(inputs, "voice_warmup.wav"))
+    cold, _ = generate(os.path.join(inputs, "voice_warmup.wav"))
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **_: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
@@ -93,10 +95,11 @@ def child(seconds: float, steps: int, repeats: int, inputs: str, out: str) -> di
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the reset below resets this too
     release_free_heap()
     reset = _reset_peak()
-    wall = min(generate(os.path.join(inputs, f"voice_{seconds:g}.wav")) for _ in range(repeats))
+    wall, cpu = min(generate(os.path.join(inputs, f"voice_{seconds:g}.wav")) for _ in range(repeats))
     life = max(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     info = probe(out)
     return {"seconds": seconds, "wall_s": wall, "s_per_video_second": wall / seconds, "cold_s": cold,
+            "cpu_per_video_second": cpu / seconds,
             "compiles": len(compiles), "peak_mib": _vm_hwm_mib() if reset else life, "life_mib": life,
             "frames": info.num_frames, "expected_frames": round(seconds * 25)}
 
@@ -143,12 +146,13 @@ def main() -> None:
     print(f"end-to-end generation (files in, mp4 out), tiny config, {args.steps} steps x 3 CFG branches, CPU, "
           f"fastest of {args.repeats} calls after one warm-up call; load average {load_start[0]:.1f} at start, "
           f"{os.getloadavg()[0]:.1f} at end")
-    print(f"{'video s':>8} {'frames':>7} {'cold s':>7} {'wall s':>8} {'s / video s':>12} {'ratio':>6} {'compiles':>9} "
-          f"{'peak MiB':>9} {'ratio':>6} {'life MiB':>9}")
+    print(f"{'video s':>8} {'frames':>7} {'cold s':>7} {'wall s':>8} {'s / video s':>12} {'ratio':>6} "
+          f"{'CPU s / video s':>16} {'ratio':>6} {'compiles':>9} {'peak MiB':>9} {'ratio':>6} {'life MiB':>9}")
     for r in rows:
         assert r["frames"] == r["expected_frames"], r
         print(f"{r['seconds']:8.0f} {r['frames']:7d} {r['cold_s']:7.1f} {r['wall_s']:8.1f} "
               f"{r['s_per_video_second']:12.3f} {r['s_per_video_second'] / base['s_per_video_second']:6.2f} "
+              f"{r['cpu_per_video_second']:16.3f} {r['cpu_per_video_second'] / base['cpu_per_video_second']:6.2f} "
               f"{r['compiles']:9d} {r['peak_mib']:9.0f} {r['peak_mib'] / base['peak_mib']:6.2f} {r['life_mib']:9.0f}")
     cost = max(abs(r["s_per_video_second"] / base["s_per_video_second"] - 1) for r in rows)
     mem = max(r["peak_mib"] / base["peak_mib"] - 1 for r in rows)

@@ -247,6 +247,7 @@ class Pipeline:
 
     def _request(self, portrait, audio, prompt, *, seconds, masks, steps, cfg_text, cfg_audio, size,
                  allow_silence) -> _Request:
+        self.last_audio = None  # the previous call's audio goes before this call's is read
         release_free_heap()  # what earlier calls (and compilation) freed
         p = self.config.prepare
         scfg = sampler_config(self.config, steps=steps, cfg_text=cfg_text, cfg_audio=cfg_audio)
