@@ -27,6 +27,19 @@ def torch():
     return _torch
 
 
+def write_talk_inputs(folder, seed: int, seconds: float):
+    """portrait.png (the clip's first frame) and voice.wav of a 64x64 synthetic clip in `folder`."""
+    import soundfile as sf
+    from PIL import Image
+
+    from mi_jax.data import synthetic
+
+    clip = synthetic.render_clip(seed, seconds, size=(64, 64))
+    Image.fromarray(clip.frames[0]).save(os.path.join(folder, "portrait.png"))
+    sf.write(os.path.join(folder, "voice.wav"), clip.audio, 16000)
+    return folder
+
+
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 

@@ -17,11 +17,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-import soundfile as sf
-from PIL import Image
 
-from conftest import CONFIGS
-from mi_jax.data import synthetic
+from conftest import CONFIGS, write_talk_inputs
 from mi_jax.data.video_io import read_video
 
 ROOT = os.path.dirname(CONFIGS)
@@ -29,11 +26,7 @@ ROOT = os.path.dirname(CONFIGS)
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist_gen_inputs")
-    clip = synthetic.render_clip(1_000_007, 1.2, size=(64, 64))
-    Image.fromarray(clip.frames[0]).save(d / "portrait.png")
-    sf.write(d / "voice.wav", clip.audio, 16000)
-    return d
+    return write_talk_inputs(tmp_path_factory.mktemp("dist_gen_inputs"), 1_000_007, 1.2)
 
 
 def test_sharded_window_step_matches_one_device(tiny_run, inputs):

@@ -8,18 +8,14 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from conftest import write_talk_inputs
 from mi_jax.cli import main as cli
-from mi_jax.data import synthetic
 from mi_jax.data.video_io import probe, read_audio
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gen_inputs")
-    clip = synthetic.render_clip(1_000_005, 2.2, size=(64, 64))
-    Image.fromarray(clip.frames[0]).save(d / "portrait.png")
-    sf.write(d / "voice.wav", clip.audio, 16000)
-    return d
+    return write_talk_inputs(tmp_path_factory.mktemp("gen_inputs"), 1_000_005, 2.2)
 
 
 def test_generate_writes_mp4_with_audio(tiny_run, inputs, tmp_path):

@@ -53,15 +53,21 @@ def lora_init(params: Mapping, rng, rank: int, targets: Sequence[str] = DEFAULT_
     return traverse_util.unflatten_dict({p + (k,): v for p, ab in out.items() for k, v in ab.items()})
 
 
+def _flat_with_factors(params: Mapping, lora: Mapping) -> tuple[dict, dict]:
+    """Flattened `params` and `lora`, checked: every factor pair belongs to a kernel of params."""
+    flat, factors = traverse_util.flatten_dict(params), traverse_util.flatten_dict(lora)
+    for path in {p[:-1] for p in factors}:
+        if path not in flat:
+            raise KeyError(f"LoRA factors for {'/'.join(path)}, which the model does not have")
+    return flat, factors
+
+
 def lora_apply(params: Mapping, lora: Mapping | None, scale: float = 1.0) -> dict:
     """`params` with `W + scale * a @ b` for every kernel that has LoRA factors."""
     if lora is None:
         return params
-    flat = traverse_util.flatten_dict(params)
-    factors = traverse_util.flatten_dict(lora)
+    flat, factors = _flat_with_factors(params, lora)
     for path in {p[:-1] for p in factors}:
-        if path not in flat:
-            raise KeyError(f"LoRA factors for {'/'.join(path)}, which the model does not have")
         w = flat[path]
         delta = jnp.matmul(factors[path + ("a",)], factors[path + ("b",)])
         flat[path] = (w.astype(jnp.float32) + scale * delta.astype(jnp.float32)).astype(w.dtype)
@@ -102,11 +108,8 @@ def lora_params(params: Mapping, lora: Mapping | None, scale: float = 1.0) -> di
     model under `activation_lora()`; without it the factors are ignored."""
     if lora is None:
         return params
-    flat = traverse_util.flatten_dict(params)
-    factors = traverse_util.flatten_dict(lora)
+    flat, factors = _flat_with_factors(params, lora)
     for path in {p[:-1] for p in factors}:
-        if path not in flat:
-            raise KeyError(f"LoRA factors for {'/'.join(path)}, which the model does not have")
         flat[path[:-1] + (LORA_A,)] = factors[path + ("a",)]
         flat[path[:-1] + (LORA_B,)] = scale * factors[path + ("b",)]
     return traverse_util.unflatten_dict(flat)

@@ -65,8 +65,6 @@ def train_vae(config, out_dir: str, *, steps: int = 2000, batch: int = 4, frames
               beta: float = 1e-6, seed: int = 0, log=print) -> dict:
     """Trains `VAEConfig(**config.prepare.vae_random)` at the prepare size; writes a diffusers
     VAE folder to `out_dir` (temp name + rename). Returns the final metrics."""
-    from mi_jax.convert.export import write_model
-    from mi_jax.convert.vae import VAE_NAME_MAP
     from mi_jax.models.vae import CausalVAE, VAEConfig
 
     vcfg = VAEConfig(**config.prepare.vae_random.to_dict())
@@ -101,22 +99,29 @@ def train_vae(config, out_dir: str, *, steps: int = 2000, batch: int = 4, frames
     means = [np.asarray(model.apply({"params": params}, jnp.asarray(next(data)), method="encode")[0]) for _ in range(8)]
     scaling = float(1.0 / np.concatenate([m.ravel() for m in means]).std())
     diffusers_cfg = dict(vcfg.to_diffusers(), scaling_factor=scaling, _class_name="AutoencoderKLHunyuanVideo")
+    metrics = {"l1": float(l1), "scaling_factor": scaling, "steps": steps, "batch": batch, "size": list(size)}
+    _write_vae(out_dir, params, diffusers_cfg, metrics)
+    return metrics
+
+
+def _write_vae(out_dir: str, params, diffusers_cfg: dict, metrics: dict) -> None:
+    """A diffusers VAE folder (config.json + safetensors + training.json) written under a temp
+    name, then renamed over `out_dir`: no partial folder is ever left at `out_dir`."""
+    import shutil
+
+    from mi_jax.convert.export import write_model
+    from mi_jax.convert.vae import VAE_NAME_MAP
+
     tmp = out_dir.rstrip("/") + ".tmp"
     if os.path.exists(tmp):
-        import shutil
-
         shutil.rmtree(tmp)
     write_model(tmp, params, VAE_NAME_MAP, diffusers_cfg, weights_name="diffusion_pytorch_model",
                 dtype=np.float32, max_shard_size="1GB")
-    metrics = {"l1": float(l1), "scaling_factor": scaling, "steps": steps, "batch": batch, "size": list(size)}
     with open(os.path.join(tmp, "training.json"), "w") as f:
         json.dump(metrics, f)
     if os.path.exists(out_dir):
-        import shutil
-
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-    return metrics
 
 
 def refine_vae(vae_dir: str, *, steps: int = 600, batch: int = 4, frames: int = 5, lr: float = 5e-4,
@@ -131,10 +136,7 @@ def refine_vae(vae_dir: str, *, steps: int = 600, batch: int = 4, frames: int = 
     `train_encoder=False` tunes the decoder (and post-quant conv) alone, so latents, and stores
     prepared with this VAE, stay valid; with the encoder the scaling factor is re-measured.
     Rewrites `vae_dir` in place (temp name + rename); returns the metrics."""
-    import shutil
-
-    from mi_jax.convert.export import write_model
-    from mi_jax.convert.vae import VAE_NAME_MAP, load_diffusers_vae
+    from mi_jax.convert.vae import load_diffusers_vae
     from mi_jax.models.vae import CausalVAE
 
     vcfg, params = load_diffusers_vae(vae_dir)
@@ -178,11 +180,6 @@ def refine_vae(vae_dir: str, *, steps: int = 600, batch: int = 4, frames: int = 
         means = [np.asarray(model.apply({"params": params}, jnp.asarray(next(data)[0]), method="encode")[0])
                  for _ in range(8)]
         diffusers_cfg["scaling_factor"] = float(1.0 / np.concatenate([m.ravel() for m in means]).std())
-    tmp = vae_dir.rstrip("/") + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    write_model(tmp, params, VAE_NAME_MAP, diffusers_cfg, weights_name="diffusion_pytorch_model",
-                dtype=np.float32, max_shard_size="1GB")
     metrics = {}
     if os.path.exists(os.path.join(vae_dir, "training.json")):
         with open(os.path.join(vae_dir, "training.json")) as f:
@@ -190,10 +187,7 @@ def refine_vae(vae_dir: str, *, steps: int = 600, batch: int = 4, frames: int = 
     metrics["refine"] = {"steps": steps, "batch": batch, "face_weight": face_weight, "mouth_weight": mouth_weight,
                          "train_encoder": train_encoder, "weighted_l1": float(loss), "l1": float(l1),
                          "scaling_factor": diffusers_cfg["scaling_factor"]}
-    with open(os.path.join(tmp, "training.json"), "w") as f:
-        json.dump(metrics, f)
-    shutil.rmtree(vae_dir)
-    os.replace(tmp, vae_dir)
+    _write_vae(vae_dir, params, diffusers_cfg, metrics)
     return metrics
 
 
