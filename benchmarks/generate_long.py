@@ -23,7 +23,7 @@ runs each length in a fresh Python process, which:
    the process's CPU time (all threads) of that call per video second: less sensitive than
    wall time to other programs on the machine, printed beside it;
 4. peak memory of the measured calls: before them, the process hands freed heap back to the OS
-   (`release_free_heap`, glibc's malloc_trim, as the pipeline does at every call and window:
+   (`release_free_heap`, glibc's malloc_trim, as the pipeline does at every call and every 2 s:
    otherwise what compilation freed but malloc kept, which varies by +-100 MiB from run to
    run, would set the peak) and resets its RSS high-water mark (`echo 5 >
    /proc/self/clear_refs`, Linux); after the calls it reads VmHWM from /proc/self/status. On

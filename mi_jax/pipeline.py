@@ -15,7 +15,8 @@ features, sliced from Wav2Vec2 run on fixed 8 s chunks as the windows reach them
 (`Encoders.audio_frame_chunks`), the jitted window step, and the VAE's streaming decoder,
 whose every shape (first tile, chunk, each possible end) is compiled once per latent size.
 Frames leave as they are decoded; nothing is kept per window, and freed heap is handed back to
-the OS every window (`release_free_heap`), so memory stays flat however long the video.
+the OS at every call and every 2 s (`release_free_heap`), so memory stays flat however long
+the video.
 
 Devices: the window step runs on a mesh (`data, fsdp, context, tensor`, mi_jax/parallel/mesh.py)
 with the DiT's parameters placed by the logical rules table (FSDP by default) and the inputs
@@ -32,6 +33,7 @@ import ctypes
 import dataclasses
 import functools
 import math
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
@@ -157,6 +159,19 @@ def release_free_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+class _Every:
+    """Calls `fn` when at least `seconds` have passed since the last call: trimming the heap
+    after every window of a fast model would cost more in page faults than it saves."""
+
+    def __init__(self, fn, seconds: float):
+        self.fn, self.seconds, self.last = fn, seconds, time.monotonic()
+
+    def __call__(self):
+        if time.monotonic() - self.last >= self.seconds:
+            self.fn()
+            self.last = time.monotonic()
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -291,12 +306,13 @@ class Pipeline:
         with its motion positions)."""
         fn = self._window_fn(req.scfg)
         carry = self._initial_carry(req.scfg, req.ref.shape[2:], seed)
+        trim = _Every(release_free_heap, 2.0)
         for k in range(req.num_windows):
             audio = None if req.audio is None else _put(req.audio.window(k), self._replicated)
             with with_rules(self.mesh, self.rules):  # per call: a generator must not hold the mesh across yields
                 carry, (motion, new) = fn(self.params, req.cond, carry, audio)
             new = _host(new)
-            release_free_heap()
+            trim()
             yield np.concatenate([_host(motion), new], axis=1) if k == 0 else new
             if progress is not None:
                 progress(k + 1, req.num_windows)

@@ -47,6 +47,24 @@ def max_abs(a, b) -> float:
 CONFIGS = os.path.join(_ROOT, "configs")
 
 
+def once_per_session(tmp_path_factory, name: str, build):
+    """`build(folder)` run once for the whole test session, also under pytest-xdist (`make test`
+    runs 2 workers): the first worker to get here builds into a shared folder under a file lock,
+    the others wait and reuse it (pytest-xdist's documented recipe). Returns the folder."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by all workers of this session
+    folder, done = root / f"shared_{name}", root / f"shared_{name}.done"
+    with FileLock(str(root / f"shared_{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            done.touch()
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory):
     """A sample store prepared from 4 synthetic clips (2 s each) with the tiny config."""
@@ -54,14 +72,16 @@ def tiny_store(tmp_path_factory):
     from mi_jax.data import synthetic
     from mi_jax.data.prepare import prepare
 
-    clips = tmp_path_factory.mktemp("synthetic_clips")
-    prompts = ["", "nodding", "shaking head", "smiling"]
-    for seed in range(4):
-        synthetic.render_clip(seed, 2.0, size=(64, 64), prompt=prompts[seed]).save(str(clips / f"clip_{seed}"))
-    out = str(tmp_path_factory.mktemp("store"))
-    report = prepare(load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1")), str(clips), out, progress=False)
-    assert not report["skipped"], report
-    return out
+    def build(folder):
+        clips = folder / "clips"
+        prompts = ["", "nodding", "shaking head", "smiling"]
+        for seed in range(4):
+            synthetic.render_clip(seed, 2.0, size=(64, 64), prompt=prompts[seed]).save(str(clips / f"clip_{seed}"))
+        report = prepare(load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1")), str(clips),
+                         str(folder / "store"), progress=False)
+        assert not report["skipped"], report
+
+    return os.path.join(once_per_session(tmp_path_factory, "tiny_store", build), "store")
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +97,5 @@ def tiny_run(tiny_store, tmp_path_factory):
                       [f"data.store={tiny_store!r}", "mesh='fsdp=1'", "train.steps=30", "train.checkpoint_every=1000",
                        "sample.steps=2"])
     mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
-    workdir = str(tmp_path_factory.mktemp("tiny_run"))
-    run(make_job(cfg, TrainData(cfg, mesh), mesh), workdir, log=lambda *_: None)
-    return workdir
+    return once_per_session(tmp_path_factory, "tiny_run",
+                            lambda folder: run(make_job(cfg, TrainData(cfg, mesh), mesh), str(folder), log=lambda *_: None))

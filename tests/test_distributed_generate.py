@@ -1,13 +1,15 @@
 """Generation on a mesh: the window step with its parameters sharded over 4 devices (FSDP, the
 CFG branches split over the devices) gives the latents of one device within 1e-5; `mi-jax
-generate` under launch/local.py with 2 processes writes, from process 0 only, the very frames
-one process writes on the same 2-device mesh.
+generate` under launch/local.py with 2 processes writes, from process 0 only, the frames one
+process writes on the same 2-device mesh.
 
-One device per process in the launcher test: every cross-device sum then has two terms, which
-add the same in any order, so two processes (gloo) and one (in-process collectives) agree
-bit for bit and the mp4s can be compared frame for frame. With more devices the order of a
-partial-sum all-reduce differs between the two (~5e-7 on the latents), and H.264 turns a
-flipped rounding into visible differences.
+"The frames" up to float rounding, compared through H.264: one device per process keeps every
+cross-device sum at two terms (the same in any order), and on this machine the two mp4s come out
+identical; but the CI machine once gave 1.8 % of the last 7 frames' values off by up to 23 levels
+(frames 0-22 identical), which is how H.264 amplifies a flipped rounding of a latent (~1e-7)
+under a different XLA:CPU thread partitioning. So the test asks for >= 95 % identical values
+and PSNR >= 40 dB: any real sharding or seeding error (a wrong shard, a replicated key split
+differently) changes nearly every value of every frame.
 """
 
 import os
@@ -73,4 +75,7 @@ def test_two_processes_write_what_one_process_writes(tiny_run, inputs, tmp_path)
     assert os.listdir(tmp_path / "two") == ["talk.mp4"]  # one file, no temporary left behind
     a, b = read_video(tmp_path / "one" / "talk.mp4"), read_video(tmp_path / "two" / "talk.mp4")
     assert len(a.frames) == len(b.frames) == 30
-    np.testing.assert_array_equal(b.frames, a.frames)
+    a, b = a.frames.astype(np.float64), b.frames.astype(np.float64)
+    same = float(np.mean(a == b))
+    psnr = 10 * np.log10(255.0**2 / max(float(np.mean((a - b) ** 2)), 1e-12))
+    assert same >= 0.95 and psnr >= 40.0, f"{same:.1%} of values identical, PSNR {psnr:.1f} dB"
