@@ -4,12 +4,12 @@ generate` under launch/local.py with 2 processes writes, from process 0 only, th
 process writes on the same 2-device mesh.
 
 "The frames" up to float rounding, compared through H.264: one device per process keeps every
-cross-device sum at two terms (the same in any order), and on this machine the two mp4s come out
-identical; but the CI machine once gave 1.8 % of the last 7 frames' values off by up to 23 levels
-(frames 0-22 identical), which is how H.264 amplifies a flipped rounding of a latent (~1e-7)
-under a different XLA:CPU thread partitioning. So the test asks for >= 95 % identical values
-and PSNR >= 40 dB: any real sharding or seeding error (a wrong shard, a replicated key split
-differently) changes nearly every value of every frame.
+cross-device sum at two terms (the same in any order), and on this machine the two mp4s came out
+identical; but on the CI machine 1.8-7 % of the values differed by up to 23 levels (frames 0-22
+identical): H.264 amplifying a flipped rounding of a latent (~1e-7) under a different XLA:CPU
+thread partitioning. So the test asks the 2-process video to be far closer to the 1-process
+one (PSNR >= 40 dB, mean difference < 1/10 of the control's) than the same call with another
+seed is (the control): a real sharding or seeding error gives another sample.
 """
 
 import os
@@ -62,8 +62,10 @@ def test_two_processes_write_what_one_process_writes(tiny_run, inputs, tmp_path)
     (tmp_path / "two").mkdir()
     from mi_jax.cli import main as cli
 
-    # one process (this one) on a 2-device mesh: the same `mi-jax generate`, without a second start-up
+    # one process (this one) on a 2-device mesh: the same `mi-jax generate`, without a second start-up;
+    # and the control, another seed
     assert cli(generate(tmp_path / "one" / "talk.mp4", "--mesh", "fsdp=2")[3:]) == 0
+    assert cli([*generate(tmp_path / "seed2.mp4", "--mesh", "fsdp=2")[3:], "--seed", "2"]) == 0
     # default mesh of a multi-process job: all its devices (here fsdp=2, one per process)
     launcher = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
                 "--cpu-devices", "1", "--"]
@@ -77,6 +79,7 @@ def test_two_processes_write_what_one_process_writes(tiny_run, inputs, tmp_path)
     a, b = read_video(tmp_path / "one" / "talk.mp4"), read_video(tmp_path / "two" / "talk.mp4")
     assert len(a.frames) == len(b.frames) == 30
     a, b = a.frames.astype(np.float64), b.frames.astype(np.float64)
-    same = float(np.mean(a == b))
+    control = read_video(tmp_path / "seed2.mp4").frames.astype(np.float64)
     psnr = 10 * np.log10(255.0**2 / max(float(np.mean((a - b) ** 2)), 1e-12))
-    assert same >= 0.95 and psnr >= 40.0, f"{same:.1%} of values identical, PSNR {psnr:.1f} dB"
+    diff, control_diff = float(np.abs(a - b).mean()), float(np.abs(a - control).mean())
+    assert psnr >= 40.0 and diff < 0.1 * control_diff, (psnr, diff, control_diff)
