@@ -91,6 +91,33 @@ def test_repeated_nans_stop_with_a_clear_message(tiny_store, tmp_path):
         run(make_job(cfg, AllNaN(TrainData(cfg, mesh), 0), mesh), str(tmp_path), log=lambda *_: None)
 
 
+def test_lora_stage_runs_on_activations_with_factors_split_like_their_kernels(tiny_store):
+    """`init.lora_rank > 0`: the step's DiT runs the factors on activations (`step_params` under
+    `activation_lora`), which equals running the merged kernels, and the factors (hence their
+    optimiser state) are split over the mesh like their kernels, not replicated."""
+    from flax import traverse_util
+
+    from mi_jax.train.data import TrainData
+    from mi_jax.train.pretrain import make_loss_fn, model_params
+
+    cfg = load_config(CONFIG, [f"data.store={tiny_store!r}", "mesh='fsdp=2'", "init.lora_rank=2"])
+    mesh = make_mesh("fsdp=2", devices=jax.devices()[:2])
+    data = TrainData(cfg, mesh)
+    job = make_job(cfg, data, mesh)
+    factors = traverse_util.flatten_dict(job.state_shardings.params["lora"])
+    kernels = traverse_util.flatten_dict(job.state_shardings.params["base"])
+    split = {path for path, sh in factors.items() if any(sh.spec)}
+    assert split and split == {path for path in factors if any(kernels[path[:-1]].spec)}
+
+    params = job.init_state().params
+    lora = jax.tree.map(lambda x: x + 0.05, params["lora"])  # b starts at 0: make the adapter act
+    batch, rng, loss_fn = next(iter(data)), jax.random.key(0), jax.jit(make_loss_fn(cfg))
+    on_activations = float(loss_fn({"base": params["base"], "lora": lora}, batch, rng)[0])
+    merged = float(loss_fn(model_params({"base": params["base"], "lora": lora}), batch, rng)[0])
+    base = float(loss_fn(params["base"], batch, rng)[0])
+    assert abs(on_activations - merged) <= 1e-5 * abs(merged) and abs(merged - base) > 1e-3 * abs(base)
+
+
 # ---------------------------------------------------------------- real processes
 
 
