@@ -151,8 +151,8 @@ def main() -> None:
         write_inputs(inputs, args.lengths)
         for seconds in args.lengths:
             res = subprocess.run([sys.executable, __file__, "--child", str(seconds), "--steps", str(args.steps),
-                                  "--repeats", str(args.repeats), "--budget", str(args.budget), "--inputs", inputs], capture_output=True, text=True,
-                                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                                  "--repeats", str(args.repeats), "--budget", str(args.budget), "--inputs", inputs],
+                                 capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
             if res.returncode:
                 sys.exit(f"child for {seconds} s failed:\n{res.stderr[-3000:]}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))

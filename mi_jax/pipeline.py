@@ -161,19 +161,6 @@ def release_free_heap() -> None:
         trim(0)
 
 
-class _Every:
-    """Calls `fn` when at least `seconds` have passed since the last call: trimming the heap
-    after every window of a fast model would cost more in page faults than it saves."""
-
-    def __init__(self, fn, seconds: float):
-        self.fn, self.seconds, self.last = fn, seconds, time.monotonic()
-
-    def __call__(self):
-        if time.monotonic() - self.last >= self.seconds:
-            self.fn()
-            self.last = time.monotonic()
-
-
 def _host(x: jax.Array) -> np.ndarray:
     """A replicated (possibly multi-process) array's value in this process."""
     return np.asarray(x.addressable_data(0))
@@ -306,13 +293,16 @@ class Pipeline:
         with its motion positions)."""
         fn = self._window_fn(req.scfg)
         carry = self._initial_carry(req.scfg, req.ref.shape[2:], seed)
-        trim = _Every(release_free_heap, 2.0)
+        trimmed = time.monotonic()  # the heap is trimmed every 2 s, not every window: after every
+        # window of a fast model the page faults of re-growing it would cost more than it saves
         for k in range(req.num_windows):
             audio = None if req.audio is None else _put(req.audio.window(k), self._replicated)
             with with_rules(self.mesh, self.rules):  # per call: a generator must not hold the mesh across yields
                 carry, (motion, new) = fn(self.params, req.cond, carry, audio)
             new = _host(new)
-            trim()
+            if time.monotonic() - trimmed >= 2.0:
+                release_free_heap()
+                trimmed = time.monotonic()
             yield np.concatenate([_host(motion), new], axis=1) if k == 0 else new
             if progress is not None:
                 progress(k + 1, req.num_windows)

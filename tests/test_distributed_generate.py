@@ -7,9 +7,10 @@ process writes on the same 2-device mesh.
 cross-device sum at two terms (the same in any order), and with a warm compile cache the two
 mp4s came out identical; but from a cold cache (CI, a fresh clone) 1.8 % and 6.8 % of the
 values differed, by up to 23 levels (frames 0-22 identical, PSNR 46.8 dB): H.264 amplifying a
-flipped rounding of a latent. Where the rounding differs was not found. So the test asks the 2-process video to be far closer to the 1-process
-one (PSNR >= 40 dB, mean difference < 1/10 of the control's) than the same call with another
-seed is (the control): a real sharding or seeding error gives another sample.
+flipped rounding of a latent. Where the rounding differs was not found. So the test asks the
+2-process video to be far closer to the 1-process one (PSNR >= 40 dB, mean difference < 1/10 of
+the control's) than the same call with another seed is (the control): a real sharding or
+seeding error gives another sample.
 """
 
 import os

@@ -84,11 +84,9 @@ def lora_shardings(lora: Mapping, kernel_shardings: Mapping) -> dict:
     may be the split one (to_q: `in`; to_out: `out`); this way both factors, and their optimiser
     state, are split like the weights instead of replicated on every device (rank 64 on the 13B
     DiT: 1.1 GB per factor set, x 6 for a generator and a critic with Adam)."""
-    kernels = traverse_util.flatten_dict(kernel_shardings)
+    kernels, factors = _flat_with_factors(kernel_shardings, lora)
     out = {}
-    for path, leaf in traverse_util.flatten_dict(lora).items():
-        if path[:-1] not in kernels:
-            raise KeyError(f"LoRA factors for {'/'.join(path[:-1])}, which the model does not have")
+    for path, leaf in factors.items():
         kernel = kernels[path[:-1]]
         spec = list(kernel.spec) + [None] * (len(leaf.shape) - len(kernel.spec))
         for i, (dim, axes) in enumerate(zip(leaf.shape, spec)):
