@@ -74,7 +74,7 @@ def tiny_store(tmp_path_factory):
 
     def build(folder):
         clips = folder / "clips"
-        prompts = ["", "nodding", "shaking head", "smiling"]
+        prompts = synthetic.TRAINING_PROMPTS  # neutral, nodding, shaking head, smiling for seeds 0..3
         for seed in range(4):
             synthetic.render_clip(seed, 2.0, size=(64, 64), prompt=prompts[seed]).save(str(clips / f"clip_{seed}"))
         report = prepare(load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1")), str(clips),

@@ -1,10 +1,13 @@
 """Evaluation metrics and report (mi_jax.eval): near-perfect scores on the ground-truth renderer,
-low scores on unrelated or shuffled audio, hard cuts and colour drift; the report's files.
-Held-out synthetic clips, 64x64 (128 wide for two speakers), 6-12 s."""
+low scores on unrelated or shuffled audio, a lagging mouth, hard cuts, colour drift, a tinted
+ending and a blurred face; the report's files. Held-out synthetic clips, 64x64 (128 wide for two
+speakers), 6-12 s."""
 
+import dataclasses
 import json
 import os
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,12 +16,15 @@ from mi_jax.data.synthetic import render_clip
 from mi_jax.eval.metrics import (
     Truth,
     best_offset_correlation,
+    colour_shift,
     evaluate,
+    eye_detail,
     head_centres,
     head_motion,
     identity_drift,
     measure,
     seam_score,
+    srgb_to_lab,
 )
 from mi_jax.eval.report import check, plot_lip_sync, write_report
 
@@ -89,6 +95,21 @@ def test_best_offset_finds_a_delayed_mouth(clip, truth):
     assert best_offset_correlation(envelope, np.roll(envelope, -2), 5)[1] == -2
 
 
+def test_lip_sync_check_fails_when_the_mouth_lags_4_frames(clip):
+    """Searched over +-5 frames, a mouth 4 frames late still correlates ~1 with the audio, but the
+    check wants every best offset within +-2 frames; the summary shows the lag."""
+    def lip_row(frames):
+        results = evaluate([frames], [clip])
+        return results["summary"]["lip_sync"], next(r for r in check(results) if r["metric"] == "lip-sync correlation")
+
+    late = np.concatenate([np.repeat(clip.frames[:1], 4, axis=0), clip.frames[:-4]])
+    summary, row = lip_row(late)
+    assert summary["offsets"] == [4] and summary["value"] > 0.95 and summary["ratio"] > 0.6
+    assert row["passed"] is False and row["detail"] == "offsets +4 frames"
+    summary, row = lip_row(clip.frames)
+    assert summary["offsets"] == [0] and row["passed"] is True
+
+
 def test_syncnet_hook_is_called_and_reported(clip, truth):
     calls = []
 
@@ -121,6 +142,54 @@ def test_identity_drift_uses_the_first_and_last_minute_of_long_videos():
     similarity = np.concatenate([np.ones(1500), np.linspace(1, 0.5, 1500), np.full(1500, 0.5)])  # 3 min at 25 fps
     drift = identity_drift(similarity, fps=25.0)
     assert drift["window_frames"] == 1500 and drift["first"] == 1 and drift["last"] == 0.5 and drift["drift"] == 0.5
+
+
+def test_face_detail_fails_on_a_blurred_face_and_passes_on_the_renderer(clip, truth):
+    """A 1.5 px Gaussian blur keeps identity similarity ~0.96 but loses most of the eye band's
+    edges; the renderer's own frames score exactly its own detail (ratio 1)."""
+    blurred = np.stack([cv2.GaussianBlur(f, (0, 0), 1.5) for f in clip.frames])
+    sharp, soft = evaluate([clip.frames], [truth]), evaluate([blurred], [truth])
+    detail = sharp["videos"][0]["truth"]["face_detail"]
+    assert detail > 10 and sharp["videos"][0]["video"]["face_detail"] == pytest.approx(detail)
+    assert soft["videos"][0]["video"]["face_detail"] / detail < 0.3
+    assert soft["videos"][0]["video"]["identity"]["first"] > 0.9  # what identity similarity alone would accept
+    sharp_row, soft_row = (next(r for r in check(res) if r["metric"] == "face detail (eye band edge energy)")
+                           for res in (sharp, soft))
+    assert sharp_row["passed"] is True and sharp_row["ratio"] == pytest.approx(1.0)
+    assert soft_row["passed"] is False and soft_row["ratio"] < 0.7
+    # the eye box follows the head: on the renderer, tracked and per-frame boxes agree
+    assert measure(clip.frames, truth, box_mode="truth")["face_detail"] == pytest.approx(detail, rel=0.02)
+    # per frame: a flat image has no edges at all
+    assert not eye_detail(np.full_like(clip.frames[:3], 128), clip.eye_boxes[0, :3]).any()
+    # a truth saved without eye boxes: no face-detail row, nothing else changes
+    no_eyes = evaluate([clip.frames], [dataclasses.replace(truth, eye_boxes=None)])
+    assert no_eyes["summary"]["face_detail"] is None
+    assert not [r for r in check(no_eyes) if r["metric"].startswith("face detail")]
+
+
+def test_colour_shift_is_zero_on_the_renderer_and_large_on_a_tinted_ending(clip, truth):
+    assert measure(clip.frames, truth)["colour_shift"]["delta_e"] < 0.5
+    tinted = clip.frames.copy()
+    tail = slice(2 * len(tinted) // 3, None)  # the last third: the window a 12 s video is measured on
+    tinted[tail] = np.clip(tinted[tail] + np.array([10, 0, -10]), 0, 255).astype(np.uint8)
+    shift = measure(tinted, truth)["colour_shift"]
+    assert shift["delta_e"] > 2 and shift["region"] == "face" and shift["window_frames"] == len(clip.frames) // 3
+    rows = {r["metric"]: r for r in check(evaluate([tinted, clip.frames], [truth, truth]))}
+    assert rows["colour shift, first to last window (dE76, worst video)"]["passed"] is False
+    rows = {r["metric"]: r for r in check(evaluate([clip.frames], [truth]))}
+    assert rows["colour shift, first to last window (dE76, worst video)"]["passed"] is True
+
+
+def test_colour_shift_uses_the_first_and_last_minute_and_standard_lab():
+    lab = srgb_to_lab(np.array([[255, 255, 255], [255, 0, 0], [0, 0, 0]], np.uint8))
+    np.testing.assert_allclose(lab, [[100, 0, 0], [53.24, 80.09, 67.20], [0, 0, 0]], atol=0.01)
+    # 150 frames at 1 fps: the first 60 grey, then white; the last minute is all white
+    frames = np.full((150, 4, 4, 3), 255, np.uint8)
+    frames[:60] = 119  # L* = 50.0
+    shift = colour_shift(frames, fps=1.0)
+    assert shift["window_frames"] == 60 and shift["region"] == "frame"
+    assert shift["delta_e"] == pytest.approx(100 - srgb_to_lab(np.array([119, 119, 119], np.uint8))[0])
+    assert abs(shift["first"][0] - 50) < 0.3 and colour_shift(frames, fps=1.0, window_s=90)["window_frames"] == 50
 
 
 def test_seam_score_is_one_on_a_continuous_rendering_and_high_on_hard_cuts(clip):
@@ -158,6 +227,7 @@ def test_evaluate_and_report(tmp_path, clip, actions, duo):
     assert summary["lip_sync"]["value"] > 0.95 and summary["lip_sync"]["ratio"] == pytest.approx(1.0)
     assert summary["identity_drift"]["worst"] < 0.02 and 0.8 < summary["seam"]["value"] < 1.2
     assert summary["routing"]["value"] > 0.5
+    assert summary["face_detail"]["ratio"] == pytest.approx(1.0) and summary["colour_shift"]["worst"] < 1.0
     assert all(row["passed"] in (True, None) for row in check(results)), check(results)
 
     # the same videos with block-shuffled audio: lip sync falls far below 0.6 of the renderer's
@@ -171,6 +241,9 @@ def test_evaluate_and_report(tmp_path, clip, actions, duo):
     assert path == str(tmp_path / "report" / "report.md")
     assert f"{summary['lip_sync']['value']:.3f}" in text and f"{summary['seam']['value']:.3f}" in text
     assert "| lip-sync correlation |" in text and "**FAIL**" not in text and "Two-speaker routing" in text
+    assert "offsets +0, +0, +0, +0, +0, +0 frames" in text and "every \\|offset\\| <= 2 frames" in text
+    assert "| face detail (eye band edge energy) |" in text and "## Face detail" in text
+    assert "| colour shift, first to last window (dE76, worst video) |" in text and "## Colour shift" in text
     assert json.load(open(tmp_path / "report" / "results.json"))["summary"]["lip_sync"] == summary["lip_sync"]
     pngs = sorted(p for p in os.listdir(tmp_path / "report") if p.endswith(".png"))
     assert len(pngs) == len(clips) + 1 and "identity.png" in pngs
@@ -216,3 +289,11 @@ def test_clear_errors(clip, truth):
         measure(clip.frames[:5], truth)
     with pytest.raises(ValueError, match="evaluate"):
         write_report({}, "unused")
+    with pytest.raises(ValueError, match="eye_boxes"):
+        eye_detail(clip.frames, clip.eye_boxes[0, :5])
+    with pytest.raises(ValueError, match="face_boxes"):
+        colour_shift(clip.frames, clip.fps, face_boxes=clip.face_boxes[0, :5])
+    with pytest.raises(ValueError, match="fps"):
+        colour_shift(clip.frames, 0.0)
+    with pytest.raises(ValueError, match="uint8"):
+        srgb_to_lab(np.ones((2, 3)))

@@ -1,4 +1,5 @@
-"""User inputs for generation, checked before any compilation: the portrait, speaker masks.
+"""User inputs for generation, checked before any compilation: the portrait, speaker masks,
+the prompt's words.
 
 Every problem raises `InputError` naming the input, the problem and the fix; fixable ones
 (RGBA / greyscale / CMYK / palette images, sizes off the patch grid) are converted and reported
@@ -113,3 +114,27 @@ def speaker_masks(masks, speakers: int, height: int, width: int, portrait: np.nd
     except ValueError as e:
         raise InputError(f"mask: {e}") from None
     return fm.face[:, 0].astype(np.float32), notices
+
+
+def prompt_notices(prompt: str, vocabulary) -> list[str]:
+    """A notice naming the words of `prompt` the model never saw in training (not in
+    `vocabulary`, config `prepare.text_vocabulary`), which will have no effect, and the
+    synthetic world's actions it does know; [] when every word is known or `vocabulary` is
+    empty (no check: e.g. the real text encoder, which knows English)."""
+    from mi_jax.data import synthetic
+    from mi_jax.data.text_encoder import prompt_words, unknown_words
+
+    if not isinstance(prompt, str):
+        return []  # not a prompt at all: the text encoder raises, naming the fix
+    vocabulary = {w.lower() for w in vocabulary}
+    unknown = unknown_words(prompt, vocabulary)
+    if not unknown:
+        return []
+    quoted = ", ".join(f'"{w}"' for w in unknown)
+    seen = (f"the word {quoted}; it will" if len(unknown) == 1 else f"the words {quoted}; they will")
+    known = [a for a in synthetic.ACTIONS if set(prompt_words(a)) <= vocabulary]
+    if known:
+        hint = f'Known actions: {", ".join(known)} (e.g. "{synthetic.prompt_for(known[0])}")'
+    else:
+        hint = "Words it knows: " + ", ".join(sorted(vocabulary))
+    return [f"prompt: the model has never seen {seen} have no effect. {hint}"]

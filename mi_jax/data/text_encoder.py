@@ -34,7 +34,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, Sequence
+from typing import Iterable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -345,7 +345,23 @@ class HunyuanTextEncoder:
 # --------------------------------------------------------------------------------------------
 
 _WORD = re.compile(r"\w+|[^\w\s]")
+_WORD_CHAR = re.compile(r"\w")  # a _WORD token starting with one is a word, else punctuation
 _EOS = "\x00eos"  # not producible by _WORD, so it never collides with a prompt word
+
+
+def prompt_words(prompt: str) -> list[str]:
+    """The words of `prompt` as `TinyTextEncoder.encode` splits it (lower-cased), punctuation
+    left out, in order, repeats kept: "A person, nodding." -> ["a", "person", "nodding"]."""
+    return [w for w in _WORD.findall(prompt.lower()) if _WORD_CHAR.match(w)]
+
+
+def unknown_words(prompt: str, vocabulary: Iterable[str]) -> list[str]:
+    """The words of `prompt` (`prompt_words`) not in `vocabulary` (compared lower-cased), in order
+    of first appearance, each once. An empty vocabulary means "no check": returns []."""
+    known = {w.lower() for w in vocabulary}
+    if not known:
+        return []
+    return list(dict.fromkeys(w for w in prompt_words(prompt) if w not in known))
 
 
 def _seed(*parts: str | int) -> int:
@@ -362,12 +378,24 @@ class TinyTextEncoder:
     projection of the 8x8-downsampled portrait go first, as in HunyuanVideo. Rows hold real tokens
     then padding; L = num_image_tokens + max_length. Text over max_length - 1 words is truncated.
     pooled [B, P] = fixed random projection of the mean text-token vector (text only, like CLIP).
+
+    A word's vector means something to a model only if the word was in its training prompts:
+    `vocabulary` (those words; config `prepare.text_vocabulary`) lets `unknown_words` name the
+    words of a prompt the model has never seen. Without it every word counts as known.
     """
 
-    def __init__(self, dim: int, pooled_dim: int, max_length: int, *, num_image_tokens: int = 4, seed: int = 0):
+    def __init__(self, dim: int, pooled_dim: int, max_length: int, *, num_image_tokens: int = 4, seed: int = 0,
+                 vocabulary: Iterable[str] | None = None):
         if dim < 1 or pooled_dim < 1 or max_length < 1 or num_image_tokens < 0:
             raise ValueError(f"need dim, pooled_dim, max_length >= 1 and num_image_tokens >= 0; got "
                              f"{dim}, {pooled_dim}, {max_length}, {num_image_tokens}.")
+        words = () if vocabulary is None else vocabulary
+        words = None if isinstance(words, str) else tuple(words)  # a bare string would be read letter by letter
+        if words is None or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"vocabulary must be an iterable of words (strings), e.g. ('a', 'person'); "
+                             f"got {vocabulary!r}.")
+        # lower-cased like the prompts; () or None: no vocabulary, nothing is reported unknown
+        self.vocabulary = frozenset(w.lower() for w in words)
         self.dim, self.pooled_dim, self.max_length = dim, pooled_dim, max_length
         self.num_image_tokens, self.seed = num_image_tokens, seed
         self.seq_len = num_image_tokens + max_length
@@ -398,6 +426,12 @@ class TinyTextEncoder:
         sums = integral[r1][:, c1] - integral[r0][:, c1] - integral[r1][:, c0] + integral[r0][:, c0]
         small = sums / ((r1 - r0)[:, None, None] * (c1 - c0)[None, :, None])
         return np.einsum("f,nfd->nd", small.reshape(-1).astype(np.float32), self._image_proj)
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The words of `prompt` (split as `encode` splits it, lower-cased, punctuation ignored)
+        that are not in the vocabulary, in order of first appearance, each once. Empty when the
+        encoder has no vocabulary."""
+        return unknown_words(prompt, self.vocabulary)
 
     def encode(self, prompts: str | Sequence[str], images=None) -> TextConditioning:
         """prompts: str or B strings; images: optional B portraits (see `_as_images`)."""

@@ -11,8 +11,9 @@ displacement: the centre of mass of the head silhouette (pixels whose colour dif
 background's, estimated per row from the frame's leftmost and rightmost columns; see
 `head_centres`), relative to the video's first frame (which the sampler conditions on the portrait).
 `box_mode="truth"` uses the truth's per-frame boxes instead (exact only for videos that follow
-the driving motion, e.g. the renderer's). Either way the mouth box is enlarged by `box_margin`
-(default 10 %) of its size on each side, to absorb tracking error; the face box is not.
+the driving motion, e.g. the renderer's). The eye band box follows the head the same way. Either
+way the mouth and eye boxes are enlarged by `box_margin` (default 10 %) of their size on each side,
+to absorb tracking error; the face box is not.
 
 Metrics (per video; `evaluate` adds the renderer's values and a summary over videos):
 
@@ -23,9 +24,13 @@ Metrics (per video; `evaluate` adds the renderer's values and a summary over vid
 2. Identity: per frame, 1 - mean |crop - reference crop| / 255 over the face ellipse without
    the mouth box, crops resampled to CROP x CROP pixels; drift = relative drop of its mean from
    the first to the last window (`identity_drift`).
-3. Window seams: mean |frame difference| at given boundary frames / the same elsewhere.
-4. Text control: variance of the head centre's vertical / horizontal motion.
-5. Two-speaker routing: each mouth's correlation with its own stream minus the other's.
+3. Face detail: mean luma gradient magnitude in the eye band box (`eye_detail`); a blurred or
+   eyeless face has almost none, unlike identity similarity, which such a face still scores ~0.9.
+4. Colour shift: dE76 between the mean CIE Lab colour of the face region in the first and the
+   last window (`colour_shift`).
+5. Window seams: mean |frame difference| at given boundary frames / the same elsewhere.
+6. Text control: variance of the head centre's vertical / horizontal motion.
+7. Two-speaker routing: each mouth's correlation with its own stream minus the other's.
 """
 
 from __future__ import annotations
@@ -51,12 +56,14 @@ class Truth:
     """Ground truth of the clip that drove a generation (S speakers, T frames, N samples).
 
     frames: uint8 [T, H, W, 3], the renderer's video (frames[0] is the portrait);
-    speaker_audio: float32 [S, N]; face_boxes, mouth_boxes: float32 [S, T, 4] (x0, y0, x1, y1)."""
+    speaker_audio: float32 [S, N]; face_boxes, mouth_boxes, eye_boxes: float32 [S, T, 4]
+    (x0, y0, x1, y1). eye_boxes is None for folders saved before clips had them (no face detail)."""
 
     frames: np.ndarray
     speaker_audio: np.ndarray
     face_boxes: np.ndarray
     mouth_boxes: np.ndarray
+    eye_boxes: np.ndarray | None
     actions: tuple[str, ...]
     prompt: str
     seed: int
@@ -66,8 +73,9 @@ class Truth:
 
     @classmethod
     def from_clip(cls, clip: synthetic.Clip, name: str | None = None) -> Truth:
-        return cls(clip.frames, clip.speaker_audio, clip.face_boxes, clip.mouth_boxes, tuple(clip.actions),
-                   clip.prompt, clip.seed, clip.fps, clip.sample_rate, name or _default_name(clip.seed, clip.prompt))
+        return cls(clip.frames, clip.speaker_audio, clip.face_boxes, clip.mouth_boxes, clip.eye_boxes,
+                   tuple(clip.actions), clip.prompt, clip.seed, clip.fps, clip.sample_rate,
+                   name or _default_name(clip.seed, clip.prompt))
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Truth:
@@ -77,8 +85,8 @@ class Truth:
         meta, arrays = synthetic.load_truth(folder)
         frames = read_video(os.path.join(folder, "clip.mp4"), meta["fps"]).frames
         return cls(frames, arrays["speaker_audio"], arrays["face_boxes"], arrays["mouth_boxes"],
-                   tuple(meta["actions"]), meta["prompt"], meta["seed"], meta["fps"], meta["sample_rate"],
-                   os.path.basename(os.path.normpath(folder)))
+                   arrays.get("eye_boxes"), tuple(meta["actions"]), meta["prompt"], meta["seed"], meta["fps"],
+                   meta["sample_rate"], os.path.basename(os.path.normpath(folder)))
 
     @property
     def speakers(self) -> int:
@@ -250,6 +258,108 @@ def identity_drift(similarity: np.ndarray, fps: float, window_s: float = 60.0) -
     return {"first": first, "last": last, "drift": (first - last) / max(first, 1e-9), "window_frames": window}
 
 
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601, as `synthetic.measure_mouth_open`
+
+
+def eye_detail(frames: np.ndarray, eye_boxes: np.ndarray) -> np.ndarray:
+    """float32 [T]: the mean gradient magnitude of luma (0-255 units per pixel) inside each frame's
+    eye band box: forward differences along both axes, sqrt(dx^2 + dy^2), over the box's pixels
+    (pixel j counts when it overlaps [x0, x1)). frames uint8 [T, H, W, 3], eye_boxes [T, 4]
+    (x0, y0, x1, y1). Sharp eyes, lids and brows give strong edges; a blurred or eyeless face
+    little (a 1 px Gaussian blur of a 64 x 64 renderer clip keeps ~25 % of it). A box less than
+    2 x 2 pixels inside the frame scores 0."""
+    frames = _check_frames(frames)
+    boxes = np.asarray(eye_boxes, np.float64)
+    if boxes.shape != (len(frames), 4):
+        raise ValueError(f"eye_boxes must be [T, 4] (x0, y0, x1, y1) for T = {len(frames)} frames, got shape "
+                         f"{boxes.shape}.")
+    height, width = frames.shape[1:3]
+    out = np.zeros(len(frames), np.float32)
+    for t, (x0, y0, x1, y1) in enumerate(boxes):
+        c0, r0 = max(0, math.floor(x0)), max(0, math.floor(y0))
+        c1, r1 = min(width, math.ceil(x1)), min(height, math.ceil(y1))
+        if c1 - c0 < 2 or r1 - r0 < 2:
+            continue
+        luma = frames[t, r0:r1, c0:c1].astype(np.float32) @ LUMA
+        dx, dy = np.diff(luma, axis=1)[:-1], np.diff(luma, axis=0)[:, :-1]
+        out[t] = np.sqrt(dx * dx + dy * dy).mean()
+    return out
+
+
+# sRGB (D65) -> CIE XYZ, and the D65 white point (IEC 61966-2-1 / CIE 15)
+_RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
+                        [0.2126729, 0.7151522, 0.0721750],
+                        [0.0193339, 0.1191920, 0.9503041]])
+_D65_WHITE = np.array([0.95047, 1.0, 1.08883])
+
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """float64 [..., 3] CIE L*a*b* (D65 white, L in [0, 100]) of uint8 sRGB [..., 3]: the sRGB
+    transfer curve undone, XYZ by the sRGB matrix, then the CIE 1976 formula."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim < 1 or rgb.shape[-1] != 3:
+        raise ValueError(f"rgb must be uint8 [..., 3], got {rgb.dtype} {rgb.shape}.")
+    c = np.arange(256) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)[rgb]  # lookup per channel
+    xyz = linear @ (_RGB_TO_XYZ.T / _D65_WHITE)  # divided by the white point's
+    delta = 6.0 / 29.0
+    f = np.where(xyz > delta**3, np.cbrt(xyz), xyz / (3 * delta**2) + 4.0 / 29.0)
+    return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])],
+                    axis=-1)
+
+
+def colour_shift(frames: np.ndarray, fps: float, window_s: float = 60.0,
+                 face_boxes: np.ndarray | None = None) -> dict:
+    """Mean colour shift from the first to the last window: dE76 (Euclidean distance in CIE Lab)
+    between the mean Lab colours of the two windows. The window is `window_s` seconds when the
+    video spans at least two of them (the first and last minute), else the first / last third.
+
+    The region is the face: the ellipses inscribed in face_boxes [T, 4] or [S, T, 4] (every
+    speaker's; pixel centres inside), as `measure` passes them, because a face sliding to another
+    colour is the failure that matters and the background around it would dilute it; the whole
+    frame when face_boxes is None. Frames where no pixel falls in the region are skipped.
+    frames uint8 [T, H, W, 3]. Returns {"delta_e", "first", "last" (mean L, a, b), "window_frames",
+    "region" ("face" or "frame")}."""
+    frames = _check_frames(frames)
+    if not fps > 0 or not window_s > 0:
+        raise ValueError(f"fps and window_s must be positive, got fps={fps}, window_s={window_s}.")
+    t, h, w, _ = frames.shape
+    if t < 2:
+        raise ValueError(f"colour_shift needs at least 2 frames, got {t}.")
+    boxes = None
+    if face_boxes is not None:
+        boxes = np.asarray(face_boxes, np.float64)
+        boxes = boxes[None] if boxes.ndim == 2 else boxes
+        if boxes.ndim != 3 or boxes.shape[1:] != (t, 4):
+            raise ValueError(f"face_boxes must be [T, 4] or [S, T, 4] (x0, y0, x1, y1) for T = {t} frames, got "
+                             f"shape {np.shape(face_boxes)}.")
+    window = round(window_s * fps)
+    if t < 2 * window:
+        window = max(1, t // 3)
+    xs, ys = np.arange(w) + 0.5, np.arange(h) + 0.5
+    means = np.full((t, 3), np.nan)
+    for s in range(0, t, 64):  # chunks bound the float temporaries
+        lab = srgb_to_lab(frames[s : s + 64])  # [t, H, W, 3]
+        if boxes is None:
+            means[s : s + 64] = lab.mean(axis=(1, 2))
+            continue
+        b = boxes[:, s : s + 64, :, None, None]  # [S, t, 4, 1, 1]
+        centre_x, centre_y = (b[:, :, 0] + b[:, :, 2]) / 2, (b[:, :, 1] + b[:, :, 3]) / 2
+        half_w = np.maximum((b[:, :, 2] - b[:, :, 0]) / 2, 1e-9)
+        half_h = np.maximum((b[:, :, 3] - b[:, :, 1]) / 2, 1e-9)
+        inside = (((xs[None] - centre_x) / half_w) ** 2 + ((ys[:, None] - centre_y) / half_h) ** 2 <= 1).any(0)
+        count = inside.sum((1, 2))  # [t]
+        total = np.einsum("thw,thwc->tc", inside.astype(np.float64), lab)
+        means[s : s + 64][count > 0] = total[count > 0] / count[count > 0, None]
+    first, last = means[:window], means[-window:]
+    first, last = first[np.isfinite(first[:, 0])], last[np.isfinite(last[:, 0])]
+    if not len(first) or not len(last):
+        raise ValueError("no face pixels in the first or the last window: the face boxes lie outside the frame.")
+    first, last = first.mean(axis=0), last.mean(axis=0)
+    return {"delta_e": float(np.linalg.norm(last - first)), "first": first.tolist(), "last": last.tolist(),
+            "window_frames": window, "region": "frame" if boxes is None else "face"}
+
+
 def seam_score(frames: np.ndarray, boundaries: Sequence[int]) -> float:
     """Mean |frame b - frame b-1| over boundary frames b (the first frame of each new sampler
     window) divided by the mean over all other consecutive pairs: 1.0 = seamless, > 1 = visible
@@ -288,8 +398,12 @@ def measure(frames: np.ndarray, truth: Truth, speaker_audio: np.ndarray | None =
             syncnet: SyncNetFn | None = None) -> dict:
     """Every metric of one video, frames uint8 [T, H, W, 3] at truth.fps (T may differ from the
     truth's: the shorter length is used). speaker_audio float [S, N] or [N]: the driving audio,
-    default the truth's. Boxes are rescaled when the video's size differs from the truth's.
-    Returns plain floats / lists (JSON-ready), including the series the report plots."""
+    default the truth's. Boxes are rescaled when the video's size differs from the truth's, and
+    face detail is then expressed per truth pixel (x the scale), so it stays comparable with the
+    renderer's. drift_window_s: the window of `identity_drift` and `colour_shift`.
+    Returns plain floats / lists (JSON-ready), including the series the report plots;
+    "face_detail" is the mean of `eye_detail` over frames and speakers (None when the truth has
+    no eye boxes), "colour_shift" `colour_shift`'s dict for every speaker's face."""
     if box_mode not in BOX_MODES:
         raise ValueError(f"box_mode must be one of {BOX_MODES}, got {box_mode!r}.")
     frames = _check_frames(frames)
@@ -306,6 +420,7 @@ def measure(frames: np.ndarray, truth: Truth, speaker_audio: np.ndarray | None =
     truth_h, truth_w = truth.frames.shape[1:3]
     scale = np.array([w / truth_w, h / truth_h] * 2)  # boxes follow a video made at another size
     face_boxes, mouth_boxes = truth.face_boxes[:, :t] * scale, truth.mouth_boxes[:, :t] * scale
+    eye_boxes = None if truth.eye_boxes is None else truth.eye_boxes[:, :t] * scale
     reference = truth.frames[0]
     if reference.shape[:2] != (h, w):
         import cv2
@@ -314,13 +429,15 @@ def measure(frames: np.ndarray, truth: Truth, speaker_audio: np.ndarray | None =
     centres = head_centres(frames, truth.speakers)
 
     out = {"num_frames": t, "lip_sync": [], "identity_series": [], "mouth_series": [], "envelope_series": []}
-    envelopes, mouths, sims = [], [], []
+    def follow(boxes, s):  # speaker s's boxes [T, 4] in this video, per box_mode
+        return tracked_boxes(boxes[s, 0], centres[s]) if box_mode == "track" else boxes[s]
+
+    envelopes, mouths, sims, details, faces = [], [], [], [], []
     for s in range(truth.speakers):
-        if box_mode == "track":
-            mouth_s, face_s = tracked_boxes(mouth_boxes[s, 0], centres[s]), tracked_boxes(face_boxes[s, 0], centres[s])
-        else:
-            mouth_s, face_s = mouth_boxes[s], face_boxes[s]
-        mouth_s = enlarge(mouth_s, box_margin)
+        mouth_s, face_s = enlarge(follow(mouth_boxes, s), box_margin), follow(face_boxes, s)
+        if eye_boxes is not None:
+            details.append(eye_detail(frames, enlarge(follow(eye_boxes, s), box_margin)))
+        faces.append(face_s)
         env = audio_envelope(audio[s], t, truth.fps, truth.sample_rate)
         mouth = mouth_opening(frames, mouth_s)
         corr, offset = best_offset_correlation(env, mouth, max_offset)
@@ -337,6 +454,9 @@ def measure(frames: np.ndarray, truth: Truth, speaker_audio: np.ndarray | None =
         sims.append(identity_similarity(frames, reference, face_s, face_boxes[s, 0], mouth_boxes[s, 0]))
     similarity = np.mean(sims, axis=0)
     out["identity"] = identity_drift(similarity, truth.fps, drift_window_s)
+    # per truth pixel: a gradient per video pixel shrinks as the video is upscaled
+    out["face_detail"] = float(np.mean(details) * math.sqrt(scale[0] * scale[1])) if details else None
+    out["colour_shift"] = colour_shift(frames, truth.fps, drift_window_s, np.stack(faces))
     out["motion"] = head_motion(centres)
     out["routing"] = routing(np.stack(mouths), np.stack(envelopes), max_offset) if truth.speakers == 2 else None
     out["seam"] = None if boundaries is None else seam_score(frames, [b for b in boundaries if b < t])
@@ -382,7 +502,7 @@ def evaluate(videos: Sequence, truths: Sequence, *, boundaries: Sequence | None 
     audios: per video, the driving audio float [S, N] (or [N] for one speaker), default the
       truth's speaker_audio; e.g. to check that unrelated audio scores low.
     max_offset: lip-sync offsets searched, +- frames. box_mode / box_margin: see the module
-      docstring. drift_window_s: `identity_drift`'s window.
+      docstring. drift_window_s: the window of `identity_drift` and `colour_shift`.
     syncnet: optional SyncNet-style scorer, called as syncnet(frames=uint8 [T, H, W, 3],
       audio=float32 [N], fps=float, sample_rate=int, face_boxes=float [T, 4]) -> float confidence
       per speaker. No SyncNet weights ship with mi_jax or can be fetched here, so without a
@@ -423,9 +543,11 @@ def _ratio(value, truth):
 def summarize(records: list[dict]) -> dict:
     """Means over videos (and speakers) of each metric, for the generated videos ("value") and
     the renderer ("truth"), with value / truth ("ratio") where that is meaningful:
-    lip_sync (correlation), syncnet (when measured), identity_drift (mean; "worst" = max), seam
-    (videos with boundaries), text_control (per group "nodding" / "shaking head" / "neutral": the
-    geometric mean of vertical / horizontal motion variance), routing (smallest margin)."""
+    lip_sync (correlation; "offsets": every video's and speaker's best offset), syncnet (when
+    measured), face_detail (eye band edge energy; videos whose truth has eye boxes),
+    identity_drift and colour_shift (dE76) (mean; "worst" = max, "truth_worst" the renderer's),
+    seam (videos with boundaries), text_control (per group "nodding" / "shaking head" / "neutral":
+    the geometric mean of vertical / horizontal motion variance), routing (smallest margin)."""
     def mean_of(side, get):
         values = [v for r in records for v in get(r[side])]
         return float(np.mean(values)) if values else None
@@ -434,6 +556,7 @@ def summarize(records: list[dict]) -> dict:
     for key, get in (("lip_sync", lambda m: [s["correlation"] for s in m["lip_sync"]]),
                      ("syncnet", lambda m: [s["syncnet_confidence"] for s in m["lip_sync"]
                                             if "syncnet_confidence" in s]),
+                     ("face_detail", lambda m: [m["face_detail"]] if m["face_detail"] is not None else []),
                      ("seam", lambda m: [m["seam"]] if m["seam"] is not None else [])):
         value, truth = mean_of("video", get), mean_of("truth", get)
         out[key] = None if value is None else {"value": value, "truth": truth, "ratio": _ratio(value, truth)}
@@ -443,6 +566,9 @@ def summarize(records: list[dict]) -> dict:
     # the renderer drifts ~0, so drift / renderer's drift would only amplify noise: no ratio
     out["identity_drift"] = {"value": float(np.mean(drifts)), "worst": float(np.max(drifts)), "ratio": None,
                              "truth": float(np.mean([r["truth"]["identity"]["drift"] for r in records]))}
+    shifts, truth_shifts = ([r[side]["colour_shift"]["delta_e"] for r in records] for side in ("video", "truth"))
+    out["colour_shift"] = {"value": float(np.mean(shifts)), "worst": float(np.max(shifts)), "ratio": None,
+                           "truth": float(np.mean(truth_shifts)), "truth_worst": float(np.max(truth_shifts))}
     groups = {"nodding": lambda a: "nodding" in a, "shaking head": lambda a: "shaking head" in a,
               "neutral": lambda a: not a}
     out["text_control"] = {}

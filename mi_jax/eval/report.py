@@ -1,9 +1,10 @@
 """The evaluation report: `write_report(evaluate(...), out_dir)` writes report.md (a summary with
-pass / fail against thresholds, then a table per metric), results.json (everything measured)
-and PNG plots: per video the audio envelope against the measured mouth opening
-(`plot_lip_sync`, also used by `make demo`), and identity similarity over time
-(`plot_identity`). Every file is written to a temporary name in out_dir and renamed into
-place, so a reader never sees a partial file. Plots need matplotlib (imported only here)."""
+pass / fail against thresholds, then a table per metric: lip sync, identity, face detail, colour
+shift, seams, text control, routing), results.json (everything measured) and PNG plots: per
+video the audio envelope against the measured mouth opening (`plot_lip_sync`, also used by
+`make demo`), and identity similarity over time (`plot_identity`). Every file is written to a
+temporary name in out_dir and renamed into place, so a reader never sees a partial file. Plots
+need matplotlib (imported only here)."""
 
 from __future__ import annotations
 
@@ -99,25 +100,43 @@ def plot_identity(series: dict[str, np.ndarray], fps: float, path: str | os.Path
 # ----------------------------------------------------------------------------- pass / fail
 
 
-def check(results: dict, *, min_lip_sync_fraction: float = 0.6, max_seam: float = 1.3,
+def check(results: dict, *, min_lip_sync_fraction: float = 0.6, max_lip_sync_offset: int = 2,
+          min_face_detail: float = 0.7, max_colour_shift: float = 2.0, max_seam: float = 1.3,
           max_identity_drift: float = 0.10, min_routing_margin: float = 0.1) -> list[dict]:
-    """Summary rows {metric, value, truth, ratio, threshold, passed} of `evaluate`'s results;
-    passed is None for rows without a threshold. Text control passes when nodding's vertical /
-    horizontal variance ratio is > 1 and above the neutral prompt's (shaking head: < 1 and below)."""
+    """Summary rows {metric, value, truth, ratio, threshold, passed, detail} of `evaluate`'s
+    results; passed is None for rows without a threshold, detail a note shown with the value
+    (else None). Lip sync passes when the mean correlation is >= min_lip_sync_fraction of the
+    renderer's and every video's (and speaker's) best offset is within +-max_lip_sync_offset
+    frames (a well-correlated mouth that lags the audio fails). Face detail: eye band edge energy
+    >= min_face_detail of the renderer's. Colour shift: the worst video's dE76 <= max_colour_shift.
+    Text control passes when nodding's vertical / horizontal variance ratio is > 1 and above the
+    neutral prompt's (shaking head: < 1 and below)."""
     summary, rows = results["summary"], []
 
-    def row(metric, entry, threshold, passed):
+    def row(metric, entry, threshold, passed, detail=None):
         rows.append({"metric": metric, "value": entry["value"], "truth": entry["truth"], "ratio": entry["ratio"],
-                     "threshold": threshold, "passed": passed})
+                     "threshold": threshold, "passed": passed, "detail": detail})
 
     if summary["lip_sync"]:
         entry = summary["lip_sync"]
-        row("lip-sync correlation", entry, f"ratio >= {min_lip_sync_fraction}",
-            entry["ratio"] is not None and entry["ratio"] >= min_lip_sync_fraction)
+        offsets = entry["offsets"]
+        row("lip-sync correlation", entry,
+            f"ratio >= {min_lip_sync_fraction} and every |offset| <= {max_lip_sync_offset} frames",
+            entry["ratio"] is not None and entry["ratio"] >= min_lip_sync_fraction
+            and all(abs(k) <= max_lip_sync_offset for k in offsets),
+            "offsets " + ", ".join(f"{k:+d}" for k in offsets) + " frames")
     if summary.get("syncnet"):
         row("SyncNet confidence", summary["syncnet"], "", None)
+    if summary.get("face_detail"):
+        entry = summary["face_detail"]
+        row("face detail (eye band edge energy)", entry, f"ratio >= {min_face_detail}",
+            entry["ratio"] is not None and entry["ratio"] >= min_face_detail)
     entry = summary["identity_drift"]
     row("identity drift (mean)", entry, f"<= {max_identity_drift:.0%}", entry["value"] <= max_identity_drift)
+    entry = summary["colour_shift"]
+    row("colour shift, first to last window (dE76, worst video)",
+        {"value": entry["worst"], "truth": entry["truth_worst"], "ratio": None},
+        f"<= {max_colour_shift:g} dE", entry["worst"] <= max_colour_shift)
     if summary["seam"]:
         row("window-seam score", summary["seam"], f"<= {max_seam}", summary["seam"]["value"] <= max_seam)
     control = summary["text_control"]
@@ -154,10 +173,12 @@ def _fmt(value, percent: bool = False) -> str:
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] + [""]
+    # a "|" inside a cell (e.g. |offset|) would end the cell: escape it
+    return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows] + [""]
 
 
 def write_report(results: dict, out_dir: str | os.PathLike, *, min_lip_sync_fraction: float = 0.6,
+                 max_lip_sync_offset: int = 2, min_face_detail: float = 0.7, max_colour_shift: float = 2.0,
                  max_seam: float = 1.3, max_identity_drift: float = 0.10, min_routing_margin: float = 0.1) -> str:
     """Writes report.md, results.json, lip_sync_<k>_<name>.png per video and identity.png into
     out_dir (created if missing) from `metrics.evaluate`'s results; thresholds as in `check`.
@@ -167,7 +188,8 @@ def write_report(results: dict, out_dir: str | os.PathLike, *, min_lip_sync_frac
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     videos = results["videos"]
-    checks = check(results, min_lip_sync_fraction=min_lip_sync_fraction, max_seam=max_seam,
+    checks = check(results, min_lip_sync_fraction=min_lip_sync_fraction, max_lip_sync_offset=max_lip_sync_offset,
+                   min_face_detail=min_face_detail, max_colour_shift=max_colour_shift, max_seam=max_seam,
                    max_identity_drift=max_identity_drift, min_routing_margin=min_routing_margin)
     settings = results.get("settings", {})
     lines = ["# Evaluation report", "",
@@ -176,7 +198,9 @@ def write_report(results: dict, out_dir: str | os.PathLike, *, min_lip_sync_frac
              + ". Every metric is also measured on the ground-truth renderer's video of the same clip ('renderer').",
              f"Settings: {json.dumps(settings)}.", "", "## Summary", ""]
     lines += _table(["metric", "value", "renderer", "ratio", "threshold", "result"],
-                    [[c["metric"], _fmt(c["value"], "drift" in c["metric"]), _fmt(c["truth"], "drift" in c["metric"]),
+                    [[c["metric"],
+                      _fmt(c["value"], "drift" in c["metric"]) + (f" ({c['detail']})" if c["detail"] else ""),
+                      _fmt(c["truth"], "drift" in c["metric"]),
                       _fmt(c["ratio"]), c["threshold"] or "—",
                       "—" if c["passed"] is None else _fmt(bool(c["passed"]))]
                      for c in checks])
@@ -211,6 +235,25 @@ def write_report(results: dict, out_dir: str | os.PathLike, *, min_lip_sync_frac
                   os.path.join(out_dir, "identity.png"),
                   references={label: v["truth"]["identity_series"] for label, v in zip(labels, videos)})
     lines += ["![identity similarity over time](identity.png)", ""]
+
+    details = [v for v in videos if v["video"]["face_detail"] is not None]
+    if details:
+        lines += ["## Face detail", "", "Mean luma gradient magnitude (per pixel, 0-255 units) in the eye band "
+                  "box, which follows the head: sharp eyes score like the renderer, a blurred or eyeless face far "
+                  "lower.", ""]
+        lines += _table(["video", "edge energy", "renderer", "ratio"],
+                        [[v["name"], _fmt(v["video"]["face_detail"]), _fmt(v["truth"]["face_detail"]),
+                          _fmt(v["video"]["face_detail"] / v["truth"]["face_detail"] if v["truth"]["face_detail"]
+                               else None)] for v in details])
+
+    lab = lambda c: "(" + ", ".join(f"{x:.1f}" for x in c) + ")"  # noqa: E731
+    lines += ["## Colour shift", "", "dE76 between the mean CIE Lab colour (D65) of the face region in the first and "
+              "the last window (a minute, or a third of a shorter video).", ""]
+    lines += _table(["video", "window (s)", "first L, a, b", "last L, a, b", "dE76", "renderer dE76"],
+                    [[v["name"], f"{v['video']['colour_shift']['window_frames'] / v['fps']:.1f}",
+                      lab(v["video"]["colour_shift"]["first"]), lab(v["video"]["colour_shift"]["last"]),
+                      _fmt(v["video"]["colour_shift"]["delta_e"]), _fmt(v["truth"]["colour_shift"]["delta_e"])]
+                     for v in videos])
 
     seams = [v for v in videos if v["video"]["seam"] is not None]
     if seams:
