@@ -19,10 +19,13 @@ import os
 import ml_collections
 
 from mi_jax.config_utils import load_config
+from mi_jax.data import synthetic
+from mi_jax.data.text_encoder import prompt_words
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 AUDIO_MODULES = (r"^audio_projector/", r"audio_attn/")
+LATENT_CHANNELS_TINY = 8
 
 
 def _model(variant: str) -> ml_collections.ConfigDict:
@@ -32,8 +35,11 @@ def _model(variant: str) -> ml_collections.ConfigDict:
         # to fit 80 GB (dots_no_batch: 84.4 GB; full: 51 GB per device; see the README's table)
         model.remat_policy = "full"
     if variant == "tiny":
-        model.update(audio_blocks=1, audio_feature_layers=4, audio_feature_dim=32, audio_window=1,
-                     audio_hidden=32, audio_tokens=4, audio_token_dim=32)
+        # 8 latent channels (the demo VAE's): 2x the old 4, which lost the eyes and the mouth, while a
+        # 2x2 patch's output (2 x 2 x 8 = 32 values) still fits the tiny DiT's hidden size (32)
+        model.update(in_channels=LATENT_CHANNELS_TINY, out_channels=LATENT_CHANNELS_TINY, audio_blocks=1,
+                     audio_feature_layers=4, audio_feature_dim=32, audio_window=1, audio_hidden=32, audio_tokens=4,
+                     audio_token_dim=32)
     else:
         # wav2vec2-base: 12 transformer layers of 768; audio in the last 10 of 40 single blocks
         model.update(audio_blocks=10, audio_feature_layers=12, audio_feature_dim=768, audio_window=2,
@@ -75,7 +81,7 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     p.shard_size = 256
     # frozen encoders: a diffusers / transformers folder, or "random:SEED" (tiny, seeded; tests)
     p.vae = "random:0" if variant == "tiny" else ""
-    p.vae_random = ml_collections.ConfigDict(dict(latent_channels=4, block_out_channels=(8, 8, 16, 16),
+    p.vae_random = ml_collections.ConfigDict(dict(latent_channels=LATENT_CHANNELS_TINY, block_out_channels=(8, 8, 16, 16),
                                                   layers_per_block=1, norm_num_groups=4))
     p.wav2vec2 = "random:0" if variant == "tiny" else ""
     p.wav2vec2_random = ml_collections.ConfigDict(dict(
@@ -85,6 +91,25 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     p.audio_layers = (1, 2, 3, 4) if variant == "tiny" else tuple(range(1, 13))
     p.audio_chunk_seconds = 8.0  # Wav2Vec2 runs on windows of this (+1 s context each side)
     p.text_encoder = "tiny" if variant == "tiny" else ""  # or a HunyuanVideo-I2V diffusers folder
+    # the words the model knows: the tiny encoder hashes each word to its own vector, so a word no
+    # training prompt had means nothing; generation names such words in a notice. () = no check
+    # (the real encoder knows English)
+    training_words = (w for prompt in synthetic.TRAINING_PROMPTS for w in prompt_words(prompt))
+    p.text_vocabulary = tuple(dict.fromkeys(training_words)) if variant == "tiny" else ()
+
+    # `mi-jax train-vae` (mi_jax/train/vae.py): the small VAE of the synthetic world (tiny variant)
+    v = c.vae_train = ml_collections.ConfigDict()
+    v.steps = 3000
+    v.batch = 2
+    v.learning_rate = 2e-3
+    v.beta = 1e-6  # KL weight
+    v.lengths = ()  # clip lengths in frames; () = VAEStream's regime (17, 13, 9, 5, 1 at 4x time)
+    v.tile_fraction = 0.7  # share of steps at the first length (the tile)
+    v.portrait_fraction = 0.5  # share of clips whose latent 0 encodes the first frame alone
+    v.face_weight, v.mouth_weight, v.eye_weight = 2.0, 10.0, 10.0  # L1 weights on top of 1
+    v.clips = 384  # the training pool (2 s synthetic clips, train split)
+    v.checkpoint_every = 50
+    v.seed = 0
 
     # generation (mi_jax/diffusion/sampler.py): windows of the training length
     g = c.sample = ml_collections.ConfigDict()

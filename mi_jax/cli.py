@@ -9,7 +9,7 @@
                     [--cfg-audio Y] [--seed K] [--size WxH]
     mi-jax import-weights --transformer DIR [--vae DIR] [--wav2vec DIR] --out CKPT [--config FILE:VARIANT]
     mi-jax export   --checkpoint CKPT --out DIR [--dtype bf16|fp32] [--merge-lora] [--ema]
-    mi-jax train-vae --out DIR [--config FILE:VARIANT] [--steps N]   (a small VAE for the synthetic world)
+    mi-jax train-vae --out DIR [--config FILE:VARIANT] [--config.vae_train.steps=N]   (the demo VAE)
     mi-jax eval     --checkpoint RUN --out DIR [--clips N] [--seconds S]
     mi-jax plan     --config FILE:VARIANT --mesh fsdp=8 [--budget 80] [--gpu h100]   (AOT memory / FLOPs)
     mi-jax demo     [--model demo/model] [--seconds 60] [--out out]
@@ -40,7 +40,7 @@ def cmd_synth(args) -> int:
     from mi_jax.data import synthetic
 
     h, w = (int(v) for v in args.size.lower().split("x"))
-    prompts = ["", "nodding", "shaking head", "smiling", "looking left"]
+    prompts = synthetic.TRAINING_PROMPTS  # the words `prepare.text_vocabulary` lists
     os.makedirs(args.out, exist_ok=True)
     for i in range(args.clips):
         seed = args.seed_start + i
@@ -95,7 +95,7 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from mi_jax.data.audio_io import AudioError
-    from mi_jax.data.inputs import InputError
+    from mi_jax.data.inputs import InputError, prompt_notices
     import jax
 
     from mi_jax.parallel.distributed import maybe_initialize
@@ -117,11 +117,15 @@ def cmd_generate(args) -> int:
 
     audio = args.audio if len(args.audio) > 1 else args.audio[0]
     try:  # every input is checked before the model is loaded or anything compiled
-        check_inputs(load_run_config(args.checkpoint), args.portrait, audio, seconds=args.seconds,
-                     masks=args.mask or None, size=size)
+        run_config = load_run_config(args.checkpoint)
+        check_inputs(run_config, args.portrait, audio, seconds=args.seconds, masks=args.mask or None, size=size)
     except (InputError, AudioError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # words the model never saw: said now, not after the first window's compute
+    told = prompt_notices(args.prompt, run_config.prepare.get("text_vocabulary", ()))
+    for note in told:
+        print(f"note: {note}", file=sys.stderr)
     pipe = Pipeline.from_checkpoint(args.checkpoint, which=args.weights, mesh=args.mesh)
     writer = jax.process_index() == 0
     bar = tqdm(unit="window", dynamic_ncols=True, disable=not writer)
@@ -140,7 +144,8 @@ def cmd_generate(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for note in pipe.notices:
-        print(f"note: {note}", file=sys.stderr)
+        if note not in told:
+            print(f"note: {note}", file=sys.stderr)
 
     def frames():
         yield first
@@ -187,8 +192,7 @@ def cmd_train_vae(args, overrides) -> int:
     from mi_jax.config_utils import load_config
     from mi_jax.train.vae import train_vae
 
-    print(json.dumps(train_vae(load_config(args.config, overrides), args.out, steps=args.steps, seed=args.seed,
-                                 batch=args.batch)))
+    print(json.dumps(train_vae(load_config(args.config, overrides), args.out)))
     return 0
 
 
@@ -210,8 +214,7 @@ def cmd_eval(args) -> int:
         action = actions[i % len(actions)]
         clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + i, args.seconds,
                                      size=(pipe.config.prepare.height, pipe.config.prepare.width), prompt=action)
-        prompt = "a person talking" + (f", {action}" if action else "")
-        video = pipe.generate(clip.frames[0], clip.audio, prompt, seed=i)
+        video = pipe.generate(clip.frames[0], clip.audio, synthetic.prompt_for(action), seed=i)
         videos.append(video.frames)
         truths.append(clip)
         first = 1 + 4 * (scfg.window - 1)  # the first window's frames, then one window every `step`
@@ -298,12 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="10GB")
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("train-vae", help="train a small causal VAE on the synthetic world")
+    p = sub.add_parser("train-vae", help="train a small causal VAE on the synthetic world (resumable; settings "
+                                         "in the config's vae_train, e.g. --config.vae_train.steps=3000)")
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="configs/magicinfinite.py:tiny,stage1")
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=8, help="clips of 5 frames per step")
-    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("eval", help="generate on held-out synthetic clips and write a quality report")
     p.add_argument("--checkpoint", required=True)

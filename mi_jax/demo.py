@@ -87,45 +87,85 @@ def run_demo(model: str = os.path.join(DEMO, "model"), out: str = "out", seconds
             "wall_seconds": round(wall, 1), "lip_sync_correlation": round(float(corr), 3), "offset": int(offset)}
 
 
-def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/demo", *, clips: int = 48,
-                     vae_steps: int = 4000, vae_batch: int = 8, vae_refine_steps: int = 0,
-                     stage1_steps: int = 3000, stage2_steps: int = 6000, distill_steps: int = 400, seed: int = 0,
-                     log=print) -> str:
-    """The demo model from nothing, seeded: synthetic clips -> a trained tiny VAE (uniform L1;
-    optionally then face / mouth-weighted, `refine_vae`) -> prepare -> stage 1 -> stage 2 -> DMD2 (4 steps,
-    LoRA); copies the final run (weights + config) to `out`.
+def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/demo", *, clips: int = 128,
+                     vae_steps: int | None = None, stage1_steps: int = 4000, stage2_steps: int = 12000,
+                     distill_steps: int = 600, seed: int = 0, log=print) -> str:
+    """The demo model from nothing, seeded: synthetic clips -> the demo VAE (`train_vae`, in the
+    regime generation runs it) -> prepare -> stage 1 -> stage 2 -> DMD2 (4 steps, LoRA); writes
+    the VAE to `<out>/../vae` and the final run (weights + config) to `out`, with `build.json`
+    (seed, steps, wall time per part) beside the model.
+
+    Resumable: everything goes to `work` first and every part picks up where it stopped (the VAE
+    trainer and the training loop from their checkpoints, prepare skips prepared clips, finished
+    parts are skipped), so a build killed midway and started again ends with the same model.
 
     Stage order: `text_first` (configs/magicinfinite.py). With no pretrained backbone, stage 1
     of the default order would train audio modules over a random frozen DiT; here stage 1
     teaches the backbone video (text + reference) and stage 2 adds audio jointly.
-    A VAE already in `demo/vae` is kept (it is the slow part on a CPU: 0.5 step/s here, 27 on one
-    H200; the bundled one was trained on an H200 with exactly this call).
     """
+    import json
+
     from mi_jax.cli import main as cli
     from mi_jax.config_utils import load_config
-    from mi_jax.train.vae import refine_vae, train_vae
+    from mi_jax.train.vae import train_vae
 
     os.makedirs(work, exist_ok=True)
     spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "magicinfinite.py")
-    vae_dir = os.path.join(os.path.dirname(out.rstrip("/")) or DEMO, "vae")
-    data, store = os.path.join(work, "clips"), os.path.join(work, "store")
-    common = [f"--config.prepare.vae={vae_dir}", f"--config.seed={seed}", f"--config.data.store={store}",
+    vae_out = os.path.join(os.path.dirname(out.rstrip("/")) or DEMO, "vae")
+    vae_dir, data, store = (os.path.join(work, p) for p in ("vae", "clips", "store"))
+    # prepare encodes with the VAE being built; the runs name the folder it ships in (generation
+    # loads it from there; training itself never runs the VAE)
+    common = [f"--config.prepare.vae={vae_out}", f"--config.seed={seed}", f"--config.data.store={store}",
               "--config.mesh=fsdp=1"]
-    cli(["synth", "--out", data, "--clips", str(clips), "--seconds", "4", "--seed-start", str(seed)])
+    log_path = os.path.join(work, "build.json")
+    record = {"seed": seed, "clips": clips, "parts": {}}
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            record = json.load(f)
+
+    def part(name: str, fn):
+        t0 = time.time()
+        fn()
+        record["parts"][name] = round(record["parts"].get(name, 0.0) + time.time() - t0, 1)
+        _write_json(log_path, record)
+
+    def finished(run: str, steps: int) -> bool:
+        return os.path.isdir(os.path.join(work, run, "checkpoints", str(steps)))
+
+    part("synth", lambda: cli(["synth", "--out", data, "--clips", str(clips), "--seconds", "4",
+                                "--seed-start", str(seed)]))
+    vae_cfg = load_config(spec + ":tiny,stage1")
+    vae_steps = int(vae_cfg.vae_train.steps if vae_steps is None else vae_steps)
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
-        log(train_vae(load_config(spec + ":tiny,stage1"), vae_dir, steps=vae_steps, batch=vae_batch, seed=seed,
-                      log=log))
-        if vae_refine_steps:  # off by default: 400 CPU steps did not bring the mouth back (see refine_vae)
-            log(refine_vae(vae_dir, steps=vae_refine_steps, lr=1e-3, seed=seed + 1, log=log))
-    cli(["prepare", "--clips", data, "--out", store, "--config", spec + ":tiny,stage1", *common[:2]])
-    s1, s2, s3 = (os.path.join(work, s) for s in ("stage1", "stage2", "distill"))
-    cli(["train", "--config", spec + ":tiny,stage1,text_first", "--workdir", s1,
-         f"--config.train.steps={stage1_steps}", *common])
-    cli(["train", "--config", spec + ":tiny,stage2,text_first", "--workdir", s2,
-         f"--config.train.steps={stage2_steps}", f"--config.init.checkpoint={s1}", *common])
-    cli(["distill", "--config", spec + ":tiny,distill", "--workdir", s3,
-         f"--config.train.steps={distill_steps}", f"--config.init.checkpoint={s2}", *common])
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    shutil.copytree(s3, out, ignore=shutil.ignore_patterns("tensorboard"))
+        part("vae", lambda: log(train_vae(vae_cfg, vae_dir, work_dir=os.path.join(work, "vae.train"), log=log,
+                                          steps=vae_steps, seed=seed)))
+    part("prepare", lambda: cli(["prepare", "--clips", data, "--out", store, "--config", spec + ":tiny,stage1",
+                                 f"--config.prepare.vae={vae_dir}", f"--config.seed={seed}"]))
+    stages = [("stage1", ["train", "--config", spec + ":tiny,stage1,text_first"], stage1_steps, None),
+              ("stage2", ["train", "--config", spec + ":tiny,stage2,text_first"], stage2_steps, "stage1"),
+              ("distill", ["distill", "--config", spec + ":tiny,distill"], distill_steps, "stage2")]
+    for name, cmd, steps, init in stages:
+        if not finished(name, steps):
+            extra = [f"--config.init.checkpoint={os.path.join(work, init)}"] if init else []
+            part(name, lambda: cli([*cmd, "--workdir", os.path.join(work, name), f"--config.train.steps={steps}",
+                                    *extra, *common]))
+    record.update(steps={"vae": vae_steps, "stage1": stage1_steps, "stage2": stage2_steps,
+                         "distill": distill_steps}, wall_seconds=round(sum(record["parts"].values()), 1))
+    _write_json(log_path, record)
+    for src, dst, ignore in ((vae_dir, vae_out, None), (os.path.join(work, "distill"), out, ("tensorboard",))):
+        tmp = dst.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*ignore) if ignore else None)
+        if dst == out:
+            shutil.copy(log_path, os.path.join(tmp, "build.json"))
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
     return out
+
+
+def _write_json(path: str, data: dict) -> None:
+    import json
+
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)

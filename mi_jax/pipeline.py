@@ -183,7 +183,6 @@ class Pipeline:
                  rules=DEFAULT_RULES):
         from mi_jax.convert.hunyuan import abstract_dit_params
         from mi_jax.data.prepare import Encoders
-        from mi_jax.models.vae import CausalVAE, VAEStream
 
         self.config = config
         self.model_config = DiTConfig.coerce(config.model)
@@ -193,7 +192,7 @@ class Pipeline:
         self.params = jax.tree.map(_put, params, shardings)
         self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.enc = encoders or Encoders(config)
-        self.vae_stream = VAEStream(CausalVAE(self.enc.vae_config))
+        self.vae_stream = self.enc.vae_stream  # the tiles `prepare` encoded the training latents with
         self._window_fns: dict = {}  # SamplerConfig -> jitted window step (compiled once per setting)
         self._carry_fns: dict = {}
         self._decoders: dict = {}  # latent shape -> _FrameDecoder (compiled once per size)
@@ -255,7 +254,10 @@ class Pipeline:
         scfg = sampler_config(self.config, steps=steps, cfg_text=cfg_text, cfg_audio=cfg_audio)
         image, tracks, mask_lat, frames, notices = check_inputs(
             self.config, portrait, audio, seconds=seconds, masks=masks, size=size, allow_silence=allow_silence)
-        self.notices = notices
+        from mi_jax.data.inputs import prompt_notices
+
+        # words the text encoder never saw in training (its vocabulary; none: no check)
+        self.notices = notices + prompt_notices(prompt, getattr(self.enc.text, "vocabulary", ()))
         self.last_audio = tracks[0] if len(tracks) == 1 else np.sum(tracks, axis=0, dtype=np.float32)
         text = self.enc.text.encode([prompt], image[None])
         ref = np.asarray(self.enc.encode_video(image[None])[None], np.float32)  # [1, 1, h, w, C]

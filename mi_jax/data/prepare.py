@@ -3,9 +3,10 @@
 Per clip: decode (PyAV, resampled to `fps`, centre-cropped and resized to H x W), read the
 audio track (16 kHz, fitted to the frames), face boxes (the synthetic world's ground truth
 when the clip folder has one, else the Haar detector), then per window of F = 1 + 4(T - 1)
-video frames (stride F - 1, so windows share their boundary frame, as the causal VAE's first
-frame is coded alone): VAE latents, the reference latent (the clip's first frame, i.e. the
-portrait), Wav2Vec2 features aligned to video frames, text embeddings of the clip's prompt
+video frames (stride F - 1, so windows share their boundary frame): VAE latents cut from one
+`VAEStream` encode of the whole clip (the tiles generation decodes with, so training latents are
+what the pipeline's decoder gets), the reference latent (the clip's first frame alone, i.e. the
+portrait, encoded as generation encodes a portrait), Wav2Vec2 features aligned to video frames, text embeddings of the clip's prompt
 with the portrait, face / mouth / speaker masks at latent resolution, and ground truth.
 
 Accepted inputs: video files (mp4 / mov / webm / mkv; an optional `NAME.txt` beside holds the
@@ -139,7 +140,7 @@ class Encoders:
         from flax import linen as nn
 
         from mi_jax.convert.vae import load_diffusers_vae
-        from mi_jax.models.vae import CausalVAE, VAEConfig
+        from mi_jax.models.vae import CausalVAE, VAEConfig, VAEStream
 
         spec = self.cfg.vae
         if spec.startswith("random"):
@@ -155,9 +156,27 @@ class Encoders:
             raise ValueError(f"prepare.vae has {vcfg.latent_channels} latent channels, the model expects "
                              f"{self.model.out_channels}")
         self.vae_config, self.vae_params = vcfg, params
-        encode = jax.jit(lambda p, v: model.apply({"params": p}, v, method="encode")[0] * vcfg.scaling_factor)
-        self.encode_video = lambda frames: np.asarray(
-            encode(self.vae_params, jnp.asarray(frames, jnp.float32)[None] / 127.5 - 1.0)[0])
+        # the one VAE regime: prepare encodes and generation decodes through the same `VAEStream`
+        # (diffusers' temporal tiles), the lengths `mi-jax train-vae` trains the VAE at
+        self.vae_stream = VAEStream(model)
+
+    def encode_video(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 `[1 + 4k, H, W, 3]` -> scaled latent means `[1 + k, h, w, C]`: the whole clip
+        through `VAEStream` (a first tile, chunks, the end: equal to `VAEStream.encode` of the
+        clip, compiled for a few shapes whatever the clip length; one frame: the portrait)."""
+        s, p = self.vae_stream, self.vae_params
+        video = jnp.asarray(frames, jnp.float32)[None] / 127.5 - 1.0
+        if video.shape[1] < s.frames_first:
+            means = [s.encode(p, video)[0]]
+        else:
+            (mean, _), state = s.encode_start(p, video[:, : s.frames_first])
+            means, i = [mean], s.frames_first
+            while video.shape[1] - i >= s.frames_per_chunk:
+                (mean, _), state = s.encode_chunk(p, state, video[:, i : i + s.frames_per_chunk])
+                means.append(mean)
+                i += s.frames_per_chunk
+            means.append(s.encode_end(p, state, video[:, i:] if i < video.shape[1] else None)[0])
+        return np.concatenate([np.asarray(m[0]) for m in means]) * self.vae_config.scaling_factor
 
     def _wav2vec2(self):
         from flax import linen as nn
@@ -251,7 +270,9 @@ class Encoders:
 
         spec = self.cfg.text_encoder
         if spec == "tiny":
-            enc = TinyTextEncoder(self.model.text_embed_dim, self.model.pooled_projection_dim, self.cfg.text_len)
+            # runs saved before `text_vocabulary` existed lack it: no vocabulary, no unknown-word check
+            enc = TinyTextEncoder(self.model.text_embed_dim, self.model.pooled_projection_dim, self.cfg.text_len,
+                                  vocabulary=tuple(self.cfg.get("text_vocabulary", ())))
         else:
             enc = HunyuanTextEncoder.from_diffusers_folder(spec)
         if (enc.dim, enc.pooled_dim) != (self.model.text_embed_dim, self.model.pooled_projection_dim):
@@ -291,10 +312,13 @@ def windows(clip: RawClip, enc: Encoders, cfg) -> Iterator[dict]:
     feats = [align_to_video_frames(enc.audio_features(a), n) for a in tracks]  # S x [N, L, C]
     text = enc.text.encode([clip.prompt], clip.frames[:1])
     ref = enc.encode_video(clip.frames[:1])
+    # one encode of the whole clip, windows cut from it: window k's latents are the clip's latents
+    # k (T - 1) .. k (T - 1) + T - 1, what generation's stream of latents holds at those frames
+    # (latent j > 0 codes frames 4j - 3 .. 4j; latent 0 of a window is replaced by the portrait)
+    clip_latents = enc.encode_video(clip.frames[: 1 + 4 * ((t - 1) * count)])
     h, w = cfg.height // 8, cfg.width // 8
     for k in range(count):
         s0 = k * (f - 1)
-        frames = clip.frames[s0 : s0 + f]
         masks = faces_lib.masks_from_boxes(boxes[s0 : s0 + f], f, cfg.height, cfg.width, margin=cfg.face_margin)
         speaker = np.zeros((s_max, t, h, w), np.uint8)
         speaker[:speakers] = masks.face
@@ -305,7 +329,7 @@ def windows(clip: RawClip, enc: Encoders, cfg) -> Iterator[dict]:
         if "mouth_open" in truth:
             truth["mouth_open"] = [m[s0 : s0 + f] for m in clip.truth["mouth_open"]]
         yield dict(
-            latents=enc.encode_video(frames),
+            latents=clip_latents[k * (t - 1) : k * (t - 1) + t],
             ref_latent=ref,
             audio_states=audio if s_max > 1 else audio[0],
             text_embeds=text.prompt_embeds[0].astype(np.float16),

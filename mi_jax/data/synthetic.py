@@ -8,7 +8,7 @@ numpy, plus speech-like audio at 16 kHz. Everything the evaluation needs is know
   (`audio_io.samples_for_frames` boundaries), smoothed with a [1, 2, 1] / 4 kernel over frames and
   divided by its maximum (all zeros for a speaker who never talks). The rendered mouth's inner
   height is linear in it.
-* face_boxes / mouth_boxes [S, T, 4]: (x0, y0, x1, y1) in continuous pixel coordinates, pixel
+* face_boxes / mouth_boxes / eye_boxes [S, T, 4]: (x0, y0, x1, y1) in continuous pixel coordinates, pixel
   (i, j) covering [j, j + 1) x [i, i + 1); face_masks [S, T, H, W]: the face ellipse (skin,
   eyes and mouth; not the hair).
 * eye_open [S, T] in [0, 1] (blinks), actions, the identities.
@@ -74,6 +74,23 @@ VOWEL_FORMANTS = np.array(
         (490, 1350, 1690),
     ]
 )
+
+
+# How a user phrases a prompt for this world (the demo, the eval, the README and the training
+# clips all use these words, so the tiny text encoder, which hashes each word to its own random
+# vector, has seen every word of them in training).
+NEUTRAL_PROMPT = "a person talking"
+
+
+def prompt_for(action: str = "") -> str:
+    """The user's phrasing of one action: "a person talking" or "a person talking, nodding"."""
+    if action and action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}; choose one of {ACTIONS} or '' (neutral)")
+    return NEUTRAL_PROMPT + (f", {action}" if action else "")
+
+
+# the training clips' prompts: neutral, then each action in turn
+TRAINING_PROMPTS = (prompt_for(""),) + tuple(prompt_for(a) for a in ACTIONS)
 
 
 def split(seed: int) -> str:
@@ -324,6 +341,14 @@ class _Speaker:
         half_h = 1.1 * self.identity.mouth_open_height * self.ay + SMILE_LIFT * self.ay + 1.0
         return np.stack([mx - half_w, my - half_h, mx + half_w, my + half_h], axis=-1)
 
+    def eye_boxes(self) -> np.ndarray:
+        """[T, 4] box holding both eyes (open, at any gaze), 1 px margin: the eye band."""
+        ident = self.identity
+        ex, ey = self.cx + self.feature_dx, self.cy - ident.eye_height * self.ay
+        half_w = ident.eye_spacing * self.ax + ident.eye_size * self.ax + 1.0
+        half_h = 0.8 * ident.eye_size * self.ax + 1.0
+        return np.stack([ex - half_w, ey - half_h, ex + half_w, ey + half_h], axis=-1)
+
     def face_boxes(self) -> np.ndarray:
         return np.stack([self.cx - self.ax, self.cy - self.ay, self.cx + self.ax, self.cy + self.ay], axis=-1)
 
@@ -427,6 +452,7 @@ class Clip:
     eye_open: np.ndarray  # float32 [S, T] in [0, 1]
     face_boxes: np.ndarray  # float32 [S, T, 4] (x0, y0, x1, y1)
     mouth_boxes: np.ndarray  # float32 [S, T, 4]
+    eye_boxes: np.ndarray  # float32 [S, T, 4]: both eyes (the eye band)
     face_masks: np.ndarray  # bool [S, T, H, W]
     actions: list[str]
     prompt: str
@@ -555,6 +581,7 @@ def render_clip(
         eye_open=np.stack([p.eye_open for p in people]),
         face_boxes=np.clip(np.stack([p.face_boxes() for p in people]), 0, clip_box).astype(np.float32),
         mouth_boxes=np.clip(np.stack([p.mouth_boxes() for p in people]), 0, clip_box).astype(np.float32),
+        eye_boxes=np.clip(np.stack([p.eye_boxes() for p in people]), 0, clip_box).astype(np.float32),
         face_masks=masks,
         actions=actions,
         prompt=prompt,

@@ -1,17 +1,39 @@
 """Training a small causal VAE on the synthetic world (no pretrained VAE can be downloaded
 here, and a random one cannot decode a face): `mi-jax train-vae --out DIR`.
 
-Loss: L1 reconstruction of 1 + 4k-frame clips (the causal VAE's native length) plus a small KL
-term (beta), AdamW. The result is written as a diffusers `AutoencoderKLHunyuanVideo` folder
-(config.json + safetensors, through the export name map), so `prepare`, `generate` and PyTorch
-all load it like the real HunyuanVideo VAE. The scaling factor is set from the data (1 / std
-of the latent means), as Stable Diffusion's was.
+One regime with generation. HunyuanVideo's VAE normalises with GroupNorm statistics over the
+whole clip (T x H x W), so what it does to a frame depends on the clip length it is given: a
+VAE trained on 5-frame clips and run on `VAEStream`'s 17-frame tiles put the mouth half a
+second late (issue: lip sync 0.68 at 5 frames, 0.17 at 17). So the clips trained on are the
+lengths generation and `prepare` run it at (`vae_regime_lengths`):
+
+* mostly `VAEStream` tiles: 1 + `tile_sample_min_num_frames` frames (17 at diffusers' default),
+  what every encode / decode of a clip longer than one tile runs on;
+* the shorter 1 + 4k frame counts (a clip's last tile, clips shorter than a tile);
+* the portrait: generation encodes the portrait alone (one frame) and decodes it as latent 0 of
+  the first tile, followed by latents of a whole-clip encode; with probability
+  `portrait_fraction` a clip's latent 0 comes from encoding its first frame alone, as there.
+
+Loss: L1 weighted up on the regions the eval and a viewer look at (ground truth of the synthetic
+world): 1 + face x (face mask) + mouth x (mouth box) + eyes x (eye band), plus a small KL term
+(beta); AdamW with warm-up and cosine decay. A uniform L1 spent the old demo VAE's capacity on
+background and lost the eyes and the mouth.
+
+Resumable and deterministic: batch i and the noise of step i are functions of (seed, i) only,
+and the state is checkpointed every `checkpoint_every` steps (atomically) in `work_dir`, so a
+run killed and started again ends with the same weights as one that was never stopped.
+
+The result is written as a diffusers `AutoencoderKLHunyuanVideo` folder (config.json +
+safetensors, through the export name map), so `prepare`, `generate` and PyTorch all load it like
+the real HunyuanVideo VAE. The scaling factor is set from the data (1 / std of the latent means
+of whole-clip `VAEStream` encodes, as `prepare` stores them).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -19,96 +41,188 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from flax import serialization
+
+from mi_jax.data import synthetic
+from mi_jax.models.vae import CausalVAE, Tiling, VAEConfig, VAEStream
 
 
-def clip_batches(seed: int, batch: int, frames: int, size: tuple[int, int], seconds: float = 2.0,
-                 weights: tuple[float, float] | None = None):
-    """Endless batches `[B, frames, H, W, 3]` in [-1, 1] of random windows of synthetic clips.
-    With `weights=(face, mouth)`, yields `(video, weight)`: weight `[B, frames, H, W, 1]` is
-    1 + face inside the faces' masks + mouth inside the mouths' boxes (ground truth)."""
-    from mi_jax.data import synthetic
+def vae_regime_lengths(config: VAEConfig, tiling: Tiling = Tiling()) -> tuple[int, ...]:
+    """Clip lengths (frames) `VAEStream` runs the VAE at: its tile, then the shorter 1 + 4k."""
+    tile = tiling.tile_sample_min_num_frames + 1
+    return tuple(range(tile, 0, -config.temporal_factor))
 
-    rng = np.random.default_rng(seed)
-    prompts = ["", "nodding", "shaking head", "smiling", "looking left"]
-    pool, i = [], 0
-    while True:
-        if len(pool) < 8 * batch or rng.random() < 0.25:
-            c = synthetic.render_clip(int(rng.integers(0, 999_999)), seconds, size=size,
-                                      prompt=prompts[i % len(prompts)], speakers=1 + int(rng.random() < 0.2))
-            pool.append((c.frames, _region_weights(c, weights) if weights else None))
-            pool = pool[-32 * batch:]
-            i += 1
-        out, wts = [], []
+
+class ClipPool:
+    """A fixed pool of synthetic training clips (seeded, train split) and deterministic batches.
+
+    `batch(i)` -> (video [B, T, H, W, 3] in [-1, 1], weight [B, T, H, W, 1], portrait [B] bool):
+    a function of (seed, i) alone. T is drawn per step from `lengths` (the first, the tile, with
+    probability `tile_fraction`, the others evenly)."""
+
+    def __init__(self, seed: int, size: tuple[int, int], *, clips: int = 384, seconds: float = 2.0,
+                 lengths: tuple[int, ...] = (17, 13, 9, 5, 1), tile_fraction: float = 0.7,
+                 weights: tuple[float, float, float] = (2.0, 10.0, 10.0), portrait_fraction: float = 0.5):
+        rng = np.random.default_rng([seed, 7])
+        seeds = rng.choice(synthetic.HELDOUT_SEED_START, clips, replace=False)
+        prompts = synthetic.TRAINING_PROMPTS
+        self.clips = [synthetic.render_clip(int(s), seconds, size=size, prompt=prompts[j % len(prompts)],
+                                            speakers=1 + int(j % 10 == 9)) for j, s in enumerate(seeds)]
+        self.seed, self.lengths, self.tile_fraction = seed, tuple(lengths), tile_fraction
+        self.weights, self.portrait_fraction = weights, portrait_fraction
+
+    def length(self, i: int) -> int:
+        rng = np.random.default_rng([self.seed, 11, i])
+        if len(self.lengths) == 1 or rng.random() < self.tile_fraction:
+            return self.lengths[0]
+        return int(self.lengths[1 + rng.integers(len(self.lengths) - 1)])
+
+    def batch(self, i: int, batch: int):
+        frames = self.length(i)
+        rng = np.random.default_rng([self.seed, 13, i])
+        video, weight = [], []
         for _ in range(batch):
-            f, w = pool[int(rng.integers(len(pool)))]
-            s = int(rng.integers(0, len(f) - frames + 1))
-            out.append(f[s : s + frames])
-            if w is not None:
-                wts.append(w[s : s + frames])
-        video = np.stack(out).astype(np.float32) / 127.5 - 1.0
-        yield (video, np.stack(wts)[..., None]) if weights else video
+            clip = self.clips[int(rng.integers(len(self.clips)))]
+            s = int(rng.integers(0, len(clip.frames) - frames + 1))
+            video.append(clip.frames[s : s + frames])
+            weight.append(region_weights(clip, self.weights, slice(s, s + frames)))
+        portrait = rng.random(batch) < self.portrait_fraction
+        return (np.stack(video).astype(np.float32) / 127.5 - 1.0, np.stack(weight)[..., None], portrait)
 
 
-def _region_weights(clip, weights: tuple[float, float]) -> np.ndarray:
-    """float32 [T, H, W]: 1 + face x (any face mask) + mouth x (any mouth box)."""
-    face, mouth = weights
-    t, h, w, _ = clip.frames.shape
-    out = 1.0 + face * clip.face_masks.any(0).astype(np.float32)
+def region_weights(clip, weights: tuple[float, float, float], frames: slice = slice(None)) -> np.ndarray:
+    """float32 [T, H, W]: 1 + face x (any face mask) + mouth x (any mouth box) + eyes x (any eye band)."""
+    face, mouth, eyes = weights
+    masks = clip.face_masks[:, frames]
+    t, h, w = masks.shape[1:]
+    out = 1.0 + face * masks.any(0).astype(np.float32)
     ys, xs = np.arange(h)[None, :, None] + 0.5, np.arange(w)[None, None, :] + 0.5
-    for boxes in clip.mouth_boxes:  # [T, 4] per speaker
-        x0, y0, x1, y1 = (boxes[:, k, None, None] for k in range(4))
-        out = out + mouth * ((xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1))
+    for weight, all_boxes in ((mouth, clip.mouth_boxes), (eyes, clip.eye_boxes)):
+        for boxes in all_boxes[:, frames]:  # [T, 4] per speaker
+            x0, y0, x1, y1 = (boxes[:, k, None, None] for k in range(4))
+            out = out + weight * ((xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1))
     return out.astype(np.float32)
 
 
-def train_vae(config, out_dir: str, *, steps: int = 2000, batch: int = 4, frames: int = 5, lr: float = 2e-3,
-              beta: float = 1e-6, seed: int = 0, log=print) -> dict:
-    """Trains `VAEConfig(**config.prepare.vae_random)` at the prepare size; writes a diffusers
-    VAE folder to `out_dir` (temp name + rename). Returns the final metrics."""
-    from mi_jax.models.vae import CausalVAE, VAEConfig
+def make_vae_step(model: CausalVAE, tx, beta: float):
+    """`step(params, opt, video, weight, portrait, key) -> (params, opt, metrics)`, jitted."""
 
+    def loss_fn(p, x, w, portrait, key):
+        mean, logvar = model.apply({"params": p}, x, method="encode")
+        # the portrait regime: latent 0 from the first frame encoded alone (GroupNorm over 1 frame)
+        m1, lv1 = model.apply({"params": p}, x[:, :1], method="encode")
+        first = portrait[:, None, None, None, None]
+        mean = jnp.concatenate([jnp.where(first, m1, mean[:, :1]), mean[:, 1:]], axis=1)
+        logvar = jnp.concatenate([jnp.where(first, lv1, logvar[:, :1]), logvar[:, 1:]], axis=1)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        err = jnp.abs(model.apply({"params": p}, z, method="decode") - x)
+        kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+        weighted = (err * w).sum() / (w.sum() * x.shape[-1])
+        return weighted + beta * kl, {"weighted_l1": weighted, "l1": err.mean(), "kl": kl}
+
+    @jax.jit
+    def step(p, o, x, w, portrait, key):
+        (_, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, w, portrait, key)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, metrics
+
+    return step
+
+
+def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, **overrides) -> dict:
+    """Trains `VAEConfig(**config.prepare.vae_random)` at the prepare size with the settings of
+    `config.vae_train` (keyword overrides win); writes a diffusers VAE folder to `out_dir`
+    (temp name + rename). Checkpoints go to `work_dir` (default `out_dir + ".train"`), which a
+    second call resumes from and which is removed once `out_dir` is written. Returns the
+    final metrics (also in `out_dir/training.json`)."""
+    t = dict(config.vae_train.to_dict(), **overrides)
+    unknown = set(overrides) - set(config.vae_train.to_dict())
+    if unknown:
+        raise ValueError(f"train_vae: unknown setting(s) {sorted(unknown)}; known: {sorted(config.vae_train)}")
     vcfg = VAEConfig(**config.prepare.vae_random.to_dict())
     model = CausalVAE(vcfg)
     size = (int(config.prepare.height), int(config.prepare.width))
-    data = clip_batches(seed, batch, frames, size)
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.asarray(next(data))))["params"]
+    lengths = tuple(t["lengths"]) or vae_regime_lengths(vcfg)
+    work_dir = work_dir or out_dir.rstrip("/") + ".train"
+    steps, seed = int(t["steps"]), int(t["seed"])
+    pool = ClipPool(seed, size, clips=int(t["clips"]), lengths=lengths, tile_fraction=float(t["tile_fraction"]),
+                    weights=(float(t["face_weight"]), float(t["mouth_weight"]), float(t["eye_weight"])),
+                    portrait_fraction=float(t["portrait_fraction"]))
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 1, *size, 3))))["params"]
+    warmup = min(100, steps // 2 + 1)
+    lr = float(t["learning_rate"])
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, min(100, steps // 2 + 1), max(steps, 2 * min(100, steps // 2 + 1)), lr * 0.05)))
-    opt = tx.init(params)
-
-    def loss_fn(p, x, key):
-        mean, logvar = model.apply({"params": p}, x, method="encode")
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-        recon = model.apply({"params": p}, z, method="decode")
-        l1 = jnp.abs(recon - x).mean()
-        kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
-        return l1 + beta * kl, (l1, kl)
-
-    @jax.jit
-    def step(p, o, x, key):
-        (loss, (l1, kl)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, key)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, l1, kl
-
-    t0, l1 = time.time(), float("nan")
-    for i in range(steps):
-        params, opt, l1, kl = step(params, opt, jnp.asarray(next(data)), jax.random.key(i))
-        if (i + 1) % 100 == 0:
-            log(f"vae step {i + 1}/{steps}: l1 {float(l1):.4f} kl {float(kl):.2f} ({(i + 1) / (time.time() - t0):.1f} steps/s)")
-    # scaling factor: unit variance latents for the diffusion model
-    means = [np.asarray(model.apply({"params": params}, jnp.asarray(next(data)), method="encode")[0]) for _ in range(8)]
+                     optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, warmup, max(steps, 2 * warmup), lr * 0.05)))
+    state = {"params": params, "opt": tx.init(params), "step": 0, "seconds": 0.0}
+    record = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in t.items()},
+              "lengths": list(lengths), "vae": vcfg.to_diffusers(), "size": list(size)}
+    state = _resume(work_dir, state, record, log)
+    step = make_vae_step(model, tx, float(t["beta"]))
+    every, batch = int(t["checkpoint_every"]), int(t["batch"])
+    t0, start, metrics = time.time(), state["step"], {}
+    params, opt = state["params"], state["opt"]
+    for i in range(start, steps):
+        video, weight, portrait = pool.batch(i, batch)
+        params, opt, metrics = step(params, opt, jnp.asarray(video), jnp.asarray(weight), jnp.asarray(portrait),
+                                    jax.random.fold_in(jax.random.key(seed), i))
+        done = i + 1
+        if done % every == 0 or done == steps:
+            metrics = {k: float(v) for k, v in metrics.items()}
+            seconds = state["seconds"] + time.time() - t0
+            state = {"params": params, "opt": opt, "step": done, "seconds": seconds}
+            _checkpoint(work_dir, state, record, metrics)
+            log(f"vae step {done}/{steps}: weighted l1 {metrics['weighted_l1']:.4f} l1 {metrics['l1']:.4f} "
+                f"kl {metrics['kl']:.2f} ({(done - start) / (time.time() - t0):.2f} steps/s)")
+    if start >= steps:
+        metrics = record.get("last_metrics", {})
+    # scaling factor: unit-variance latents as `prepare` stores them (whole-clip VAEStream encodes)
+    stream = VAEStream(model)
+    means = [np.asarray(stream.encode(params, jnp.asarray(c.frames[None, : 1 + 4 * 12], jnp.float32) / 127.5 - 1)[0])
+             for c in pool.clips[:16]]
     scaling = float(1.0 / np.concatenate([m.ravel() for m in means]).std())
     diffusers_cfg = dict(vcfg.to_diffusers(), scaling_factor=scaling, _class_name="AutoencoderKLHunyuanVideo")
-    metrics = {"l1": float(l1), "scaling_factor": scaling, "steps": steps, "batch": batch, "size": list(size)}
-    _write_vae(out_dir, params, diffusers_cfg, metrics)
-    return metrics
+    out = dict(metrics, scaling_factor=scaling, steps=steps, batch=batch, size=list(size), lengths=list(lengths),
+               seed=seed, wall_seconds=round(float(state["seconds"]), 1),
+               settings=record["settings"])
+    _write_vae(out_dir, params, diffusers_cfg, out)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return out
+
+
+def _resume(work_dir: str, state: dict, record: dict, log) -> dict:
+    """The checkpointed state in `work_dir` if it was written by the same settings; else `state`."""
+    path = os.path.join(work_dir, "state.msgpack")
+    if not os.path.exists(path):
+        return state
+    with open(os.path.join(work_dir, "record.json")) as f:
+        saved = json.load(f)
+    if {k: saved.get(k) for k in ("settings", "lengths", "vae", "size")} != {
+            k: json.loads(json.dumps(record[k])) for k in ("settings", "lengths", "vae", "size")}:
+        raise ValueError(f"{work_dir} holds a VAE run with other settings; remove it to start over "
+                         f"(saved {saved.get('settings')}, asked {record['settings']})")
+    with open(path, "rb") as f:
+        state = serialization.from_bytes(state, f.read())
+    record["last_metrics"] = saved.get("last_metrics", {})
+    log(f"vae: resuming from step {int(state['step'])} ({work_dir})")
+    return state
+
+
+def _checkpoint(work_dir: str, state: dict, record: dict, metrics: dict) -> None:
+    """state.msgpack, then record.json, each written to a temp name and renamed (a kill between
+    the two leaves the previous step's record: same settings, so the state still resumes)."""
+    os.makedirs(work_dir, exist_ok=True)
+    rec = dict(record, last_metrics=metrics, step=int(state["step"]))
+    for name, data in (("state.msgpack", serialization.to_bytes(state)),
+                       ("record.json", json.dumps(rec).encode())):
+        tmp = os.path.join(work_dir, name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(work_dir, name))
 
 
 def _write_vae(out_dir: str, params, diffusers_cfg: dict, metrics: dict) -> None:
     """A diffusers VAE folder (config.json + safetensors + training.json) written under a temp
     name, then renamed over `out_dir`: no partial folder is ever left at `out_dir`."""
-    import shutil
-
     from mi_jax.convert.export import write_model
     from mi_jax.convert.vae import VAE_NAME_MAP
 
@@ -122,76 +236,3 @@ def _write_vae(out_dir: str, params, diffusers_cfg: dict, metrics: dict) -> None
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-
-
-def refine_vae(vae_dir: str, *, steps: int = 600, batch: int = 4, frames: int = 5, lr: float = 5e-4,
-               face_weight: float = 2.0, mouth_weight: float = 20.0, train_encoder: bool = True,
-               beta: float = 1e-6, seed: int = 1, log=print) -> dict:
-    """Phase 2 of the demo VAE: fine-tuning with an L1 loss weighted up on faces and, most, on
-    mouths (ground-truth regions of the synthetic world). A uniform L1 spends a small VAE's
-    capacity on background: the bundled VAE after phase 1 reconstructed ground-truth clips whose
-    mouth opening correlated 0.99 with the voice as clips correlating ~0 (mouth opening measured
-    from pixels, the eval's lip-sync measure), i.e. its latents dropped the mouth. Weighting the
-    loss towards the regions that matter is the idea of the DiT's face / mouth loss weights.
-    `train_encoder=False` tunes the decoder (and post-quant conv) alone, so latents, and stores
-    prepared with this VAE, stay valid; with the encoder the scaling factor is re-measured.
-    Rewrites `vae_dir` in place (temp name + rename); returns the metrics."""
-    from mi_jax.convert.vae import load_diffusers_vae
-    from mi_jax.models.vae import CausalVAE
-
-    vcfg, params = load_diffusers_vae(vae_dir)
-    with open(os.path.join(vae_dir, "config.json")) as f:
-        diffusers_cfg = json.load(f)
-    model = CausalVAE(vcfg)
-    # the frame size the VAE was trained at (train_vae records it)
-    data = clip_batches(seed, batch, frames, _trained_size(vae_dir), weights=(face_weight, mouth_weight))
-    tuned = ("decoder", "post_quant_conv") + (("encoder", "quant_conv") if train_encoder else ())
-    trainable = {k: v for k, v in params.items() if k in tuned}
-    frozen = {k: v for k, v in params.items() if k not in trainable}
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1), 0.05)))
-    opt = tx.init(trainable)
-
-    def loss_fn(t, x, w, key):
-        p = {**frozen, **t}
-        mean, logvar = model.apply({"params": p}, x, method="encode")
-        if not train_encoder:
-            mean, logvar = jax.lax.stop_gradient((mean, logvar))
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-        err = jnp.abs(model.apply({"params": p}, z, method="decode") - x)
-        kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
-        return (err * w).sum() / (w.sum() * x.shape[-1]) + beta * kl, err.mean()
-
-    @jax.jit
-    def step(t, o, x, w, key):
-        (loss, l1), g = jax.value_and_grad(loss_fn, has_aux=True)(t, x, w, key)
-        u, o = tx.update(g, o, t)
-        return optax.apply_updates(t, u), o, loss, l1
-
-    t0, loss, l1 = time.time(), float("nan"), float("nan")
-    for i in range(steps):
-        x, w = next(data)
-        trainable, opt, loss, l1 = step(trainable, opt, jnp.asarray(x), jnp.asarray(w), jax.random.key(10_000 + i))
-        if (i + 1) % 50 == 0:
-            log(f"refine step {i + 1}/{steps}: weighted l1 {float(loss):.4f} l1 {float(l1):.4f} "
-                f"({(i + 1) / (time.time() - t0):.2f} steps/s)")
-    params = {**frozen, **trainable}
-    if train_encoder:  # latents moved: unit-variance latents again (as train_vae)
-        means = [np.asarray(model.apply({"params": params}, jnp.asarray(next(data)[0]), method="encode")[0])
-                 for _ in range(8)]
-        diffusers_cfg["scaling_factor"] = float(1.0 / np.concatenate([m.ravel() for m in means]).std())
-    metrics = {}
-    if os.path.exists(os.path.join(vae_dir, "training.json")):
-        with open(os.path.join(vae_dir, "training.json")) as f:
-            metrics = json.load(f)
-    metrics["refine"] = {"steps": steps, "batch": batch, "face_weight": face_weight, "mouth_weight": mouth_weight,
-                         "train_encoder": train_encoder, "weighted_l1": float(loss), "l1": float(l1),
-                         "scaling_factor": diffusers_cfg["scaling_factor"]}
-    _write_vae(vae_dir, params, diffusers_cfg, metrics)
-    return metrics
-
-
-def _trained_size(vae_dir: str) -> tuple[int, int]:
-    with open(os.path.join(vae_dir, "training.json")) as f:
-        size = json.load(f).get("size", [64, 64])
-    return int(size[0]), int(size[1])

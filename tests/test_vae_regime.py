@@ -1,0 +1,97 @@
+"""One VAE regime from training to generation: the VAE is trained at the clip lengths
+`VAEStream` runs it at, `prepare` stores latents cut from one `VAEStream` encode of the whole
+clip, and the pipeline decodes through the same `VAEStream`. The old demo drifted apart here
+(trained on 5 frames, prepared on 9, decoded on 17) and its mouth came out half a second late."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conftest import CONFIGS
+from mi_jax.config_utils import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _raw(clip):
+    from mi_jax.data.prepare import RawClip
+
+    return RawClip("c", clip.frames, clip.audio, None, clip.face_boxes.transpose(1, 0, 2), clip.prompt,
+                   {"mouth_open": list(clip.mouth_open)})
+
+
+def test_prepared_latents_are_the_pipelines_stream_encode_of_the_same_frames():
+    """Window k's stored latents == the clip's `VAEStream.encode` (the whole-clip scan, a
+    different code path from prepare's streamed tiles) at latents k (T-1) .. k (T-1) + T - 1;
+    the pipeline decodes with that very `VAEStream`; the reference is the first frame alone."""
+    from mi_jax.data import synthetic
+    from mi_jax.data.prepare import Encoders, windows
+
+    cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1"))
+    enc = Encoders(cfg)
+    clip = synthetic.render_clip(5, 2.4, size=(64, 64))  # 60 frames: 4 tiles of the encoder
+    out = list(windows(_raw(clip), enc, cfg.prepare))
+    t = cfg.prepare.latent_frames
+    used = 1 + 4 * (t - 1) * len(out)
+    assert used > enc.vae_stream.frames_first + enc.vae_stream.frames_per_chunk  # start, chunk and end ran
+    video = jnp.asarray(clip.frames[None, :used], jnp.float32) / 127.5 - 1.0
+    whole = np.asarray(enc.vae_stream.encode(enc.vae_params, video)[0][0]) * enc.vae_config.scaling_factor
+    for k, w in enumerate(out):
+        np.testing.assert_allclose(w["latents"], whole[k * (t - 1) : k * (t - 1) + t], atol=2e-5, rtol=1e-5)
+        assert w["truth"]["start_frame"] == 4 * k * (t - 1)
+    first = np.asarray(enc.vae_stream.encode(enc.vae_params, video[:, :1])[0][0]) * enc.vae_config.scaling_factor
+    np.testing.assert_allclose(out[0]["ref_latent"], first, atol=1e-6)
+    # a window's latents are not what a separate encode of its own frames gives (the old regime)
+    alone = np.asarray(enc.vae_stream.encode(enc.vae_params, video[:, 8 : 8 + 1 + 4 * (t - 1)])[0][0])
+    assert np.abs(alone * enc.vae_config.scaling_factor - out[1]["latents"]).max() > 1e-3
+
+
+def test_the_pipeline_decodes_with_its_encoders_stream(tiny_run):
+    from mi_jax.pipeline import Pipeline
+
+    pipe = Pipeline.from_checkpoint(tiny_run)
+    assert pipe.vae_stream is pipe.enc.vae_stream
+
+
+def test_train_vae_runs_the_stream_regime_and_resumes_to_the_same_weights(tmp_path):
+    """The VAE trainer's clip lengths are VAEStream's (tile, shorter ends, the lone portrait
+    frame); killed after its first checkpoint and started again, it ends with the weights of a
+    run that never stopped."""
+    from mi_jax.convert.vae import load_diffusers_vae
+    from mi_jax.models.vae import VAEConfig
+    from mi_jax.train.vae import ClipPool, train_vae, vae_regime_lengths
+
+    cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1"))
+    vcfg = VAEConfig(**cfg.prepare.vae_random.to_dict())
+    assert vae_regime_lengths(vcfg) == (17, 13, 9, 5, 1)
+    pool = ClipPool(0, (64, 64), clips=4, lengths=(9, 5, 1), tile_fraction=0.5)
+    lengths = {pool.length(i) for i in range(40)}
+    assert lengths == {9, 5, 1}
+    video, weight, portrait = pool.batch(3, 2)
+    again = pool.batch(3, 2)
+    assert np.array_equal(video, again[0]) and np.array_equal(portrait, again[2])
+    assert weight.max() > 10 and weight.min() == 1.0  # mouth / eye band on top of face on top of 1
+
+    small = dict(steps=4, batch=1, clips=4, lengths=(5, 1), checkpoint_every=2)
+    train_vae(cfg, str(tmp_path / "a"), log=lambda *_: None, **small)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_checkpoint(msg):
+        if "step 2/" in msg:
+            raise Stop
+
+    try:
+        train_vae(cfg, str(tmp_path / "b"), log=stop_after_first_checkpoint, **small)
+    except Stop:
+        pass
+    assert not os.path.exists(tmp_path / "b") and os.path.exists(tmp_path / "b.train" / "state.msgpack")
+    resumed = []
+    train_vae(cfg, str(tmp_path / "b"), log=resumed.append, **small)
+    assert any("resuming from step 2" in m for m in resumed)
+    (_, a), (_, b) = load_diffusers_vae(str(tmp_path / "a")), load_diffusers_vae(str(tmp_path / "b"))
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+    assert not os.path.exists(tmp_path / "b.train")
