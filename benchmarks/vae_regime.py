@@ -49,22 +49,15 @@ def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "") -> di
     from mi_jax.data import synthetic
     from mi_jax.data.prepare import Encoders
     from mi_jax.eval.metrics import best_offset_correlation, eye_detail
-    from mi_jax.pipeline import _FrameDecoder
+    from mi_jax.pipeline import vae_round_trip
 
     cfg = load_config(os.path.join(ROOT, "configs", "magicinfinite.py:tiny,stage1"), [f"prepare.vae={vae!r}"])
     cfg.model.in_channels = cfg.model.out_channels = _latent_channels(vae)
     enc = Encoders(cfg)
-    vae_model, params, scaling = enc.vae_stream.vae, enc.vae_params, enc.vae_config.scaling_factor
+    vae_model, params = enc.vae_stream.vae, enc.vae_params
     size = (int(cfg.prepare.height), int(cfg.prepare.width))
-    h, w = size[0] // enc.vae_config.spatial_factor, size[1] // enc.vae_config.spatial_factor
-    decoder = _FrameDecoder(enc.vae_stream, params, scaling, (h, w, enc.vae_config.latent_channels))
     single = jax.jit(lambda p, v: vae_model.apply({"params": p}, vae_model.apply({"params": p}, v, method="encode")[0],
                                                   method="decode"))
-
-    def pipeline_path(frames):
-        ref = enc.encode_video(frames[:1])[None]
-        latents = enc.encode_video(frames)[None]
-        return np.concatenate(list(decoder.frames(ref, [latents[:, 1:]])))
 
     def chunks_of(frames, n):  # the VAE on separate n-frame clips (the old training regime)
         out = [frames[:1]]
@@ -72,7 +65,7 @@ def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "") -> di
             out.append(_to_uint8(single(params, _unit(frames[s : s + n])))[1:])
         return np.concatenate(out)
 
-    regimes = {"pipeline (VAEStream tiles)": pipeline_path, "5-frame chunks": lambda f: chunks_of(f, 5),
+    regimes = {"pipeline (VAEStream tiles)": lambda f: vae_round_trip(enc, f), "5-frame chunks": lambda f: chunks_of(f, 5),
                "single pass": lambda f: _to_uint8(single(params, _unit(f)))}
     rows = {name: [] for name in ["renderer", *regimes]}
     t0 = time.time()

@@ -132,8 +132,9 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
     def finished(run: str, steps: int) -> bool:
         return os.path.isdir(os.path.join(work, run, "checkpoints", str(steps)))
 
-    part("synth", lambda: cli(["synth", "--out", data, "--clips", str(clips), "--seconds", "4",
-                                "--seed-start", str(seed)]))
+    if "synth" not in record["parts"]:  # recorded once every clip is written
+        part("synth", lambda: cli(["synth", "--out", data, "--clips", str(clips), "--seconds", "4",
+                                    "--seed-start", str(seed)]))
     vae_cfg = load_config(spec + ":tiny,stage1")
     vae_steps = int(vae_cfg.vae_train.steps if vae_steps is None else vae_steps)
     if not os.path.exists(os.path.join(vae_dir, "config.json")):

@@ -467,3 +467,17 @@ class _FrameDecoder:
             yield np.asarray(self._whole(self.params, buffer))
         else:
             yield np.asarray(self._ends[buffer.shape[1]](self.params, state, buffer))
+
+
+def vae_round_trip(encoders, frames: np.ndarray) -> np.ndarray:
+    """uint8 `[1 + 4k, H, W, 3]` -> the same frames through the VAE exactly as training and
+    generation see them: the clip encoded as `prepare` encodes it, its first latent replaced by
+    the first frame encoded alone (the portrait's latent, as in generation), decoded by the
+    pipeline's streaming decoder. What a perfect DiT could show at best (benchmarks/vae_regime.py)."""
+    enc = encoders
+    ref = enc.encode_video(frames[:1])[None]
+    latents = enc.encode_video(frames)[None]
+    f = enc.vae_config.spatial_factor
+    decoder = _FrameDecoder(enc.vae_stream, enc.vae_params, enc.vae_config.scaling_factor,
+                            (frames.shape[1] // f, frames.shape[2] // f, enc.vae_config.latent_channels))
+    return np.concatenate(list(decoder.frames(ref, [latents[:, 1:]])))

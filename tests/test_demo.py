@@ -18,37 +18,27 @@ def test_train_vae_writes_a_diffusers_vae(tmp_path, torch):
 
     cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1"))
     out = tmp_path / "vae"
-    metrics = train_vae(cfg, str(out), steps=3, batch=1, frames=5, log=lambda *_: None)
+    metrics = train_vae(cfg, str(out), steps=3, batch=1, clips=2, lengths=(5,), log=lambda *_: None)
     assert np.isfinite(metrics["l1"]) and metrics["scaling_factor"] > 0
     vcfg, params = load_diffusers_vae(str(out))
     assert vcfg.latent_channels == cfg.model.out_channels and vcfg.scaling_factor == metrics["scaling_factor"]
     model = AutoencoderKLHunyuanVideo.from_pretrained(str(out))
     assert sum(p.numel() for p in model.parameters()) == sum(int(np.prod(p.shape)) for p in __import__("jax").tree.leaves(params))
-    assert not os.path.exists(str(out) + ".tmp")
-
-    # phase 2 (decoder only): tuned on faces / mouths, the encoder (hence every latent) untouched
-    from mi_jax.train.vae import refine_vae
-
-    phase2 = refine_vae(str(out), steps=2, batch=1, train_encoder=False, log=lambda *_: None)
-    assert phase2["refine"]["steps"] == 2 and np.isfinite(phase2["refine"]["l1"])
-    _, after = load_diffusers_vae(str(out))
-    same = __import__("jax").tree.map(lambda a, b: bool(np.array_equal(a, b)), params, after)
-    assert all(__import__("jax").tree.leaves(same["encoder"])) and all(__import__("jax").tree.leaves(same["quant_conv"]))
-    assert not all(__import__("jax").tree.leaves(same["decoder"]))
-    assert not os.path.exists(str(out) + ".tmp")
+    assert not os.path.exists(str(out) + ".tmp") and not os.path.exists(str(out) + ".train")
 
 
-def test_vae_loss_weights_follow_the_true_face_and_mouth():
+def test_vae_loss_weights_follow_the_true_face_mouth_and_eyes():
     from mi_jax.data import synthetic
-    from mi_jax.train.vae import _region_weights
+    from mi_jax.train.vae import region_weights
 
     clip = synthetic.render_clip(3, 0.2, size=(64, 64))
-    w = _region_weights(clip, (2.0, 20.0))
+    w = region_weights(clip, (2.0, 20.0, 7.0))
     x0, y0, x1, y1 = clip.mouth_boxes[0, 0]
-    centre = w[0, int((y0 + y1) / 2), int((x0 + x1) / 2)]
-    assert centre == 1.0 + 2.0 + 20.0  # inside the face mask and the mouth box
+    assert w[0, int((y0 + y1) / 2), int((x0 + x1) / 2)] == 1.0 + 2.0 + 20.0  # in the face mask and the mouth box
+    x0, y0, x1, y1 = clip.eye_boxes[0, 0]
+    assert w[0, int((y0 + y1) / 2), int((x0 + x1) / 2)] == 1.0 + 2.0 + 7.0  # between the eyes: face + eye band
     assert w[0, 0, 0] == 1.0 and w.shape == clip.frames.shape[:3]
-    assert ((w == 3.0) == (clip.face_masks[0] & (w < 20))).all()  # face, not mouth: 1 + 2
+    assert ((w == 3.0) == (clip.face_masks[0] & (w < 7))).all()  # face, neither mouth nor eyes: 1 + 2
 
 
 def test_demo_writes_video_and_lip_sync_plot(tiny_run, tmp_path, monkeypatch):
