@@ -99,7 +99,8 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
 
     # `mi-jax train-vae` (mi_jax/train/vae.py): the small VAE of the synthetic world (tiny variant)
     v = c.vae_train = ml_collections.ConfigDict()
-    v.steps = 3000
+    v.init = ""  # a diffusers VAE folder to fine-tune (widened to more latent channels if needed)
+    v.steps = 1500
     v.batch = 2
     v.learning_rate = 2e-3
     v.beta = 1e-6  # KL weight

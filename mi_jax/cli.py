@@ -14,6 +14,7 @@
     mi-jax plan     --config FILE:VARIANT --mesh fsdp=8 [--budget 80] [--gpu h100]   (AOT memory / FLOPs)
     mi-jax demo     [--model demo/model] [--seconds 60] [--out out]
     mi-jax demo-model [--out demo/model]                            (rebuilds the bundled demo model)
+    mi-jax app      [--checkpoint demo/model] [--port 7860] [--host 127.0.0.1]   (a local web page; needs .[app])
 
 Config overrides use the config's own field paths (`--config.train.steps=100`).
 """
@@ -240,6 +241,16 @@ def cmd_demo_model(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    from mi_jax.app import InstallError, serve
+
+    try:
+        return serve(args.checkpoint, host=args.host, port=args.port)
+    except (InstallError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mi-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -324,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo/model")
     p.add_argument("--work", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("app", help="a local web page: portrait + voice + prompt -> talking video (pip install "
+                                   "-e '.[app]')")
+    p.add_argument("--checkpoint", default="demo/model", help="a training or distillation run folder")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default: this machine only; 0.0.0.0: every network)")
     return parser
 
 
@@ -336,7 +354,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     plain = {"synth": cmd_synth, "generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "demo": cmd_demo,
-             "demo-model": cmd_demo_model}
+             "demo-model": cmd_demo_model, "app": cmd_app}
     if args.command in plain:
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")

@@ -117,3 +117,38 @@ def test_the_bundled_vae_keeps_the_mouth_in_time_through_the_pipelines_path():
         mouth = synthetic.measure_mouth_open(video, clip.mouth_boxes[0, :n])
         corr, offset = best_offset_correlation(synthetic.mouth_envelope(clip.audio, n, clip.fps), mouth, 5)
         assert corr >= 0.6 and abs(offset) <= 2, (i, corr, offset)
+
+
+def test_a_pretrained_vae_widened_to_more_latent_channels_decodes_as_before():
+    """`vae_train.init`: the bundled pretrained demo VAE (4 latent channels) widened to the tiny
+    config's 8 encodes the old channels and decodes exactly as before; the new channels start
+    with a small posterior and no effect on the decoder, for training to fill."""
+    from flax import linen as nn
+
+    from mi_jax.convert.vae import load_diffusers_vae
+    from mi_jax.data import synthetic
+    from mi_jax.models.vae import CausalVAE, VAEConfig
+    from mi_jax.train.vae import start_from
+
+    cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1"))
+    vcfg = VAEConfig(**cfg.prepare.vae_random.to_dict())
+    model = CausalVAE(vcfg)
+    fresh = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1, 64, 64, 3))))["params"]
+    base = os.path.join(ROOT, "demo", "vae_base")
+    params = start_from(base, vcfg, fresh)
+    old_cfg, old = load_diffusers_vae(base)
+    assert old_cfg.latent_channels < vcfg.latent_channels
+    x = jnp.asarray(synthetic.render_clip(1_000_001, 0.7, size=(64, 64)).frames[None, :17], jnp.float32) / 127.5 - 1
+    mean, logvar = model.apply({"params": params}, x, method="encode")
+    old_mean, old_logvar = CausalVAE(old_cfg).apply({"params": old}, x, method="encode")
+    c = old_cfg.latent_channels
+    np.testing.assert_array_equal(mean[..., :c], old_mean)
+    np.testing.assert_array_equal(logvar[..., :c], old_logvar)
+    assert np.allclose(logvar[..., c:], -8.0) and float(jnp.abs(mean[..., c:]).max()) > 0
+    noisy = mean.at[..., c:].add(1.0)  # the new channels do not reach the decoder yet
+    np.testing.assert_array_equal(model.apply({"params": params}, noisy, method="decode"),
+                                  CausalVAE(old_cfg).apply({"params": old}, old_mean, method="decode"))
+    import pytest
+
+    with pytest.raises(ValueError, match="another architecture"):
+        start_from(base, VAEConfig(**dict(cfg.prepare.vae_random.to_dict(), block_out_channels=(8, 8, 8, 16))), fresh)

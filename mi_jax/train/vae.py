@@ -104,6 +104,46 @@ def region_weights(clip, weights: tuple[float, float, float], frames: slice = sl
     return out.astype(np.float32)
 
 
+def start_from(folder: str, vcfg: VAEConfig, fresh: dict) -> dict:
+    """The parameters of the diffusers VAE in `folder` as a start for `vcfg` (fine-tuning a
+    pretrained VAE, as video models start from HunyuanVideo's). Same architecture but more
+    latent channels: the VAE is widened so that it still decodes exactly as before (new encoder
+    outputs from the fresh init `fresh`, with a small posterior noise; the decoder's weights on
+    them zero, pass-through 1x1 quant convs), and training teaches the new channels what the
+    old ones dropped."""
+    from mi_jax.convert.vae import load_diffusers_vae
+
+    old_cfg, old = load_diffusers_vae(folder)
+    c, n = old_cfg.latent_channels, vcfg.latent_channels
+    arch = lambda cfg, **kw: {k: v for k, v in dict(cfg.to_diffusers(), **kw).items() if k != "scaling_factor"}  # noqa: E731
+    same = arch(old_cfg, latent_channels=n) == arch(vcfg)
+    if not same or n < c:
+        raise ValueError(f"vae_train.init={folder}: a VAE of another architecture ({old_cfg.to_diffusers()}); "
+                         f"it can only start one that differs by more latent channels ({vcfg.to_diffusers()})")
+    if n == c:
+        return old
+    out = jax.tree.map(np.asarray, old)
+    mean_new, var_old, var_new = slice(c, n), slice(n, n + c), slice(n + c, 2 * n)
+    k_out, b_out = (np.array(fresh["encoder"]["conv_out"]["conv"][k]) for k in ("kernel", "bias"))
+    k_out[..., :c], b_out[:c] = old["encoder"]["conv_out"]["conv"]["kernel"][..., :c], old["encoder"]["conv_out"]["conv"]["bias"][:c]
+    k_out[..., var_old], b_out[var_old] = (old["encoder"]["conv_out"]["conv"][k][..., c:] for k in ("kernel", "bias"))
+    k_out[..., var_new], b_out[var_new] = 0.0, -8.0  # new channels: posterior std e^-4 to start
+    del mean_new
+    out["encoder"]["conv_out"]["conv"] = {"kernel": k_out, "bias": b_out}
+    index = np.r_[0:c, n : n + c]  # the old mean / logvar channels among the new 2n
+    for name, rows, width in (("quant_conv", index, 2 * n), ("post_quant_conv", np.arange(c), n)):
+        kernel = np.zeros((1, 1, 1, width, width), np.float32)
+        kernel[0, 0, 0, np.arange(width), np.arange(width)] = 1.0  # new channels pass through
+        kernel[0, 0, 0][np.ix_(rows, rows)] = old[name]["kernel"][0, 0, 0]
+        bias = np.zeros(width, np.float32)
+        bias[rows] = old[name]["bias"]
+        out[name] = {"kernel": kernel, "bias": bias}
+    k_in = np.zeros(fresh["decoder"]["conv_in"]["conv"]["kernel"].shape, np.float32)
+    k_in[..., :c, :] = old["decoder"]["conv_in"]["conv"]["kernel"]
+    out["decoder"]["conv_in"]["conv"] = dict(out["decoder"]["conv_in"]["conv"], kernel=k_in)
+    return jax.tree.map(jnp.asarray, out)
+
+
 def make_vae_step(model: CausalVAE, tx, beta: float):
     """`step(params, opt, video, weight, portrait, key) -> (params, opt, metrics)`, jitted."""
 
@@ -149,6 +189,8 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
                     weights=(float(t["face_weight"]), float(t["mouth_weight"]), float(t["eye_weight"])),
                     portrait_fraction=float(t["portrait_fraction"]))
     params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 1, *size, 3))))["params"]
+    if t["init"]:
+        params = start_from(t["init"], vcfg, params)
     warmup = min(100, steps // 2 + 1)
     lr = float(t["learning_rate"])
     tx = optax.chain(optax.clip_by_global_norm(1.0),
