@@ -14,8 +14,18 @@ $(VENV)/.installed: setup.cfg constraints.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Install (CPU) and run the whole test suite.
+# Install (CPU) and run the whole test suite. The app's browser tests (tests/test_app.py) drive Debian's
+# chromium: installed here when missing and this is root on Debian (never a downloaded browser); otherwise
+# they say how to install it (and fail under CI=true).
 test: venv
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "chromium not found; installing Debian's for the browser tests: apt-get install -y chromium"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+	      || echo "could not install chromium; the browser tests will say how"; \
+	  else \
+	    echo "chromium not found and not installable here (needs root and apt-get): the browser tests will say how"; \
+	  fi; }
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The bundled demo model talks for a minute: out/demo.mp4 (voice muxed in) and out/lip_sync.png.
