@@ -139,16 +139,16 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
     if "synth" not in record["parts"]:  # recorded once every clip is written
         part("synth", lambda: cli(["synth", "--out", data, "--clips", str(clips), "--seconds", "4",
                                     "--seed-start", str(seed)]))
-    vae_cfg = load_config(spec + ":tiny,stage1")
+    vae_cfg = load_config(spec + ":demo,stage1")
     vae_steps = int(vae_cfg.vae_train.steps if vae_steps is None else vae_steps)
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
         part("vae", lambda: log(train_vae(vae_cfg, vae_dir, work_dir=os.path.join(work, "vae.train"), log=log,
                                           steps=vae_steps, seed=seed, init=vae_base, learning_rate=1e-3)))
-    part("prepare", lambda: cli(["prepare", "--clips", data, "--out", store, "--config", spec + ":tiny,stage1",
+    part("prepare", lambda: cli(["prepare", "--clips", data, "--out", store, "--config", spec + ":demo,stage1",
                                  f"--config.prepare.vae={vae_dir}", f"--config.seed={seed}"]))
-    stages = [("stage1", ["train", "--config", spec + ":tiny,stage1,text_first"], stage1_steps, None),
-              ("stage2", ["train", "--config", spec + ":tiny,stage2,text_first"], stage2_steps, "stage1"),
-              ("distill", ["distill", "--config", spec + ":tiny,distill"], distill_steps, "stage2")]
+    stages = [("stage1", ["train", "--config", spec + ":demo,stage1,text_first"], stage1_steps, None),
+              ("stage2", ["train", "--config", spec + ":demo,stage2,text_first"], stage2_steps, "stage1"),
+              ("distill", ["distill", "--config", spec + ":demo,distill"], distill_steps, "stage2")]
     for name, cmd, steps, init in stages:
         if not finished(name, steps):
             extra = [f"--config.init.checkpoint={os.path.join(work, init)}"] if init else []

@@ -64,7 +64,7 @@ def test_loader_batch_keeps_values_and_truth(prepared):
     whole = enc.encode_video(video.frames[: 1 + 8 * len(ids)])
     np.testing.assert_allclose(batch["latents"][k], whole[2 * window : 2 * window + 3], atol=1e-5)
     np.testing.assert_allclose(batch["ref_latent"][k], enc.encode_video(video.frames[:1]), atol=1e-5)
-    assert batch["latents"].shape[1:] == (3, 8, 8, 8) and batch["audio_states"].shape[1:] == (9, 4, 32)
+    assert batch["latents"].shape[1:] == (3, 8, 8, 4) and batch["audio_states"].shape[1:] == (9, 4, 32)
     truth = batch["truth"][k]
     np.testing.assert_allclose(truth["mouth_open"][0], clip.mouth_open[0, 8 * window : 8 * window + 9], atol=1e-6)
     assert truth["actions"] == ["nodding"] and truth["start_frame"] == 8 * window

@@ -107,7 +107,7 @@ def test_the_bundled_vae_keeps_the_mouth_in_time_through_the_pipelines_path():
     from mi_jax.pipeline import vae_round_trip
 
     vae = os.path.join(ROOT, "demo", "vae")
-    cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1"), [f"prepare.vae={vae!r}"])
+    cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:demo,stage1"), [f"prepare.vae={vae!r}"])
     enc = Encoders(cfg)
     for i in range(2):
         clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + 10 + i, 4.0, size=(64, 64))
@@ -120,7 +120,7 @@ def test_the_bundled_vae_keeps_the_mouth_in_time_through_the_pipelines_path():
 
 
 def test_a_pretrained_vae_widened_to_more_latent_channels_decodes_as_before():
-    """`vae_train.init`: the bundled pretrained demo VAE (4 latent channels) widened to the tiny
+    """`vae_train.init`: the bundled pretrained demo VAE (4 latent channels) widened to the demo
     config's 8 encodes the old channels and decodes exactly as before; the new channels start
     with a small posterior and no effect on the decoder, for training to fill."""
     from flax import linen as nn
@@ -130,7 +130,7 @@ def test_a_pretrained_vae_widened_to_more_latent_channels_decodes_as_before():
     from mi_jax.models.vae import CausalVAE, VAEConfig
     from mi_jax.train.vae import start_from
 
-    cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1"))
+    cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:demo,stage1"))
     vcfg = VAEConfig(**cfg.prepare.vae_random.to_dict())
     model = CausalVAE(vcfg)
     fresh = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1, 64, 64, 3))))["params"]
