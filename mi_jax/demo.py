@@ -161,8 +161,11 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
         tmp = dst.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*ignore) if ignore else None)
-        if dst == out:
+        if dst == out:  # the final checkpoint only (the run keeps the last few)
             shutil.copy(log_path, os.path.join(tmp, "build.json"))
+            for step in os.listdir(os.path.join(tmp, "checkpoints")):
+                if step != str(distill_steps):
+                    shutil.rmtree(os.path.join(tmp, "checkpoints", step))
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(tmp, dst)
     return out

@@ -201,7 +201,7 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
     state = _resume(work_dir, state, record, log)
     step = make_vae_step(model, tx, float(t["beta"]))
     every, batch = int(t["checkpoint_every"]), int(t["batch"])
-    t0, start, metrics = time.time(), state["step"], {}
+    t0, start, metrics, before = time.time(), state["step"], {}, float(state["seconds"])  # earlier runs' time
     params, opt = state["params"], state["opt"]
     for i in range(start, steps):
         video, weight, portrait = pool.batch(i, batch)
@@ -210,7 +210,7 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
         done = i + 1
         if done % every == 0 or done == steps:
             metrics = {k: float(v) for k, v in metrics.items()}
-            seconds = state["seconds"] + time.time() - t0
+            seconds = before + time.time() - t0
             state = {"params": params, "opt": opt, "step": done, "seconds": seconds}
             _checkpoint(work_dir, state, record, metrics)
             log(f"vae step {done}/{steps}: weighted l1 {metrics['weighted_l1']:.4f} l1 {metrics['l1']:.4f} "
