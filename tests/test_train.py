@@ -110,7 +110,7 @@ def test_lora_stage_runs_on_activations_with_factors_split_like_their_kernels(ti
     assert split and split == {path for path in factors if any(kernels[path[:-1]].spec)}
 
     params = job.init_state().params
-    lora = jax.tree.map(lambda x: x + 0.05, params["lora"])  # b starts at 0: make the adapter act
+    lora = jax.tree.map(lambda x: x + 0.2, params["lora"])  # b starts at 0: make the adapter act clearly
     batch, rng, loss_fn = next(iter(data)), jax.random.key(0), jax.jit(make_loss_fn(cfg))
     on_activations = float(loss_fn({"base": params["base"], "lora": lora}, batch, rng)[0])
     merged = float(loss_fn(model_params({"base": params["base"], "lora": lora}), batch, rng)[0])
