@@ -49,7 +49,7 @@ def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "") -> di
     from mi_jax.data import synthetic
     from mi_jax.data.prepare import Encoders
     from mi_jax.eval.metrics import best_offset_correlation, eye_detail
-    from mi_jax.pipeline import vae_round_trip
+    from mi_jax.pipeline import _to_uint8, vae_round_trip
 
     cfg = load_config(os.path.join(ROOT, "configs", "magicinfinite.py:tiny,stage1"), [f"prepare.vae={vae!r}"])
     cfg.model.in_channels = cfg.model.out_channels = _latent_channels(vae)
@@ -62,11 +62,11 @@ def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "") -> di
     def chunks_of(frames, n):  # the VAE on separate n-frame clips (the old training regime)
         out = [frames[:1]]
         for s in range(0, len(frames) - n + 1, n - 1):
-            out.append(_to_uint8(single(params, _unit(frames[s : s + n])))[1:])
+            out.append(np.asarray(_to_uint8(single(params, _unit(frames[s : s + n]))))[1:])
         return np.concatenate(out)
 
     regimes = {"pipeline (VAEStream tiles)": lambda f: vae_round_trip(enc, f), "5-frame chunks": lambda f: chunks_of(f, 5),
-               "single pass": lambda f: _to_uint8(single(params, _unit(f)))}
+               "single pass": lambda f: np.asarray(_to_uint8(single(params, _unit(f))))}
     rows = {name: [] for name in ["renderer", *regimes]}
     t0 = time.time()
     for i in range(clips):
@@ -107,10 +107,6 @@ def _latent_channels(vae: str) -> int:
 
 def _unit(frames):
     return jnp.asarray(frames, jnp.float32)[None] / 127.5 - 1.0
-
-
-def _to_uint8(video):
-    return np.asarray(jnp.clip((video[0] + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8))
 
 
 if __name__ == "__main__":

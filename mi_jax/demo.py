@@ -174,6 +174,6 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
 def _write_json(path: str, data: dict) -> None:
     import json
 
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(path + ".tmp", path)
+    from mi_jax.data.store import _write_atomic
+
+    _write_atomic(path, json.dumps(data, indent=1).encode())

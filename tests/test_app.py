@@ -7,8 +7,8 @@ uploaded, Generate is pressed, the progress moves and frames show while the vide
 the page ends with a playable video of the right length; a broken image gets the CLI's message in
 the page with no file left; two users queue and a stopped job leaves nothing.
 
-Browser missing: under CI=true the tests fail saying how to install it; elsewhere they are
-skipped with the same instruction. `make test` installs it when it can (root on Debian).
+Browser missing: the tests fail saying how to install it. `make test` installs it when it can
+(root on Debian).
 MI_JAX_APP_SCREENSHOT=PATH: where the screenshot of the finished page goes (for the README);
 MI_JAX_APP_CHECKPOINT=RUN: the model the app serves instead of the tiny test run (e.g. demo/model,
 whose video shows a face rather than the 30-step tiny model's noise).
@@ -38,10 +38,8 @@ SECONDS = 2.0  # the voice; the video lasts as long (50 frames at 25 fps)
 
 
 def _unavailable(message: str):
-    """Under CI a missing piece fails the test; elsewhere it skips it, saying how to get it."""
-    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    """A missing piece fails the test, saying how to get it (a skipped browser test proves nothing)."""
+    pytest.fail(message, pytrace=False)
 
 
 def chromium_path() -> str:

@@ -123,12 +123,11 @@ def start_from(folder: str, vcfg: VAEConfig, fresh: dict) -> dict:
     if n == c:
         return old
     out = jax.tree.map(np.asarray, old)
-    mean_new, var_old, var_new = slice(c, n), slice(n, n + c), slice(n + c, 2 * n)
+    var_old, var_new = slice(n, n + c), slice(n + c, 2 * n)
     k_out, b_out = (np.array(fresh["encoder"]["conv_out"]["conv"][k]) for k in ("kernel", "bias"))
     k_out[..., :c], b_out[:c] = old["encoder"]["conv_out"]["conv"]["kernel"][..., :c], old["encoder"]["conv_out"]["conv"]["bias"][:c]
     k_out[..., var_old], b_out[var_old] = (old["encoder"]["conv_out"]["conv"][k][..., c:] for k in ("kernel", "bias"))
     k_out[..., var_new], b_out[var_new] = 0.0, -8.0  # new channels: posterior std e^-4 to start
-    del mean_new
     out["encoder"]["conv_out"]["conv"] = {"kernel": k_out, "bias": b_out}
     index = np.r_[0:c, n : n + c]  # the old mean / logvar channels among the new 2n
     for name, rows, width in (("quant_conv", index, 2 * n), ("post_quant_conv", np.arange(c), n)):
@@ -252,14 +251,12 @@ def _resume(work_dir: str, state: dict, record: dict, log) -> dict:
 def _checkpoint(work_dir: str, state: dict, record: dict, metrics: dict) -> None:
     """state.msgpack, then record.json, each written to a temp name and renamed (a kill between
     the two leaves the previous step's record: same settings, so the state still resumes)."""
+    from mi_jax.data.store import _write_atomic
+
     os.makedirs(work_dir, exist_ok=True)
     rec = dict(record, last_metrics=metrics, step=int(state["step"]))
-    for name, data in (("state.msgpack", serialization.to_bytes(state)),
-                       ("record.json", json.dumps(rec).encode())):
-        tmp = os.path.join(work_dir, name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(work_dir, name))
+    _write_atomic(os.path.join(work_dir, "state.msgpack"), serialization.to_bytes(state))
+    _write_atomic(os.path.join(work_dir, "record.json"), json.dumps(rec).encode())
 
 
 def _write_vae(out_dir: str, params, diffusers_cfg: dict, metrics: dict) -> None:
