@@ -128,6 +128,25 @@ def test_group_norm_statistics_are_accurate():
     assert max_abs(got, want) <= 1e-6
 
 
+@pytest.mark.parametrize("strides", [(1, 1, 1), (1, 2, 2), (2, 2, 2)])
+def test_cpu_convolution_and_its_gradients_match_xla(strides):
+    """On CPU `conv3d` runs as frame-wise 2-D convolutions with a custom gradient (the kernel's
+    through FFT cross-correlations): its output and both gradients equal XLA's 3-D convolution
+    (relative 1e-5), at the VAE's strides, with an uneven output gradient."""
+    from mi_jax.models.vae import conv3d
+
+    rng = np.random.default_rng(sum(strides))
+    x = jnp.asarray(rng.standard_normal((2, 11, 18, 14, 8)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 16)), jnp.float32)
+    ref = lambda x, k: jax.lax.conv_general_dilated(x, k, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))  # noqa: E731
+    want, pull_want = jax.vjp(ref, x, kernel)
+    got, pull_got = jax.vjp(lambda x, k: conv3d(x, k, strides), x, kernel)
+    g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    for a, b in zip((want, *pull_want(g)), (got, *pull_got(g))):
+        assert a.shape == b.shape
+        assert max_abs(a, b) <= 1e-5 * float(jnp.abs(a).max())
+
+
 def test_stream_decode_matches_diffusers_default(torch, models):
     """13 latents: first tile, two scanned tiles, a 4-latent end tile (and a 1-latent one that
     yields nothing). 8 latents: one scanned tile, a 2-latent end tile."""

@@ -26,6 +26,7 @@ what `VAEStream` reproduces exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -176,14 +177,19 @@ class Conv3d(nn.Module):
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
-    """VALID 3-D convolution `[B, T, H, W, Ci] x [kt, kh, kw, Ci, Co]`, as a sum over the kt
-    temporal taps of 2-D convolutions of the frames (frames folded into the batch). Same maths as
-    one `conv_general_dilated` over three spatial dims; XLA:CPU runs 3-D convolutions through a
-    slow generic path (this form: 4x faster forward, 2x forward + backward on the VAE's shapes),
-    and on GPU both lower to cuDNN convolutions."""
-    kt = kernel.shape[0]
-    if kt == 1 or jax.default_backend() != "cpu":
+    """VALID 3-D convolution `[B, T, H, W, Ci] x [kt, kh, kw, Ci, Co]`. On GPU / TPU one
+    `conv_general_dilated` (cuDNN). On CPU `_cpu_conv3d`: the same maths in the forms XLA:CPU runs
+    fast (benchmarks/cpu_vs_torch.py measures it against torch)."""
+    if jax.default_backend() != "cpu" or kernel.shape[:3] == (1, 1, 1):
         return jax.lax.conv_general_dilated(x, kernel, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    return _cpu_conv3d(x, kernel, tuple(strides))
+
+
+def _conv_frames(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
+    """The 3-D convolution as a sum over the kt temporal taps of 2-D convolutions of the frames
+    (frames folded into the batch). XLA:CPU runs 3-D convolutions through a slow generic path:
+    this form is 4-6x faster forward on the VAE's shapes."""
+    kt = kernel.shape[0]
     b, t = x.shape[:2]
     st = strides[0]
     t_out = (t - kt) // st + 1
@@ -195,6 +201,47 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> ja
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
         y = yi if y is None else y + yi
     return y.reshape(b, t_out, *y.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cpu_conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
+    return _conv_frames(x, kernel, strides)
+
+
+def _cpu_conv3d_fwd(x, kernel, strides):
+    return _conv_frames(x, kernel, strides), (x, kernel)
+
+
+def _cpu_conv3d_bwd(strides, res, g):
+    """Input gradient: XLA's transpose of the frame-wise 2-D convolutions (fast). Kernel gradient:
+    for each temporal tap, the cross-correlation of the frames with the output gradient over
+    (H, W), summed over batch and frames, through FFTs; only its first kh x kw lags are the
+    kernel's gradient. XLA:CPU's own kernel gradient (a convolution with the whole output as
+    its kernel, or one matmul per tap over a strided copy of the input) is 3-10x slower; the
+    FFT's round-off is that of the direct sum (~1e-6 relative, tests/test_vae.py)."""
+    x, kernel = res
+    _, pullback = jax.vjp(lambda v: _conv_frames(v, kernel, strides), x)
+    (dx,) = pullback(g)
+    kt, kh, kw, ci, co = kernel.shape
+    st, sh, sw = strides
+    t_out = g.shape[1]
+    hx, wx = x.shape[2:4]
+    f32 = jnp.promote_types(x.dtype, jnp.float32)
+    # the output gradient on the input's grid (zeros between strided positions), zero-padded to it
+    gd = jax.lax.pad(g.astype(f32), jnp.zeros((), f32),
+                     ((0, 0, 0), (0, 0, 0), (0, hx - (g.shape[2] - 1) * sh - 1, sh - 1),
+                      (0, wx - (g.shape[3] - 1) * sw - 1, sw - 1), (0, 0, 0)))
+    spec_g = jnp.conj(jnp.fft.rfft2(gd, axes=(2, 3)))
+    spec_x = jnp.fft.rfft2(x.astype(f32), axes=(2, 3))
+    taps = []
+    for a in range(kt):
+        frames = jax.lax.slice_in_dim(spec_x, a, a + st * (t_out - 1) + 1, st, axis=1)
+        corr = jnp.fft.irfft2(jnp.einsum("bthwc,bthwo->cohw", frames, spec_g), s=(hx, wx), axes=(2, 3))
+        taps.append(corr[:, :, :kh, :kw].transpose(2, 3, 0, 1))
+    return dx, jnp.stack(taps).astype(kernel.dtype)
+
+
+_cpu_conv3d.defvjp(_cpu_conv3d_fwd, _cpu_conv3d_bwd)
 
 
 class CausalConv3d(nn.Module):
