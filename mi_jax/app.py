@@ -11,6 +11,8 @@ time: the page's queue runs one job and shows every other user their place in it
   functions (`check_inputs`, `prompt_notices`), so the page shows the CLI's messages;
 * the progress (windows done / total, the time left) and the newest frame show while the video
   is being made; the mp4 (with the voice) is written as the frames come, atomically;
+* the long-video controls of `mi-jax generate`: a prompt schedule (one 'SECONDS:TEXT' per line
+  of the prompt box), a timeline file, the colour anchor and the mouth rest (checkboxes);
 * at the end: the video, the lip-sync plot (the voice's envelope against the mouth opening
   measured from the generated pixels, `mi_jax.eval.report.plot_lip_sync`) and the timing.
 
@@ -144,6 +146,15 @@ class Checked:
     image: np.ndarray  # the portrait as the model sees it
     frames: int
     notices: list[str]
+    timeline: str | None = None  # a file of START END SPEAKER lines (mi_jax/data/controls.py)
+    colour_anchor: bool | None = None
+    rest: bool = True
+
+
+def page_prompt(text: str | None):
+    """The prompt box: one prompt, or one 'SECONDS:TEXT' per line (a schedule)."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines if len(lines) > 1 else (lines[0] if lines else "")
 
 
 def _shown(message: str, paths) -> str:
@@ -185,7 +196,7 @@ class Studio:
         return int(self.config.sample.steps)
 
     def check(self, portrait, voice, prompt, seconds=None, seed=0, steps=None, voice2=None, mask_files=None,
-              mask_drawing=None) -> Checked:
+              mask_drawing=None, timeline=None, colour_anchor=None, rest=True) -> Checked:
         """Every input checked as `mi-jax generate` checks it, nothing computed; raises the CLI's
         `InputError` / `AudioError`."""
         from mi_jax.data.inputs import InputError, prompt_notices
@@ -195,7 +206,7 @@ class Studio:
             raise InputError("portrait: upload an image or pick one of the bundled portraits")
         if not voice:
             raise InputError("voice: upload or record a voice, or pick the bundled one")
-        prompt = prompt or ""
+        prompt = page_prompt(prompt) if isinstance(prompt, str) or prompt is None else prompt
         seconds = None if seconds in (None, "", 0) else float(seconds)  # 0 / empty: the voice's length
         if seed is None or float(seed) != int(seed) or not -(2**31) <= int(seed) < 2**31:
             raise InputError(f"seed={seed}: use a whole number between {-(2**31)} and {2**31 - 1}")
@@ -203,10 +214,14 @@ class Studio:
             raise InputError(f"steps={steps}: use a whole number of sampler steps, at least 1")
         audio = [voice, voice2] if voice2 else voice
         masks = list(mask_files or []) or masks_from_drawing(mask_drawing) or None
-        image, _, _, frames, notices = check_inputs(self.config, portrait, audio, seconds=seconds, masks=masks)
-        notices = notices + prompt_notices(prompt, self.config.prepare.get("text_vocabulary", ()))
+        image, _, _, frames, notices = check_inputs(self.config, portrait, audio, seconds=seconds, masks=masks,
+                                                    prompt=prompt, timeline=timeline or None)
+        from mi_jax.data.controls import prompt_schedule
+
+        vocabulary = self.config.prepare.get("text_vocabulary", ())
+        notices = notices + [n for _, text in prompt_schedule(prompt) for n in prompt_notices(text, vocabulary)]
         return Checked(portrait, audio, prompt, seconds, masks, int(seed), None if steps is None else int(steps),
-                       image, frames, notices)
+                       image, frames, notices, timeline or None, colour_anchor, bool(rest))
 
     def run(self, req: Checked, on_window=None):
         """Generates `req`: yields `("frames", chunk)` as frames are made, then `("done",
@@ -234,7 +249,8 @@ class Studio:
         try:
             with self._lock:
                 chunks = self.pipe.stream(req.portrait, req.audio, req.prompt, seconds=req.seconds, masks=req.masks,
-                                          seed=req.seed, steps=req.steps, progress=windows)
+                                          seed=req.seed, steps=req.steps, progress=windows, timeline=req.timeline,
+                                          colour_anchor=req.colour_anchor, rest=req.rest)
                 first = next(chunks)  # the inputs are read and checked again here, as by the CLI
                 writer = threading.Thread(target=self._write, args=(video_path, feed, written), daemon=True)
                 writer.start()  # after the first chunk: `pipe.last_audio` is this job's voice
@@ -336,7 +352,8 @@ def build_page(studio: Studio):
                 voice = gr.Audio(label="Voice (upload or record)", sources=["upload", "microphone"], type="filepath",
                                  elem_id="voice")
                 gr.Examples([[studio.bundled.voice]], inputs=[voice], label="Bundled voice")
-                prompt = gr.Textbox(label="Prompt", value=studio.prompts[0], elem_id="prompt", lines=1)
+                prompt = gr.Textbox(label="Prompt (one, or one 'SECONDS:TEXT' per line to change it over time)",
+                                    value=studio.prompts[0], elem_id="prompt", lines=1, max_lines=8)
                 gr.Examples([[p] for p in studio.prompts], inputs=[prompt], label="Actions this model knows")
                 with gr.Row():
                     seconds = gr.Number(label="Length in seconds (0: the voice's length)", value=0,
@@ -354,6 +371,14 @@ def build_page(studio: Studio):
                                                         "blue = speaker 2", type="numpy", sources=[], layers=False,
                                                   brush=gr.Brush(colors=["#ff0000", "#0000ff"], color_mode="fixed"),
                                                   eraser=gr.Eraser(), format="png", elem_id="mask-drawing")
+                with gr.Accordion("Long video (optional)", open=False):
+                    timeline = gr.File(label="Timeline: lines 'START END SPEAKER' (seconds; speaker 1 or 2); "
+                                             "default: who speaks comes from the voices", file_types=[".txt"],
+                                       type="filepath", elem_id="timeline")
+                    with gr.Row():
+                        colour_anchor = gr.Checkbox(label="Hold the colour on the portrait's", value=True,
+                                                    elem_id="colour-anchor")
+                        rest = gr.Checkbox(label="Mouth rests in silence", value=True, elem_id="rest")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -366,7 +391,8 @@ def build_page(studio: Studio):
                 plot = gr.Image(label="Lip sync", interactive=False, elem_id="lip-sync", format="png")
                 timing = gr.Markdown(elem_id="timing")
 
-        inputs = [portrait, voice, prompt, seconds, seed, steps, voice2, mask_files, mask_drawing]
+        inputs = [portrait, voice, prompt, seconds, seed, steps, voice2, mask_files, mask_drawing, timeline,
+                  colour_anchor, rest]
         ticket = gr.State(0)  # a new value (a checked request) starts a job
 
         def problem(e: Exception, values) -> str:
@@ -454,7 +480,8 @@ def _path(value) -> str | None:
     return value or None
 
 
-def _uploaded(portrait, voice, prompt, seconds, seed, steps, voice2, mask_files, mask_drawing) -> tuple:
+def _uploaded(portrait, voice, prompt, seconds, seed, steps, voice2, mask_files, mask_drawing, timeline=None,
+              colour_anchor=True, rest=True) -> tuple:
     """The page's inputs, sent without preprocessing, as `Studio.check` takes them: uploads as
     paths, the painted layers as RGBA arrays."""
     from PIL import Image
@@ -466,7 +493,7 @@ def _uploaded(portrait, voice, prompt, seconds, seed, steps, voice2, mask_files,
                 layers.append(np.asarray(im.convert("RGBA")))
     files = [_path(f) for f in (mask_files or []) if _path(f)]
     return (_path(portrait), _path(voice), prompt, seconds, seed, steps, _path(voice2), files or None,
-            {"layers": layers})
+            {"layers": layers}, _path(timeline), colour_anchor, rest)
 
 
 def _enlarged(image: np.ndarray, side: int) -> np.ndarray:

@@ -5,8 +5,9 @@
     mi-jax train    --config configs/FILE.py:VARIANT --workdir DIR [--config.FIELD=VALUE ...]
     mi-jax distill  --config configs/magicinfinite.py:tiny,distill --workdir DIR --config.init.checkpoint=RUN
     mi-jax generate --checkpoint RUN --portrait IMG --audio WAV [--audio WAV --mask IMG ...]
-                    --prompt TEXT --out OUT.mp4 [--seconds S] [--steps N] [--cfg-text X]
-                    [--cfg-audio Y] [--seed K] [--size WxH]
+                    --prompt TEXT | --prompt 0:TEXT --prompt SECONDS:TEXT ... --out OUT.mp4
+                    [--timeline FILE] [--no-rest] [--no-colour-anchor] [--seconds S] [--steps N]
+                    [--cfg-text X] [--cfg-audio Y] [--seed K] [--size WxH]
     mi-jax import-weights --transformer DIR [--vae DIR] [--wav2vec DIR] --out CKPT [--config FILE:VARIANT]
     mi-jax export   --checkpoint CKPT --out DIR [--dtype bf16|fp32] [--merge-lora] [--ema]
     mi-jax train-vae --out DIR [--config FILE:VARIANT] [--config.vae_train.steps=N]   (the demo VAE)
@@ -117,14 +118,21 @@ def cmd_generate(args) -> int:
     from mi_jax.train.checkpoints import load_run_config
 
     audio = args.audio if len(args.audio) > 1 else args.audio[0]
+    prompts = args.prompt or [""]
+    prompt = prompts[0] if len(prompts) == 1 else prompts
+    controls = dict(allow_silence=not args.reject_silence, timeline=args.timeline, prompt=prompt)
     try:  # every input is checked before the model is loaded or anything compiled
         run_config = load_run_config(args.checkpoint)
-        check_inputs(run_config, args.portrait, audio, seconds=args.seconds, masks=args.mask or None, size=size)
+        *_, checked = check_inputs(run_config, args.portrait, audio, seconds=args.seconds, masks=args.mask or None,
+                                   size=size, **controls)
     except (InputError, AudioError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # words the model never saw: said now, not after the first window's compute
-    told = prompt_notices(args.prompt, run_config.prepare.get("text_vocabulary", ()))
+    from mi_jax.data.controls import prompt_schedule
+
+    # words the model never saw, and the inputs' notices: said now, not after the first window's compute
+    told = checked + [n for _, text in prompt_schedule(prompt)
+                      for n in prompt_notices(text, run_config.prepare.get("text_vocabulary", ()))]
     for note in told:
         print(f"note: {note}", file=sys.stderr)
     pipe = Pipeline.from_checkpoint(args.checkpoint, which=args.weights, mesh=args.mesh)
@@ -136,9 +144,11 @@ def cmd_generate(args) -> int:
         bar.update(done - bar.n)
 
     try:
-        chunks = pipe.stream(args.portrait, audio, args.prompt,
+        chunks = pipe.stream(args.portrait, audio, prompt,
                              seconds=args.seconds, masks=args.mask or None, seed=args.seed, steps=args.steps,
-                             cfg_text=args.cfg_text, cfg_audio=args.cfg_audio, size=size, progress=progress)
+                             cfg_text=args.cfg_text, cfg_audio=args.cfg_audio, size=size, progress=progress,
+                             allow_silence=not args.reject_silence, timeline=args.timeline, rest=args.rest,
+                             colour_anchor=args.colour_anchor)
         first = next(chunks)  # inputs are checked here, before anything is written
     except (InputError, AudioError) as e:
         bar.close()
@@ -280,7 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--portrait", required=True)
     p.add_argument("--audio", required=True, action="append", help="one per speaker")
     p.add_argument("--mask", action="append", help="one mask image per speaker (white = that speaker)")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", action="append",
+                   help="the prompt; repeat as 'SECONDS:TEXT' for a schedule (e.g. --prompt '0:a person talking' "
+                        "--prompt '30:a person talking, nodding')")
+    p.add_argument("--timeline", default=None,
+                   help="a file of 'START END SPEAKER' lines: who speaks when (default: each track's voice activity)")
+    p.add_argument("--rest", action=argparse.BooleanOptionalAction, default=True,
+                   help="the mouth of a silent speaker rests as in the portrait (default: on)")
+    p.add_argument("--colour-anchor", action=argparse.BooleanOptionalAction, default=None,
+                   help="hold the frames' colour on the portrait's (default: on)")
+    p.add_argument("--reject-silence", action="store_true", help="fail on a silent track instead of animating it idle")
     p.add_argument("--out", required=True)
     p.add_argument("--seconds", type=float, default=None, help="default: the length of the audio")
     p.add_argument("--steps", type=int, default=None)

@@ -45,6 +45,8 @@ from mi_jax.diffusion.sampler import SamplerConfig, initial_carry, make_window_f
 from mi_jax.models.dit_config import DiTConfig
 from mi_jax.parallel.mesh import DEFAULT_RULES, logical_shardings, make_mesh, with_rules
 
+COLOUR_ANCHOR_DEFAULT = True  # measured on demo/model, README "Long-video controls"
+
 
 @dataclasses.dataclass
 class Generation:
@@ -76,14 +78,31 @@ def sampler_config(config, **overrides) -> SamplerConfig:
     return SamplerConfig(**kw)
 
 
-def check_inputs(config, portrait, audio, *, seconds=None, masks=None, size=None, allow_silence=False):
-    """Reads and checks every user input (nothing is compiled): returns the portrait
-    `[H, W, 3]` uint8, the audio tracks (16 kHz, fitted to the video), the speaker masks at
-    latent resolution `[S, h, w]`, the number of video frames and the notices. Raises
-    `InputError` / `AudioError` naming the input, the problem and the fix."""
-    from mi_jax.data import audio_io
-    from mi_jax.data.inputs import InputError, load_portrait, speaker_masks
+@dataclasses.dataclass
+class Inputs:
+    """Checked user inputs (`read_inputs`)."""
 
+    image: np.ndarray  # [H, W, 3] uint8, the portrait
+    tracks: list  # per speaker, float32 audio at 16 kHz fitted to the video (timeline-muted)
+    masks: np.ndarray  # [S, h, w] speaker regions at latent resolution
+    mouths: np.ndarray  # [S, h, w] their mouth regions (0 / 1)
+    frames: int  # video frames
+    notices: list
+    schedule: list  # [(start s, prompt)] (mi_jax/data/controls.py)
+    active: np.ndarray  # [S, frames] bool: who speaks when (voice activity or the timeline)
+
+
+def read_inputs(config, portrait, audio, prompt="", *, seconds=None, masks=None, size=None, allow_silence=True,
+                timeline=None) -> Inputs:
+    """Reads and checks every user input (nothing is compiled). Raises `InputError` /
+    `AudioError` naming the input, the problem and the fix. A silent or partly silent track is
+    valid (an idle head, pauses: the mouth rests there) unless `allow_silence=False`;
+    `timeline` (a file, or its text / lines: mi_jax/data/controls.py) says who speaks when,
+    instead of each track's voice activity."""
+    from mi_jax.data import audio_io, controls
+    from mi_jax.data.inputs import InputError, load_portrait, speaker_regions
+
+    schedule = controls.prompt_schedule(prompt)  # a malformed schedule fails before any file is read
     p = config.prepare
     size = size or (p.height, p.width)
     image, notices = load_portrait(portrait, size)
@@ -91,16 +110,24 @@ def check_inputs(config, portrait, audio, *, seconds=None, masks=None, size=None
     tracks = [audio] if isinstance(audio, (str, np.ndarray)) or hasattr(audio, "__fspath__") else list(audio)
     if not tracks:
         raise InputError("audio: give at least one audio track")
-    loaded = []
+    loaded, names = [], []
     for i, a in enumerate(tracks):
         if isinstance(a, np.ndarray):
             a = np.asarray(a, np.float32)
             if a.ndim != 1 or a.size == 0 or not np.isfinite(a).all():
                 raise InputError(f"audio {i}: pass a finite mono float32 array at 16 kHz")
             loaded.append(a)
+            names.append(str(i + 1))
         else:
-            loaded.append(audio_io.load_audio(a, p.sample_rate, allow_silence=allow_silence, fps=p.fps))
-    mask_lat, more = speaker_masks(masks, len(loaded), h, w, image)
+            import os
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", audio_io.SilentAudioWarning)  # said below, per track
+                loaded.append(audio_io.load_audio(a, p.sample_rate, allow_silence=allow_silence, fps=p.fps))
+            names.append(os.path.splitext(os.path.basename(os.fspath(a)))[0])
+    line = None if timeline is None else controls.read_timeline(timeline, len(loaded), names)
+    mask_lat, mouths, more = speaker_regions(masks, len(loaded), h, w, image)
     notices += more
     n = max(len(a) for a in loaded)
     if seconds is not None:
@@ -110,7 +137,33 @@ def check_inputs(config, portrait, audio, *, seconds=None, masks=None, size=None
     loaded = [audio_io.fit_to_frames(a, max(2, round(n / p.sample_rate * p.fps)), p.fps, p.sample_rate)
               for a in loaded]
     frames = audio_io.frames_for_audio(loaded[0], p.fps, p.sample_rate)
-    return image, loaded, mask_lat, frames, notices
+    fps, sr = float(p.fps), int(p.sample_rate)
+    if line is None:
+        active = np.stack([controls.voice_activity(a, frames, fps, sr) for a in loaded])
+    else:
+        active = controls.timeline_activity(line, len(loaded), frames, fps)
+        loaded = [controls.mute_outside(a, active[s], fps, sr) for s, a in enumerate(loaded)]
+    for s in range(len(loaded)):
+        quiet = 1.0 - active[s].mean()
+        if quiet > 0.05:
+            who = f"audio {s + 1}" if len(loaded) > 1 else "audio"
+            notices.append(f"{who}: silent for {quiet * frames / fps:.1f} s of {frames / fps:.1f} s; the mouth rests "
+                           "there" + ("" if mouths[s].any() else " (no mouth region found: pass --mask)"))
+    late = [t for t, _ in schedule if t >= frames / fps]
+    if late:
+        notices.append(f"prompt: the schedule's change(s) at {', '.join(f'{t:g}' for t in late)} s come after the "
+                       f"video's end ({frames / fps:.2f} s) and have no effect")
+    return Inputs(image, loaded, mask_lat, mouths, frames, notices, schedule, active)
+
+
+def check_inputs(config, portrait, audio, *, seconds=None, masks=None, size=None, allow_silence=True,
+                 prompt="", timeline=None):
+    """`read_inputs` as a tuple: the portrait `[H, W, 3]` uint8, the audio tracks (16 kHz,
+    fitted to the video), the speaker masks at latent resolution `[S, h, w]`, the number of
+    video frames and the notices."""
+    r = read_inputs(config, portrait, audio, prompt, seconds=seconds, masks=masks, size=size,
+                    allow_silence=allow_silence, timeline=timeline)
+    return r.image, r.tracks, r.masks, r.frames, r.notices
 
 
 def generation_mesh(spec: str | None = None) -> jax.sharding.Mesh:
@@ -176,6 +229,16 @@ class _Request:
     cond: dict  # replicated on the mesh
     ref: np.ndarray  # [1, 1, h, w, C] the portrait's latent (scaled)
     audio: _AudioWindows | None
+    texts: list | None = None  # per window, its text conditions when a prompt schedule changes them
+    rest: np.ndarray | None = None  # [1 + latents, h, w] rest weights (mi_jax/data/controls.py)
+    anchor: object = None  # a ColourAnchor for the decoded frames, or None
+
+    def window_rest(self, k: int) -> np.ndarray:
+        """`[1, W, h, w, 1]`: window k's rest weights (zero at the reference position)."""
+        w, start = self.scfg.window, k * self.scfg.new_per_window
+        out = self.rest[start : start + w].copy()
+        out[0] = 0.0
+        return out[None, ..., None]
 
 
 class Pipeline:
@@ -247,31 +310,49 @@ class Pipeline:
     # ------------------------------------------------------------------ inputs
 
     def _request(self, portrait, audio, prompt, *, seconds, masks, steps, cfg_text, cfg_audio, size,
-                 allow_silence) -> _Request:
+                 allow_silence, timeline=None, rest=True, colour_anchor=None) -> _Request:
+        from mi_jax.colour_anchor import ColourAnchor, mouth_pixels
+        from mi_jax.data import controls
+        from mi_jax.data.inputs import prompt_notices
+
         self.last_audio = None  # the previous call's audio goes before this call's is read
         release_free_heap()  # what earlier calls (and compilation) freed
         p = self.config.prepare
         scfg = sampler_config(self.config, steps=steps, cfg_text=cfg_text, cfg_audio=cfg_audio)
-        image, tracks, mask_lat, frames, notices = check_inputs(
-            self.config, portrait, audio, seconds=seconds, masks=masks, size=size, allow_silence=allow_silence)
-        from mi_jax.data.inputs import prompt_notices
-
+        inp = read_inputs(self.config, portrait, audio, prompt, seconds=seconds, masks=masks, size=size,
+                          allow_silence=allow_silence, timeline=timeline)
+        image, tracks, mask_lat, frames = inp.image, inp.tracks, inp.masks, inp.frames
         # words the text encoder never saw in training (its vocabulary; none: no check)
-        self.notices = notices + prompt_notices(prompt, getattr(self.enc.text, "vocabulary", ()))
+        vocabulary = getattr(self.enc.text, "vocabulary", ())
+        self.notices = inp.notices + [n for _, text in inp.schedule for n in prompt_notices(text, vocabulary)]
         self.last_audio = tracks[0] if len(tracks) == 1 else np.sum(tracks, axis=0, dtype=np.float32)
-        text = self.enc.text.encode([prompt], image[None])
+        text = self.enc.text.encode([t for _, t in inp.schedule], image[None])
+        texts = [dict(text_embeds=np.asarray(text.prompt_embeds[i : i + 1], np.float32),
+                      text_mask=np.asarray(text.prompt_attention_mask[i : i + 1], np.int32),
+                      pooled=np.asarray(text.pooled[i : i + 1], np.float32)) for i in range(len(inp.schedule))]
         ref = np.asarray(self.enc.encode_video(image[None])[None], np.float32)  # [1, 1, h, w, C]
-        cond = dict(text_embeds=np.asarray(text.prompt_embeds, np.float32),
-                    text_mask=np.asarray(text.prompt_attention_mask, np.int32),
-                    pooled=np.asarray(text.pooled, np.float32), ref_latent=ref)
+        cond = dict(texts[0], ref_latent=ref)
+        num_windows = scfg.num_windows(frames)
+        per_window = None
+        if len(texts) > 1:
+            starts = [window_frames(scfg, k)[0] for k in range(num_windows)]
+            per_window = [_blend_text(texts[a], texts[b], wt)
+                          for a, b, wt in controls.window_prompts(inp.schedule, starts, float(p.fps))]
         windows = None
         if self.model_config.audio_blocks:
             mask = np.asarray(mask_lat, np.float32)[None, :, None]  # [1, S, 1, h, w]
             cond["audio_mask"] = np.ascontiguousarray(np.broadcast_to(mask, (1, len(tracks), scfg.window,
                                                                              *mask_lat.shape[1:])))
             windows = _AudioWindows(self.enc, tracks, scfg, frames, float(p.fps))
+        weights = controls.rest_weights(inp.active, scfg.generated_latents(num_windows))  # [S, 1 + L]
+        if not rest:
+            weights = np.zeros_like(weights)
+        rest_lat = np.clip(np.einsum("sg,shw->ghw", weights, inp.mouths), 0.0, 1.0).astype(np.float32)
+        anchor = None
+        if COLOUR_ANCHOR_DEFAULT if colour_anchor is None else colour_anchor:
+            anchor = ColourAnchor(image, float(p.fps), mouth_pixels(inp.mouths, *image.shape[:2]))
         cond = jax.tree.map(lambda x: _put(x, self._replicated), cond)
-        return _Request(scfg, frames, scfg.num_windows(frames), cond, ref, windows)
+        return _Request(scfg, frames, num_windows, cond, ref, windows, per_window, rest_lat, anchor)
 
     # ------------------------------------------------------------------ generation
 
@@ -299,8 +380,12 @@ class Pipeline:
         # window of a fast model the page faults of re-growing it would cost more than it saves
         for k in range(req.num_windows):
             audio = None if req.audio is None else _put(req.audio.window(k), self._replicated)
+            cond = req.cond
+            if req.texts is not None:
+                cond = dict(cond, **{n: _put(v, self._replicated) for n, v in req.texts[k].items()})
+            rest = _put(req.window_rest(k), self._replicated)
             with with_rules(self.mesh, self.rules):  # per call: a generator must not hold the mesh across yields
-                carry, (motion, new) = fn(self.params, req.cond, carry, audio)
+                carry, (motion, new) = fn(self.params, cond, carry, audio, rest)
             new = _host(new)
             if time.monotonic() - trimmed >= 2.0:
                 release_free_heap()
@@ -309,24 +394,34 @@ class Pipeline:
             if progress is not None:
                 progress(k + 1, req.num_windows)
 
-    def latents(self, portrait, audio, prompt: str = "", *, seconds=None, masks: Sequence | None = None,
-                seed: int = 0, steps=None, cfg_text=None, cfg_audio=None, size=None, allow_silence=False,
-                progress=None) -> Iterator[np.ndarray]:
+    def latents(self, portrait, audio, prompt="", *, seconds=None, masks: Sequence | None = None,
+                seed: int = 0, steps=None, cfg_text=None, cfg_audio=None, size=None, allow_silence=True,
+                timeline=None, rest=True, progress=None) -> Iterator[np.ndarray]:
         """The generated latents (after the reference, scaled as the DiT sees them), window by
         window: `[1, n, h, w, C]` float32 each (see `stream` for the arguments)."""
         req = self._request(portrait, audio, prompt, seconds=seconds, masks=masks, steps=steps, cfg_text=cfg_text,
-                            cfg_audio=cfg_audio, size=size, allow_silence=allow_silence)
+                            cfg_audio=cfg_audio, size=size, allow_silence=allow_silence, timeline=timeline,
+                            rest=rest, colour_anchor=False)
         return self._windows(req, seed, progress)
 
-    def stream(self, portrait, audio, prompt: str = "", *, seconds=None, masks: Sequence | None = None,
-               seed: int = 0, steps=None, cfg_text=None, cfg_audio=None, size=None, allow_silence=False,
-               progress=None) -> Iterator[np.ndarray]:
+    def stream(self, portrait, audio, prompt="", *, seconds=None, masks: Sequence | None = None,
+               seed: int = 0, steps=None, cfg_text=None, cfg_audio=None, size=None, allow_silence=True,
+               timeline=None, rest=True, colour_anchor=None, progress=None) -> Iterator[np.ndarray]:
         """Yields uint8 frame chunks `[n, H, W, 3]` window by window (constant memory). The
         inputs are checked on the first `next()`. In a multi-process job only process 0
         decodes (it writes the video); the others run their part of every window and yield
-        one empty chunk `[0, H, W, 3]` per window."""
+        one empty chunk `[0, H, W, 3]` per window.
+
+        prompt: a string, or a schedule `["0:a person talking", "30:a person talking, nodding"]`
+        (or `(seconds, text)` pairs): each window takes the prompt in force at its first frame,
+        the first window after a change half of each. timeline: a file of `START END SPEAKER`
+        lines saying who speaks when (default: each track's voice activity). rest: where a
+        speaker is silent their mouth rests as in the portrait. colour_anchor: hold the frames'
+        colour on the portrait's (None: `COLOUR_ANCHOR_DEFAULT`). See mi_jax/data/controls.py and
+        mi_jax/colour_anchor.py. allow_silence=False rejects a silent track."""
         req = self._request(portrait, audio, prompt, seconds=seconds, masks=masks, steps=steps, cfg_text=cfg_text,
-                            cfg_audio=cfg_audio, size=size, allow_silence=allow_silence)
+                            cfg_audio=cfg_audio, size=size, allow_silence=allow_silence, timeline=timeline,
+                            rest=rest, colour_anchor=colour_anchor)
         if jax.process_index() != 0:
             f = self.enc.vae_config.spatial_factor
             for _ in self._windows(req, seed, progress):
@@ -338,7 +433,7 @@ class Pipeline:
             chunk = chunk[: req.frames - emitted]
             emitted += len(chunk)
             if len(chunk):
-                yield chunk
+                yield chunk if req.anchor is None else req.anchor(chunk)
 
     def generate(self, portrait, audio, prompt: str = "", **kw) -> Generation:
         """The whole video in memory (see `stream` for the arguments)."""
@@ -374,6 +469,17 @@ class Pipeline:
             self._decoders[key] = _FrameDecoder(self.vae_stream, self.enc.vae_params,
                                                 self.enc.vae_config.scaling_factor, key)
         return self._decoders[key]
+
+
+def _blend_text(a: dict, b: dict, weight: float) -> dict:
+    """Text conditions `(1 - weight) a + weight b`; the token mask is the union of both, and
+    each side's padding counts as zero, so a token only one prompt has enters at its weight."""
+    if weight == 0.0:
+        return a
+    ea, eb = (c["text_embeds"] * c["text_mask"][..., None] for c in (a, b))
+    return dict(text_embeds=((1 - weight) * ea + weight * eb).astype(np.float32),
+                text_mask=np.maximum(a["text_mask"], b["text_mask"]),
+                pooled=((1 - weight) * a["pooled"] + weight * b["pooled"]).astype(np.float32))
 
 
 class _AudioWindows:

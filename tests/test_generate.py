@@ -44,6 +44,8 @@ def _bad_cases(inputs, tmp_path):
     sf.write(nan, np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
     short = tmp_path / "short.wav"
     sf.write(short, np.random.default_rng(0).standard_normal(100).astype(np.float32) * 0.1, 16000)
+    timeline = tmp_path / "turns.txt"
+    timeline.write_text("0 1 1\n1 2 3\n")
     mask = tmp_path / "mask.png"
     Image.fromarray(np.full((64, 64), 255, np.uint8)).save(mask)
     portrait, voice = str(inputs / "portrait.png"), str(inputs / "voice.wav")
@@ -52,7 +54,12 @@ def _bad_cases(inputs, tmp_path):
         (["--portrait", str(tmp_path / "missing.png"), "--audio", voice], "does not exist"),
         (["--portrait", str(tiny), "--audio", voice], "too small"),
         (["--portrait", portrait, "--audio", str(tmp_path / "missing.wav")], "missing.wav"),
-        (["--portrait", portrait, "--audio", str(silent)], "silen"),
+        (["--portrait", portrait, "--audio", str(silent), "--reject-silence"], "silen"),
+        (["--portrait", portrait, "--audio", voice, "--prompt", "0:a person talking", "--prompt", "abc:nodding"],
+         "SECONDS:TEXT"),
+        (["--portrait", portrait, "--audio", voice, "--prompt", "0:a person talking", "--prompt",
+          "0:a person talking, nodding"], "times must increase"),
+        (["--portrait", portrait, "--audio", voice, "--timeline", str(timeline)], "speaker '3' does not exist"),
         (["--portrait", portrait, "--audio", str(nan)], "NaN"),
         (["--portrait", portrait, "--audio", str(short)], "shorter than one"),
         (["--portrait", portrait, "--audio", voice, "--audio", voice], "mask"),

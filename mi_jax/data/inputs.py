@@ -92,6 +92,14 @@ def speaker_masks(masks, speakers: int, height: int, width: int, portrait: np.nd
 
     masks: None (one speaker: the face found in the portrait, else the whole frame) or one
     image per speaker (white = that speaker's region)."""
+    face, _, notices = speaker_regions(masks, speakers, height, width, portrait)
+    return face, notices
+
+
+def speaker_regions(masks, speakers: int, height: int, width: int,
+                    portrait: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """`speaker_masks`, and each speaker's mouth region at latent resolution `[S, H/8, W/8]`
+    (float 0 / 1; all zero when no face was found)."""
     from mi_jax.data import faces
 
     notices: list[str] = []
@@ -102,10 +110,11 @@ def speaker_masks(masks, speakers: int, height: int, width: int, portrait: np.nd
         try:
             boxes = faces.detect_faces(portrait[None], num_speakers=1)
             fm = faces.masks_from_boxes(boxes, 1, height, width)
-            return fm.face[:, 0].astype(np.float32), notices
+            return fm.face[:, 0].astype(np.float32), fm.mouth[:, 0].astype(np.float32), notices
         except ValueError:
             notices.append("no face found in the portrait: audio acts on the whole frame (pass --mask to choose)")
-            return np.ones((1, height // 8, width // 8), np.float32), notices
+            shape = (1, height // 8, width // 8)
+            return np.ones(shape, np.float32), np.zeros(shape, np.float32), notices
     if len(masks) != speakers:
         raise InputError(f"{len(masks)} mask(s) for {speakers} audio track(s): give exactly one mask per --audio, "
                          "in the same order")
@@ -113,7 +122,7 @@ def speaker_masks(masks, speakers: int, height: int, width: int, portrait: np.nd
         fm = faces.masks_from_images(list(masks), 1, height, width)
     except ValueError as e:
         raise InputError(f"mask: {e}") from None
-    return fm.face[:, 0].astype(np.float32), notices
+    return fm.face[:, 0].astype(np.float32), fm.mouth[:, 0].astype(np.float32), notices
 
 
 def prompt_notices(prompt: str, vocabulary) -> list[str]:

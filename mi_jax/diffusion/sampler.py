@@ -109,12 +109,17 @@ def pad_audio_states(audio_states: jax.Array, frames: int) -> jax.Array:
 
 
 def make_window_fn(model_config: DiTConfig, cfg: SamplerConfig):
-    """`window_fn(params, cond, carry, audio) -> (carry, (first_motion, new))`.
+    """`window_fn(params, cond, carry, audio, rest=None) -> (carry, (first_motion, new))`.
 
     cond: batch-first `text_embeds, text_mask, pooled, ref_latent [B, 1, h, w, C]`, optional
     `audio_mask [B, S, W, h, w]`; carry: `{"motion": [B, O, h, w, C], "index": int32, "key"}`;
-    audio: `[B, S, 1 + 4 (W - 1), L, C]` or None. first_motion: window 0's latents at the motion
-    positions (later windows' are the carried ones); new: `[B, W - 1 - O, h, w, C]`.
+    audio: `[B, S, 1 + 4 (W - 1), L, C]` or None. rest: `[B, W, h, w, 1]` weights in [0, 1] or
+    None: where > 0 the latents are pulled to the reference latent by that weight, at every
+    step to the reference noised to the current time and at the end to the clean reference
+    (the replacement the motion latents get, RePaint-style: Lugmayr et al. 2022); generation
+    puts a silent speaker's mouth region there (mi_jax/data/controls.py). Zero weights leave
+    the window exactly as without. first_motion: window 0's latents at the motion positions
+    (later windows' are the carried ones); new: `[B, W - 1 - O, h, w, C]`.
     """
     model = DiT(model_config)
     mcfg = model.config
@@ -139,7 +144,7 @@ def make_window_fn(model_config: DiTConfig, cfg: SamplerConfig):
         v = model.apply({"params": params}, **kwargs)
         return combine(v.astype(jnp.float32), branches, cfg.guidance, t)
 
-    def window_fn(params, cond, carry, audio):
+    def window_fn(params, cond, carry, audio, rest=None):
         k = carry["index"]
         key = jax.random.fold_in(carry["key"], k)
         k_x, k_known, k_steps = jax.random.split(key, 3)
@@ -151,9 +156,19 @@ def make_window_fn(model_config: DiTConfig, cfg: SamplerConfig):
         known_noise = jax.random.normal(k_known, shape, jnp.float32)
         cond = dict(cond) if audio is None else dict(cond, audio_states=audio)
 
+        ref = jnp.broadcast_to(cond["ref_latent"].astype(jnp.float32), shape)
+        if rest is not None:  # the carried motion latents stay as they were made
+            rest = jnp.where(known_mask, 0.0, rest.astype(jnp.float32))
+
+        def pin(x, t):
+            x = jnp.where(known_mask, interpolate(known, known_noise, jnp.full(shape[:1], t)), x)
+            if rest is None:
+                return x
+            return x + rest * (interpolate(ref, known_noise, jnp.full(shape[:1], t)) - x)
+
         def step(x, inputs):
             i, t, t_next = inputs
-            x = jnp.where(known_mask, interpolate(known, known_noise, jnp.full(shape[:1], t)), x)
+            x = pin(x, t)
             v = velocity(params, x, t, cond)
             if cfg.kind == "euler":
                 return euler_step(x, v, t, t_next), None
@@ -162,6 +177,8 @@ def make_window_fn(model_config: DiTConfig, cfg: SamplerConfig):
 
         x, _ = jax.lax.scan(step, x, (jnp.arange(cfg.steps), times[:-1], times[1:]))
         x = jnp.where(known_mask, known, x)
+        if rest is not None:
+            x = x + rest * (ref - x)
         new_carry = {"motion": x[:, w - o :] if o else carry["motion"], "index": k + 1, "key": carry["key"]}
         return new_carry, (x[:, 1 : 1 + o], x[:, 1 + o :])
 
