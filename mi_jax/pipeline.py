@@ -326,7 +326,7 @@ class Pipeline:
         vocabulary = getattr(self.enc.text, "vocabulary", ())
         self.notices = inp.notices + [n for _, text in inp.schedule for n in prompt_notices(text, vocabulary)]
         self.last_audio = tracks[0] if len(tracks) == 1 else np.sum(tracks, axis=0, dtype=np.float32)
-        text = self.enc.text.encode([t for _, t in inp.schedule], image[None])
+        text = self.enc.text.encode([t for _, t in inp.schedule], np.repeat(image[None], len(inp.schedule), 0))
         texts = [dict(text_embeds=np.asarray(text.prompt_embeds[i : i + 1], np.float32),
                       text_mask=np.asarray(text.prompt_attention_mask[i : i + 1], np.int32),
                       pooled=np.asarray(text.pooled[i : i + 1], np.float32)) for i in range(len(inp.schedule))]
