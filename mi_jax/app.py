@@ -376,7 +376,7 @@ def build_page(studio: Studio):
                                              "default: who speaks comes from the voices", file_types=[".txt"],
                                        type="filepath", elem_id="timeline")
                     with gr.Row():
-                        colour_anchor = gr.Checkbox(label="Hold the colour on the portrait's", value=True,
+                        colour_anchor = gr.Checkbox(label="Hold the colour on the portrait's", value=False,
                                                     elem_id="colour-anchor")
                         rest = gr.Checkbox(label="Mouth rests in silence", value=True, elem_id="rest")
                 with gr.Row():
@@ -481,7 +481,7 @@ def _path(value) -> str | None:
 
 
 def _uploaded(portrait, voice, prompt, seconds, seed, steps, voice2, mask_files, mask_drawing, timeline=None,
-              colour_anchor=True, rest=True) -> tuple:
+              colour_anchor=False, rest=True) -> tuple:
     """The page's inputs, sent without preprocessing, as `Studio.check` takes them: uploads as
     paths, the painted layers as RGBA arrays."""
     from PIL import Image

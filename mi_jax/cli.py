@@ -6,7 +6,7 @@
     mi-jax distill  --config configs/magicinfinite.py:tiny,distill --workdir DIR --config.init.checkpoint=RUN
     mi-jax generate --checkpoint RUN --portrait IMG --audio WAV [--audio WAV --mask IMG ...]
                     --prompt TEXT | --prompt 0:TEXT --prompt SECONDS:TEXT ... --out OUT.mp4
-                    [--timeline FILE] [--no-rest] [--no-colour-anchor] [--seconds S] [--steps N]
+                    [--timeline FILE] [--no-rest] [--colour-anchor] [--seconds S] [--steps N]
                     [--cfg-text X] [--cfg-audio Y] [--seed K] [--size WxH]
     mi-jax import-weights --transformer DIR [--vae DIR] [--wav2vec DIR] --out CKPT [--config FILE:VARIANT]
     mi-jax export   --checkpoint CKPT --out DIR [--dtype bf16|fp32] [--merge-lora] [--ema]
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rest", action=argparse.BooleanOptionalAction, default=True,
                    help="the mouth of a silent speaker rests as in the portrait (default: on)")
     p.add_argument("--colour-anchor", action=argparse.BooleanOptionalAction, default=None,
-                   help="hold the frames' colour on the portrait's (default: on)")
+                   help="hold the frames' colour on the portrait's (default: off; see the README)")
     p.add_argument("--reject-silence", action="store_true", help="fail on a silent track instead of animating it idle")
     p.add_argument("--out", required=True)
     p.add_argument("--seconds", type=float, default=None, help="default: the length of the audio")

@@ -45,7 +45,7 @@ from mi_jax.diffusion.sampler import SamplerConfig, initial_carry, make_window_f
 from mi_jax.models.dit_config import DiTConfig
 from mi_jax.parallel.mesh import DEFAULT_RULES, logical_shardings, make_mesh, with_rules
 
-COLOUR_ANCHOR_DEFAULT = True  # measured on demo/model, README "Long-video controls"
+COLOUR_ANCHOR_DEFAULT = False  # off: on demo/model it raised the face colour shift (README "Long-video controls")
 
 
 @dataclasses.dataclass
