@@ -77,7 +77,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     model.update(
         dtype="bfloat16" if "bf16" in flags else "float32",
         param_dtype="bfloat16" if "bf16" in flags else "float32",
-        attention="auto",  # cuDNN flash attention on GPU in bf16, XLA elsewhere
+        attention="auto",  # cuDNN flash attention on GPU in bf16, `dense` on CPU, XLA elsewhere
         scan_layers=True,
         remat_policy="none" if variant == "tiny" else "dots_no_batch",
     )

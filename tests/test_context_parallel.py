@@ -86,6 +86,26 @@ def test_blockwise_and_fallbacks_equal_plain():
                    attention(q, k, v, implementation="xla", mask=mask)) <= 1e-6
 
 
+def test_dense_equals_xla_with_lengths_and_masks():
+    """`dense` (the CPU choice of `auto`: a hand-written backward from the kept probabilities)
+    computes XLA's attention and its gradients, with key lengths, a causal mask and both."""
+    q, k, v = _qkv(length=45)
+    lengths = jnp.array([45, 1, 44, 9], jnp.int32)
+    causal = jnp.tril(jnp.ones((45, 45), bool))[None, None]
+    for kw in (dict(kv_lengths=lengths), dict(mask=causal), dict(mask=causal, kv_lengths=lengths)):
+        def loss(impl, kw=kw):
+            return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, implementation=impl, **kw)))
+
+        assert max_abs(jax.jit(lambda *a, kw=kw: attention(*a, implementation="dense", **kw))(q, k, v),
+                       attention(q, k, v, implementation="xla", **kw)) <= 1e-6
+        got = jax.jit(jax.grad(loss("dense"), argnums=(0, 1, 2)))(q, k, v)
+        want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+        assert all(close(a, b) for a, b in zip(got, want))
+    assert jax.default_backend() != "cpu" or max_abs(
+        attention(q, k, v, implementation="auto", kv_lengths=lengths),
+        attention(q, k, v, implementation="dense", kv_lengths=lengths)) == 0.0
+
+
 def test_ulysses_needs_divisible_heads():
     q, k, v = _qkv(heads=2)
     with with_rules(make_mesh("data=2,context=4")), pytest.raises(ValueError, match="attention='ring'"):

@@ -50,7 +50,7 @@ class DiTConfig:
     # --- how to run it (not part of the PyTorch checkpoint) ---
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention: str = "xla"  # xla | cudnn | auto | blockwise | ulysses | ring (mi_jax.nn.attention)
+    attention: str = "auto"  # auto | xla | dense | cudnn | blockwise | ulysses | ring (mi_jax.nn.attention)
     scan_layers: bool = True  # nn.scan over blocks (False: a python loop, for debugging)
     remat_policy: str = "none"  # see REMAT_POLICIES
 

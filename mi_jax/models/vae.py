@@ -312,7 +312,7 @@ class MidBlock(nn.Module):
     groups: int
     act_fn: str
     add_attention: bool
-    attention: str = "xla"
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -376,7 +376,7 @@ class Encoder(nn.Module):
     """`[B, 1 + 4k, H, W, in] -> [B, 1 + k, H/8, W/8, 2 * latent]` (before `quant_conv`)."""
 
     config: VAEConfig
-    attention: str = "xla"
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -397,7 +397,7 @@ class Decoder(nn.Module):
     """`[B, 1 + k, h, w, latent] -> [B, 1 + 4k, 8h, 8w, out]` (after `post_quant_conv`)."""
 
     config: VAEConfig
-    attention: str = "xla"
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -467,7 +467,7 @@ class CausalVAE(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention: str = "xla"  # mi_jax.nn.attention implementation of the mid-block attention
+    attention: str = "auto"  # mi_jax.nn.attention implementation of the mid-block attention
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)

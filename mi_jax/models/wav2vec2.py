@@ -383,7 +383,7 @@ class Wav2Vec2(nn.Module):
     config: Wav2Vec2Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention: str = "xla"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, input_values: jax.Array, attention_mask: jax.Array | None = None) -> Wav2Vec2Output:
