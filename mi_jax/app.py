@@ -76,7 +76,7 @@ def bundled_inputs(checkpoint: str, folder: str, size: tuple[int, int]) -> Bundl
         shutil.copy(os.path.join(beside, "portrait.png"), portrait)
         shutil.copy(os.path.join(beside, "voice.wav"), voice)
     else:
-        portrait, voice = demo_inputs(folder, BUNDLED_VOICE_SECONDS)
+        portrait, voice, _ = demo_inputs(folder, BUNDLED_VOICE_SECONDS)
     portraits = [portrait]
     for k in (1, 2):
         path = os.path.join(folder, f"portrait_{k}.png")

@@ -211,7 +211,7 @@ def cmd_eval(args) -> int:
     """Generates from held-out synthetic clips and scores the videos against their truth."""
     import os
 
-    from mi_jax.data import synthetic
+    from mi_jax.data import faces, synthetic
     from mi_jax.eval.metrics import evaluate
     from mi_jax.eval.report import check, write_report
     from mi_jax.pipeline import Pipeline
@@ -225,7 +225,11 @@ def cmd_eval(args) -> int:
         action = actions[i % len(actions)]
         clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + i, args.seconds,
                                      size=(pipe.config.prepare.height, pipe.config.prepare.width), prompt=action)
-        video = pipe.generate(clip.frames[0], clip.audio, synthetic.prompt_for(action), seed=i)
+        # the face region as training gated the audio (prepare's truth boxes, face_margin);
+        # without it the detector misses these 64x64 faces and audio would act on the whole frame
+        masks = faces.box_mask_images(clip.face_boxes[:, 0], *clip.frames.shape[1:3],
+                                      margin=float(pipe.config.prepare.face_margin))
+        video = pipe.generate(clip.frames[0], clip.audio, synthetic.prompt_for(action), seed=i, masks=masks)
         videos.append(video.frames)
         truths.append(clip)
         first = 1 + 4 * (scfg.window - 1)  # the first window's frames, then one window every `step`

@@ -22,24 +22,29 @@ import numpy as np
 
 DEMO = "demo"
 HELDOUT_SEED = 1_000_123
+FACE_MARGIN = 0.15  # configs/magicinfinite.py prepare.face_margin (the demo model's)
 
 
-def demo_inputs(folder: str, seconds: float = 60.0) -> tuple[str, str]:
-    """Writes the bundled portrait and voice (a held-out synthetic identity) if missing."""
+def demo_inputs(folder: str, seconds: float = 60.0) -> tuple[str, str, str]:
+    """Writes the bundled portrait, voice and face mask (a held-out synthetic identity) if
+    missing; returns their paths. The mask is the portrait's face box grown by `prepare`'s
+    default face margin: the region the model's audio acted on in training (the face detector
+    misses these 64x64 faces, and without a mask audio would act on the whole frame)."""
     import soundfile as sf
     from PIL import Image
 
-    from mi_jax.data import synthetic
+    from mi_jax.data import faces, synthetic
 
-    portrait, voice = os.path.join(folder, "portrait.png"), os.path.join(folder, "voice.wav")
-    if not (os.path.exists(portrait) and os.path.exists(voice)) or sf.info(voice).duration < seconds - 1e-3:
+    portrait, voice, mask = (os.path.join(folder, n) for n in ("portrait.png", "voice.wav", "mask.png"))
+    if not all(map(os.path.exists, (portrait, voice, mask))) or sf.info(voice).duration < seconds - 1e-3:
         os.makedirs(folder, exist_ok=True)
         clip = synthetic.render_clip(HELDOUT_SEED, 0.2, size=(64, 64))
         Image.fromarray(clip.frames[0]).save(portrait)
+        Image.fromarray(faces.box_mask_images(clip.face_boxes[:, 0], 64, 64, margin=FACE_MARGIN)[0]).save(mask)
         rng = np.random.default_rng(HELDOUT_SEED)
         turns = synthetic.speaking_turns(rng, seconds, 1)[0]
         sf.write(voice, synthetic.speech_audio(rng, int(seconds * 16000), 150.0, turns), 16000, subtype="PCM_16")
-    return portrait, voice
+    return portrait, voice, mask
 
 
 def run_demo(model: str = os.path.join(DEMO, "model"), out: str = "out", seconds: float = 60.0,
@@ -54,11 +59,11 @@ def run_demo(model: str = os.path.join(DEMO, "model"), out: str = "out", seconds
 
     if not os.path.isdir(model):
         raise FileNotFoundError(f"{model}: no demo model; build it with `mi-jax demo-model` (see the README)")
-    portrait, voice = demo_inputs(inputs or os.path.dirname(model.rstrip("/")) or DEMO, seconds)
+    portrait, voice, mask = demo_inputs(inputs or os.path.dirname(model.rstrip("/")) or DEMO, seconds)
     os.makedirs(out, exist_ok=True)
     pipe = Pipeline.from_checkpoint(model)
     t0 = time.time()
-    chunks = pipe.stream(portrait, voice, prompt, seconds=seconds)
+    chunks = pipe.stream(portrait, voice, prompt, seconds=seconds, masks=[mask])
     frames = [next(chunks)]  # inputs are read and checked here
 
     def keep():

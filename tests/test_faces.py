@@ -250,6 +250,20 @@ def test_masks_from_images(tmp_path):
     assert not (d.mouth & ~d.face).any() and d.mouth.any() and not d.mouth[0, 0, :4].any()
 
 
+def test_box_mask_images_gate_generation_as_training_gates():
+    """A face box made into a mask image (`box_mask_images`, what the demo and the eval give
+    generation) yields the latent face mask `prepare` trains with for that box (same margin)."""
+    from mi_jax.data.faces import box_mask_images
+
+    T, H, W = 9, 64, 64
+    for box in ([17.3, 12.8, 46.1, 55.4], [0.0, 20.0, 30.5, 64.0]):
+        images = box_mask_images([box], H, W, margin=0.15)
+        assert images[0].dtype == np.uint8 and images[0].shape == (H, W)
+        served = masks_from_images(images, T, H, W)
+        trained = masks_from_boxes([box], T, H, W, margin=0.15)
+        np.testing.assert_array_equal(served.face, trained.face)
+
+
 def test_mask_image_errors(tmp_path):
     T, H, W = 5, 64, 96
     with pytest.raises(ValueError, match="aspect ratios differ"):

@@ -413,6 +413,16 @@ def masks_from_images(images: Sequence, num_frames: int, height: int, width: int
     return _finish(repeat(pool(masks)), repeat(pool(mouth_px)), tile(boxes), tile(mouth), min_coverage, exclusive)
 
 
+def box_mask_images(boxes, height: int, width: int, *, margin: float = 0.15) -> list[np.ndarray]:
+    """One uint8 mask image per speaker (255 = face) from face boxes [S, 4] (x0, y0, x1, y1),
+    grown by `margin` as `masks_from_boxes` grows them for training (`prepare.face_margin`):
+    given to generation (`masks=`), they gate the audio over the face region the model was
+    trained with, for a portrait whose face box is known but that the detector misses."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    grown = dilate_boxes(boxes, margin, height, width)
+    return [(m[0] * 255).astype(np.uint8) for m in pixel_masks(grown[None], height, width)]
+
+
 def _bbox(mask: np.ndarray) -> np.ndarray:
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
     return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)

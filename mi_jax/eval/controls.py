@@ -19,19 +19,13 @@ import json
 
 import numpy as np
 
-from mi_jax.data import synthetic
+from mi_jax.data import faces, synthetic
 from mi_jax.eval import metrics
 
 
-def face_masks(clip, height: int, width: int) -> list[np.ndarray]:
-    """One uint8 mask per speaker: its face box in the clip's first frame, white."""
-    out = []
-    for box in clip.face_boxes[:, 0]:
-        m = np.zeros((height, width), np.uint8)
-        x0, y0, x1, y1 = np.round(box).astype(int)
-        m[max(y0, 0) : y1, max(x0, 0) : x1] = 255
-        out.append(m)
-    return out
+def face_masks(clip, height: int, width: int, margin: float = 0.15) -> list[np.ndarray]:
+    """One uint8 mask per speaker: its face box in the clip's first frame, grown as training's."""
+    return faces.box_mask_images(clip.face_boxes[:, 0], height, width, margin=margin)
 
 
 def _mouth(frames, clip, s=0, margin=0.1):
@@ -51,7 +45,7 @@ def check_schedule(pipe, seconds: float, switch: float, seed: int) -> dict:
     p = pipe.config.prepare
     clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + seed, seconds, size=(p.height, p.width))
     schedule = [(0.0, synthetic.prompt_for("")), (switch, synthetic.prompt_for("nodding"))]
-    video = pipe.generate(clip.frames[0], clip.audio, schedule, seed=seed, masks=face_masks(clip, p.height, p.width))
+    video = pipe.generate(clip.frames[0], clip.audio, schedule, seed=seed, masks=face_masks(clip, p.height, p.width, p.face_margin))
     frames = video.frames
     cut = round(switch * p.fps)
     c = metrics.head_centres(frames)[0]
@@ -73,7 +67,7 @@ def check_silence(pipe, seconds: float, gap: float, seed: int, rest: bool = True
     lo, hi = (seconds - gap) / 2, (seconds + gap) / 2
     audio[round(lo * p.sample_rate) : round(hi * p.sample_rate)] = 0.0
     video = pipe.generate(clip.frames[0], audio, synthetic.prompt_for(""), seed=seed, rest=rest,
-                          masks=face_masks(clip, p.height, p.width))
+                          masks=face_masks(clip, p.height, p.width, p.face_margin))
     frames = video.frames
     t = np.arange(len(frames)) / p.fps
     # a margin of 0.5 s each side: the mouth closes and opens around the silence's edges
@@ -105,7 +99,7 @@ def check_turns(pipe, seconds: float, seed: int, rest: bool = True) -> dict:
     clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + seed, seconds, size=(p.height, p.width), speakers=2)
     tracks = [a for a in clip.speaker_audio]
     video = pipe.generate(clip.frames[0], tracks, synthetic.prompt_for(""), seed=seed, rest=rest,
-                          masks=face_masks(clip, p.height, p.width))
+                          masks=face_masks(clip, p.height, p.width, p.face_margin))
     frames = video.frames
     envs = np.stack([metrics.audio_envelope(a, len(frames), p.fps, p.sample_rate) for a in tracks])
     mouths = np.stack([_mouth(frames, clip, s) for s in range(2)])
@@ -134,7 +128,7 @@ def check_anchor(pipe, seconds: float, seed: int) -> dict:
     out = {"seconds": seconds}
     for anchor in (False, True):
         video = pipe.generate(clip.frames[0], clip.audio, synthetic.prompt_for(""), seed=seed, colour_anchor=anchor,
-                              masks=face_masks(clip, p.height, p.width))
+                              masks=face_masks(clip, p.height, p.width, p.face_margin))
         m = metrics.measure(video.frames, truth)
         key = "anchor" if anchor else "none"
         out[key] = {"colour_shift_dE": m["colour_shift"]["delta_e"], "lip_sync": m["lip_sync"][0]["correlation"],
