@@ -79,7 +79,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--json", default="", help="also write the figures here")
+    ap.add_argument("--top", type=int, default=12, help="the most expensive ops listed per side in --json")
     args = ap.parse_args(argv)
+    summarize.__defaults__ = (args.top,)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if set(cases) - set(CASES):
         ap.error(f"unknown case(s) {sorted(set(cases) - set(CASES))}; choose from {','.join(CASES)}")
@@ -294,7 +296,7 @@ _MOVES = {"copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "dyna
 _CONTAINERS = {"while", "call", "conditional"}  # their bodies' instructions are traced as events of their own
 # the core of jax.nn.dot_product_attention (QK^T, softmax, PV) inside an attention module; the
 # projections (attn._project/to_q ...) count as matmul, as torch's linear layers do
-_ATTN = re.compile(r"(attn|attention)\w*/vmap\(")
+_ATTN = re.compile(r"(attn|attention)\w*/(vmap\(|.*_dense)")  # jax.nn.dot_product_attention / mi_jax's `dense`
 
 
 def hlo_categories(hlo: str) -> dict:
