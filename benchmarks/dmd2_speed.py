@@ -61,7 +61,7 @@ def window_inputs(config, mcfg, seed: int = 0):
         frames = 1 + 4 * (s.window - 1)
         audio = jax.random.normal(keys[3], (1, p.speakers, frames, mcfg.audio_feature_layers,
                                             mcfg.audio_feature_dim), jnp.float32)
-        cond["audio_mask"] = jnp.ones((1, p.speakers, s.window, h, w), jnp.float32)
+        cond["speaker_masks"] = jnp.ones((1, p.speakers, s.window, h, w), jnp.float32)
     return cond, audio
 
 
@@ -91,27 +91,19 @@ def sequential_window_fn(mcfg, scfg):
     import jax
     import jax.numpy as jnp
 
-    from mi_jax.diffusion.flow import TIMESTEP_SCALE, euler_step, sampling_times
+    from mi_jax.diffusion.conditions import dit_inputs
+    from mi_jax.diffusion.flow import euler_step, sampling_times
     from mi_jax.diffusion.guidance import combine, drop_for_branch
-    from mi_jax.models.dit import DiT, image_condition_input
+    from mi_jax.models.dit import DiT
 
     model, branches = DiT(mcfg), scfg.guidance.branches
     times = sampling_times(scfg.steps, scfg.shift)
 
     def velocity(params, x, t, cond):
-        outs = []
-        for name in branches:
-            c = drop_for_branch(cond, name)
-            b = x.shape[0]
-            kw = dict(hidden_states=image_condition_input(x, c["ref_latent"], mcfg.image_condition_type),
-                      timestep=jnp.full((b,), t * TIMESTEP_SCALE), encoder_hidden_states=c["text_embeds"],
-                      encoder_attention_mask=c["text_mask"], pooled_projections=c["pooled"])
-            if mcfg.guidance_embeds:
-                kw["guidance"] = jnp.full((b,), scfg.embedded_guidance * TIMESTEP_SCALE)
-            if "audio_states" in c:
-                kw.update(audio_states=c["audio_states"], audio_mask=c["audio_mask"])
-            outs.append(model.apply({"params": params}, **kw).astype(jnp.float32))
-        return combine(jnp.concatenate(outs, 0), branches, scfg.guidance, t)
+        outs = [model.apply({"params": params}, **dit_inputs(mcfg, x, t, drop_for_branch(cond, name),
+                                                              scfg.embedded_guidance)).astype(jnp.float32)
+                for name in branches]
+        return combine(jnp.concatenate(outs, 0), branches, scfg.guidance.scales(t))
 
     def window_fn(params, cond, carry, audio):
         k_x, _, _ = jax.random.split(jax.random.fold_in(carry["key"], carry["index"]), 3)

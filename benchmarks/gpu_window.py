@@ -147,7 +147,7 @@ class FixedBatch:
     """A data source for `make_job`: one random batch of the planned shape, served forever."""
 
     def __init__(self, config, mesh):
-        from mi_jax.train.pretrain import batch_sharding
+        from mi_jax.data.loader import batch_sharding
 
         sh = batch_sharding(mesh)
         self.element_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)

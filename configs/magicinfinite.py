@@ -193,7 +193,19 @@ def _distill(c, variant: str) -> None:
     d.lora_rank = 8 if variant == "tiny" else 64
     d.lora_activations = True  # LoRA as x W + (x a) b in the step; False merges W + a b (13B shapes:
     #                            1.64x a fine-tuning step's memory against 1.09x; benchmarks/dmd2_memory.py)
-    d.cfg_distill_weight = 0.0
+    d.cfg_distill_weight = 0.0  # > 0 adds CFG distillation (Meng et al.) to the generator loss
+    # the rest of DMD2Config (mi_jax/train/dmd2.py says where each default comes from); not here:
+    # gan_* (the DiT job has no GAN head), lora_targets (DMD2Config's: every attention and MLP
+    # kernel), seed (config.seed)
+    d.backward_simulation = True  # the generator's input from its own earlier steps (DMD2)
+    d.dm_t_min, d.dm_t_max, d.dm_t_shift = 0.02, 0.98, 1.0  # DM loss / critic times
+    d.cfg_attenuation_high = 2.0  # MagicInfinite's 2x-3x attenuation of the real score's CFG:
+    d.cfg_attenuation_low = 3.0  # high for t >= boundary, low below
+    d.cfg_attenuation_boundary = 0.75
+    d.base_t_kind, d.base_t_shift = "logit_normal", 7.0  # the curriculum's base (flow) loss times
+    d.lora_scale = 1.0  # alpha / rank
+    d.cfg_g_min, d.cfg_g_max = 1.0, 8.0  # CFG distillation's guidance range
+    d.ema_decay = 0.0  # generator EMA (DMD2 / CausVid: none)
     c.train.learning_rate = 1e-4 if variant == "tiny" else 1e-6
     # the distilled model samples in K steps, one pass each (CFG is baked in)
     c.sample.update(kind="x0", steps=d.num_steps, shift=d.time_shift, cfg_text=1.0, cfg_audio=1.0)

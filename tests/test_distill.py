@@ -38,6 +38,26 @@ def test_distill_runs_and_samples_in_four_steps(tiny_store, tiny_run, tmp_path):
     assert video.frames.shape == (25, 64, 64, 3)
 
 
+def test_every_dmd2_setting_comes_from_the_config():
+    """Every DMD2Config field a user sets is in config.distill and reaches the step's config
+    (the GAN head and the LoRA targets are not settings of the DiT job); a misspelt one fails."""
+    import dataclasses
+
+    from mi_jax.train.distill import dmd2_config
+    from mi_jax.train.dmd2 import DMD2Config
+
+    path = os.path.join(CONFIGS, "magicinfinite.py:tiny,distill")
+    cfg = load_config(path)
+    fields = {f.name for f in dataclasses.fields(DMD2Config)} - {"seed", "gan_g_weight", "gan_d_weight", "lora_targets"}
+    assert fields <= set(cfg.distill.keys())
+    assert dmd2_config(cfg).lora_activations is True
+    got = dmd2_config(load_config(path, ["distill.cfg_attenuation_high=2.5", "distill.dm_t_shift=5.0", "seed=3"]))
+    assert (got.cfg_attenuation_high, got.dm_t_shift, got.seed) == (2.5, 5.0, 3)
+    cfg.distill.cfg_atenuation_low = 2.0
+    with pytest.raises(ValueError, match="cfg_atenuation_low"):
+        dmd2_config(cfg)
+
+
 def test_activation_lora_equals_merged_kernels():
     """LoRA on activations (`lora_params` under `activation_lora()`, what the DMD2 step runs:
     x W + (x a)(s b)) equals the merged model (W + s a b) in output and in the gradients of the

@@ -79,7 +79,7 @@ def _inputs(store: str):
     cond = dict(text_embeds=jnp.asarray(b["text_embeds"], jnp.float32),
                 text_mask=jnp.asarray(b["text_mask"], jnp.int32), pooled=jnp.asarray(b["pooled"], jnp.float32),
                 ref_latent=jnp.asarray(b["ref_latent"], jnp.float32),
-                audio_mask=jnp.asarray(b["speaker_masks"], jnp.float32))
+                speaker_masks=jnp.asarray(b["speaker_masks"], jnp.float32))
     audio = jnp.asarray(b["audio_states"], jnp.float32)
     return cond, audio if audio.ndim == 5 else audio[:, None]
 

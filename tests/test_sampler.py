@@ -1,5 +1,5 @@
-"""Sliding-window sampling: the scan sampler and the streaming generator agree; generating L
-windows equals k windows then continuing; guidance branches; window audio alignment."""
+"""Sliding-window sampling: generating L windows equals k windows then continuing from the
+carry; guidance branches; window audio alignment."""
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +10,9 @@ from flax import linen as nn
 from mi_jax.diffusion.guidance import GuidanceSchedule, combine, stack_branches
 from mi_jax.diffusion.sampler import (
     SamplerConfig,
+    initial_carry,
+    make_window_fn,
     pad_audio_states,
-    sample_scan,
-    sample_stream,
     window_audio,
 )
 from mi_jax.models import DiT, DiTConfig, example_inputs
@@ -41,22 +41,28 @@ def setup():
     return params, cond, audio, n_windows
 
 
-def test_scan_equals_stream(setup):
-    params, cond, audio, n = setup
-    scan, _ = sample_scan(params, CFG, SAMPLER, cond, audio, seed=3, num_windows=n)
-    assert scan.shape == (1, SAMPLER.generated_latents(n), 4, 4, 4)
-    windows = window_audio(audio, SAMPLER, n)
-    stream = jnp.concatenate([lat for lat, _ in sample_stream(params, CFG, SAMPLER, cond, iter(windows), seed=3)], 1)
-    np.testing.assert_allclose(np.asarray(stream), np.asarray(scan), atol=1e-5)
+def _run(params, cond, audio, n, *, seed, carry=None):
+    """Windows one after another as the pipeline runs them: `(latents after the reference, carry)`."""
+    window_fn = jax.jit(make_window_fn(CFG, SAMPLER))
+    fresh = carry is None
+    carry = initial_carry(seed, 1, (4, 4, 4), SAMPLER) if fresh else carry
+    start = int(carry["index"])
+    windows = window_audio(audio, SAMPLER, start + n)[start:]
+    out = []
+    for k in range(n):
+        carry, (motion, new) = window_fn(params, cond, carry, windows[k])
+        out += [motion, new] if fresh and k == 0 else [new]
+    return jnp.concatenate(out, 1), carry
 
 
 def test_continuing_from_the_carry_equals_one_run(setup):
     params, cond, audio, n = setup
-    whole, _ = sample_scan(params, CFG, SAMPLER, cond, audio, seed=5, num_windows=n)
-    first, carry = sample_scan(params, CFG, SAMPLER, cond, audio, seed=5, num_windows=2)
-    rest, _ = sample_scan(params, CFG, SAMPLER, cond, audio, seed=5, num_windows=n - 2, carry=carry)
+    whole, _ = _run(params, cond, audio, n, seed=5)
+    assert whole.shape == (1, SAMPLER.generated_latents(n), 4, 4, 4)
+    first, carry = _run(params, cond, audio, 2, seed=5)
+    rest, _ = _run(params, cond, audio, n - 2, seed=5, carry=carry)
     np.testing.assert_allclose(np.asarray(jnp.concatenate([first, rest], 1)), np.asarray(whole), atol=1e-5)
-    other_seed, _ = sample_scan(params, CFG, SAMPLER, cond, audio, seed=6, num_windows=n)
+    other_seed, _ = _run(params, cond, audio, n, seed=6)
     assert float(jnp.abs(other_seed - whole).max()) > 1e-2
 
 
@@ -81,11 +87,11 @@ def test_multi_condition_cfg_combination():
     assert s.branches == ("full", "no_text", "no_audio", "uncond")
     full, no_text, no_audio, uncond = 1.0, 2.0, 4.0, 8.0
     v = jnp.array([full, no_text, no_audio, uncond])[:, None]
-    out = combine(v, s.branches, s, t=1.0)
+    out = combine(v, s.branches, s.scales(1.0))
     expected = uncond + 1.5 * (no_audio - uncond) + 3.0 * (no_text - no_audio) + 2.0 * (full - no_text)
     np.testing.assert_allclose(float(out[0, 0]), expected)
     # at t = 0 each scale is halfway back to 1
-    out0 = combine(v, s.branches, s, t=0.0)
+    out0 = combine(v, s.branches, s.scales(0.0))
     expected0 = uncond + 1.25 * (no_audio - uncond) + 2.0 * (no_text - no_audio) + 1.5 * (full - no_text)
     np.testing.assert_allclose(float(out0[0, 0]), expected0)
     cond = dict(text_embeds=jnp.ones((1, 3, 2)), text_mask=jnp.ones((1, 3), jnp.int32), pooled=jnp.ones((1, 2)),

@@ -223,10 +223,11 @@ def _from_json(obj):
 # ----------------------------------------------------------------------------- placement
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, logical_axis: str = "activation_batch") -> NamedSharding:
-    """The sharding of a batch's leading axis: `logical_axis` through the rules table
-    (DEFAULT_RULES: P(("data", "fsdp")))."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes((logical_axis,), rules))
+def batch_sharding(mesh: jax.sharding.Mesh, rules=None, logical_axis: str = "activation_batch") -> NamedSharding:
+    """The sharding of a batch's leading axis: `logical_axis` through the rules table (None:
+    DEFAULT_RULES, P(("data", "fsdp"))). Training, distillation and `mi-jax plan` place batches
+    with it."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes((logical_axis,), rules or DEFAULT_RULES))
 
 
 def to_global(

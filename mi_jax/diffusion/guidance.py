@@ -11,9 +11,9 @@ reference-free branch (../shared/references/ section 3.2):
     v = v_no_audio + s_audio (v_no_text - v_no_audio) + s_text (v_full - v_no_text)
         [+ s_ref (v_no_audio - v_uncond) with v_uncond as the base]
 
-Dropping a condition means what training's condition dropout means (train/pretrain.py:
-empty prompt, zero audio features, zero reference latent), so the unconditional branches are
-the ones the model learnt. Scales may depend on t (CFG attenuation / annealing, as
+Dropping a condition is training's condition dropout (`conditions.drop`: empty prompt, zero
+audio features, zero reference latent), so the unconditional branches are the ones the model
+learnt. Scales may depend on t (CFG attenuation / annealing, as
 HunyuanVideo-Avatar and OmniHuman do): `GuidanceSchedule` decays them linearly from their
 value at t = 1 to `end_fraction` of it at t = 0.
 
@@ -24,9 +24,12 @@ and takes the scale through `guidance` instead.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from mi_jax.diffusion.conditions import drop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,18 +53,9 @@ class GuidanceSchedule:
 
 
 def drop_for_branch(cond: dict, branch: str) -> dict:
-    """The conditions of one branch (see module docstring); `cond` holds batch-first arrays
-    `text_embeds, text_mask, pooled, ref_latent[, audio_states]`."""
-    out = dict(cond)
-    if branch in ("no_text", "no_audio", "uncond"):
-        out["text_embeds"] = jnp.zeros_like(cond["text_embeds"])
-        out["text_mask"] = jnp.zeros_like(cond["text_mask"]).at[:, 0].set(1)
-        out["pooled"] = jnp.zeros_like(cond["pooled"])
-    if branch in ("no_audio", "uncond") and "audio_states" in cond:
-        out["audio_states"] = jnp.zeros_like(cond["audio_states"])
-    if branch == "uncond":
-        out["ref_latent"] = jnp.zeros_like(cond["ref_latent"])
-    return out
+    """The conditions of one branch (see module docstring): `conditions.drop`, as training drops them."""
+    return drop(cond, text=branch in ("no_text", "no_audio", "uncond"), audio=branch in ("no_audio", "uncond"),
+                reference=branch == "uncond")
 
 
 def stack_branches(cond: dict, branches: tuple[str, ...]) -> dict:
@@ -70,13 +64,24 @@ def stack_branches(cond: dict, branches: tuple[str, ...]) -> dict:
     return {k: jnp.concatenate([p[k] for p in parts], axis=0) for k in cond}
 
 
-def combine(v: jax.Array, branches: tuple[str, ...], schedule: GuidanceSchedule, t) -> jax.Array:
-    """`v`: `[len(branches) * B, ...]` velocities in branch order -> guided `[B, ...]`."""
+def combine(v: jax.Array, branches: tuple[str, ...], scales) -> jax.Array:
+    """`v`: `[len(branches) * B, ...]` velocities in branch order -> guided `[B, ...]`.
+    scales: `(s_text, s_audio, s_ref)`, scalars or arrays broadcasting against `[B, ...]`
+    (`GuidanceSchedule.scales(t)`; distillation's real score passes per-sample ones)."""
     parts = dict(zip(branches, jnp.split(v, len(branches), axis=0)))
     if branches == ("full",):
         return parts["full"]
-    s_text, s_audio, s_ref = schedule.scales(t)
+    s_text, s_audio, s_ref = scales
     base = parts["no_audio"]
     if "uncond" in parts:
         base = parts["uncond"] + s_ref * (parts["no_audio"] - parts["uncond"])
     return base + s_audio * (parts["no_text"] - parts["no_audio"]) + s_text * (parts["full"] - parts["no_text"])
+
+
+def guided_velocity(apply: Callable, x: jax.Array, t, cond: dict, branches: tuple[str, ...], scales) -> jax.Array:
+    """Multi-condition CFG in one batched pass: `apply(x [nB, ...], t [nB], cond) -> v` runs on
+    every branch's conditions stacked (`stack_branches`), then `combine`. t: scalar or `[B]`."""
+    n = len(branches)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
+    v = apply(jnp.concatenate([x] * n, 0), jnp.concatenate([t] * n, 0), stack_branches(cond, branches))
+    return combine(v.astype(jnp.float32), branches, scales)

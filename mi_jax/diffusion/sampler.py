@@ -19,26 +19,23 @@ Window layout (W latent frames; RoPE positions 0..W-1 in every window, as in tra
 The output latent sequence is [reference, new latents...]: decoded by the causal VAE its first
 frame is the portrait and every later latent gives 4 frames (1 + 4 N video frames).
 
-`window_fn` is one window: `jax.lax.scan` over windows gives `sample_scan` (whole clips), and
-the same function jitted and called in a Python loop gives `sample_stream` (unbounded length,
-constant memory). Window k's noise comes from `fold_in(seed, k)`, so any split into calls
-continues exactly.
+`window_fn` is one window; generation (mi_jax/pipeline.py) jits it and calls it in a Python
+loop (unbounded length, constant memory). Window k's noise comes from `fold_in(seed, k)`, so
+any split into calls continues exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Iterator
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mi_jax.diffusion.flow import TIMESTEP_SCALE, euler_step, interpolate, predict_x0, sampling_times
-from mi_jax.diffusion.guidance import GuidanceSchedule, combine, stack_branches
-from mi_jax.models.dit import DiT, image_condition_input
+from mi_jax.diffusion.conditions import dit_inputs
+from mi_jax.diffusion.flow import euler_step, interpolate, predict_x0, sampling_times
+from mi_jax.diffusion.guidance import GuidanceSchedule, guided_velocity
+from mi_jax.models.dit import DiT
 from mi_jax.models.dit_config import DiTConfig
 
 FRAMES_PER_LATENT = 4
@@ -111,8 +108,9 @@ def pad_audio_states(audio_states: jax.Array, frames: int) -> jax.Array:
 def make_window_fn(model_config: DiTConfig, cfg: SamplerConfig):
     """`window_fn(params, cond, carry, audio, rest=None) -> (carry, (first_motion, new))`.
 
-    cond: batch-first `text_embeds, text_mask, pooled, ref_latent [B, 1, h, w, C]`, optional
-    `audio_mask [B, S, W, h, w]`; carry: `{"motion": [B, O, h, w, C], "index": int32, "key"}`;
+    cond: a condition dict (mi_jax/diffusion/conditions.py) without its audio features: batch-first
+    `text_embeds, text_mask, pooled, ref_latent [B, 1, h, w, C]`, optional
+    `speaker_masks [B, S, W, h, w]`; carry: `{"motion": [B, O, h, w, C], "index": int32, "key"}`;
     audio: `[B, S, 1 + 4 (W - 1), L, C]` or None. rest: `[B, W, h, w, 1]` weights in [0, 1] or
     None: where > 0 the latents are pulled to the reference latent by that weight, at every
     step to the reference noised to the current time and at the end to the clean reference
@@ -128,21 +126,10 @@ def make_window_fn(model_config: DiTConfig, cfg: SamplerConfig):
     w, o = cfg.window, cfg.overlap
 
     def velocity(params, x, t, cond):
-        nb = len(branches)
-        stacked = stack_branches(cond, branches)
-        inp = image_condition_input(jnp.concatenate([x] * nb, 0), stacked["ref_latent"], mcfg.image_condition_type)
-        b = inp.shape[0]
-        kwargs = dict(hidden_states=inp, timestep=jnp.full((b,), t * TIMESTEP_SCALE),
-                      encoder_hidden_states=stacked["text_embeds"], encoder_attention_mask=stacked["text_mask"],
-                      pooled_projections=stacked["pooled"])
-        if mcfg.guidance_embeds:
-            kwargs["guidance"] = jnp.full((b,), cfg.embedded_guidance * TIMESTEP_SCALE)
-        if "audio_states" in stacked:
-            kwargs["audio_states"] = stacked["audio_states"]
-            if "audio_mask" in stacked:
-                kwargs["audio_mask"] = stacked["audio_mask"]
-        v = model.apply({"params": params}, **kwargs)
-        return combine(v.astype(jnp.float32), branches, cfg.guidance, t)
+        def apply(x, t, cond):
+            return model.apply({"params": params}, **dit_inputs(mcfg, x, t, cond, cfg.embedded_guidance))
+
+        return guided_velocity(apply, x, t, cond, branches, cfg.guidance.scales(t))
 
     def window_fn(params, cond, carry, audio, rest=None):
         k = carry["index"]
@@ -154,6 +141,8 @@ def make_window_fn(model_config: DiTConfig, cfg: SamplerConfig):
         pos = jnp.arange(w)
         known_mask = ((pos >= 1) & (pos < 1 + o) & (k > 0))[None, :, None, None, None]
         known_noise = jax.random.normal(k_known, shape, jnp.float32)
+        if "audio_mask" in cond:  # pipeline.py's old name for speaker_masks, until it passes that name
+            cond = {("speaker_masks" if n == "audio_mask" else n): v for n, v in cond.items()}
         cond = dict(cond) if audio is None else dict(cond, audio_states=audio)
 
         ref = jnp.broadcast_to(cond["ref_latent"].astype(jnp.float32), shape)
@@ -189,43 +178,3 @@ def initial_carry(seed: int, batch: int, latent_shape: tuple[int, int, int], cfg
     h, w, c = latent_shape
     return {"motion": jnp.zeros((batch, cfg.overlap, h, w, c), jnp.float32), "index": jnp.int32(0),
             "key": jax.random.key(seed)}
-
-
-def sample_scan(params, model_config, cfg: SamplerConfig, cond: dict, audio_states, *, seed: int,
-                num_windows: int, carry=None):
-    """Whole clip: `lax.scan` over windows. Returns `(latents [B, N, h, w, C], carry)`: the
-    generated latents after the reference (N = O + windows (W - 1 - O) for a fresh start,
-    windows (W - 1 - O) when continuing from `carry`)."""
-    window_fn = make_window_fn(DiTConfig.coerce(model_config), cfg)
-    ref = cond["ref_latent"]
-    fresh = carry is None
-    if fresh:
-        carry = initial_carry(seed, ref.shape[0], ref.shape[2:], cfg)
-    audio = None
-    if audio_states is not None:
-        audio = window_audio(audio_states, cfg, int(carry["index"]) + num_windows)[int(carry["index"]):]
-
-    @jax.jit
-    def run(params, cond, carry, audio):
-        return jax.lax.scan(lambda c, a: window_fn(params, cond, c, a), carry, audio, length=num_windows)
-
-    carry, (firsts, news) = run(params, cond, carry, audio)
-    b = news.shape[1]
-    news = jnp.moveaxis(news, 0, 1).reshape(b, -1, *news.shape[3:])
-    latents = jnp.concatenate([firsts[0], news], axis=1) if fresh else news
-    return latents, carry
-
-
-def sample_stream(params, model_config, cfg: SamplerConfig, cond: dict, audio_windows: Iterator, *, seed: int,
-                  carry=None) -> Iterator[tuple[jax.Array, dict]]:
-    """Unbounded length: the jitted window function in a Python loop. `audio_windows` yields
-    each window's `[B, S, 1 + 4 (W - 1), L, C]` features (or None). Yields `(new latents,
-    carry)` per window; window 0's latents include the motion positions."""
-    window_fn = jax.jit(functools.partial(make_window_fn(DiTConfig.coerce(model_config), cfg), params))
-    ref = cond["ref_latent"]
-    if carry is None:
-        carry = initial_carry(seed, ref.shape[0], ref.shape[2:], cfg)
-    for audio in audio_windows:
-        first = int(carry["index"]) == 0
-        carry, (motion, new) = window_fn(cond, carry, audio)
-        yield (jnp.concatenate([motion, new], axis=1) if first else new), carry

@@ -156,7 +156,7 @@ def _reshard(job, mesh, rules):
     plans: e.g. the optimiser state sharded over context as well as fsdp)."""
     from mi_jax.models.dit import DiT, example_inputs
     from mi_jax.models.dit_config import DiTConfig
-    from mi_jax.train.pretrain import batch_sharding
+    from mi_jax.data.loader import batch_sharding
     from mi_jax.train.state import state_shardings
 
     mcfg = DiTConfig.coerce(job.config.model)
@@ -214,7 +214,7 @@ def generate_window(config, mesh, *, latent_frames: int | None = None, branches:
     config.prepare's size; params and compute in `dtype` (None: the config's)."""
     from mi_jax.models.dit import DiT, example_inputs
     from mi_jax.models.dit_config import DiTConfig
-    from mi_jax.train.pretrain import batch_sharding
+    from mi_jax.data.loader import batch_sharding
 
     mcfg = DiTConfig.coerce(config.model)
     if dtype:

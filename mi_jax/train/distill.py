@@ -2,9 +2,11 @@
 and the DiT, and the job the one loop runs (`mi-jax distill`).
 
 - gen / fake score: the DiT at a fixed embedded guidance (CFG baked in), LoRA over the base.
-- real score: the frozen teacher with multi-condition CFG (text, audio; one batched pass),
-  its scales set by the DMD2 core's attenuated weight g: scale_c = 1 + (g - 1) s_c / s_ref,
-  where s_c is the sampling config's scale for condition c and s_ref = `distill.real_guidance`.
+- real score: the frozen teacher with the sampler's multi-condition CFG (text, audio; one batched
+  pass, `guidance.guided_velocity`), its scales set by the DMD2 core's attenuated weight g:
+  scale_c = 1 + (g - 1) s_c / s_ref, where s_c is the sampling config's scale for condition c
+  and s_ref = `distill.real_guidance`.
+- every DiT call takes its arguments from `conditions.dit_inputs`, as pretraining and sampling.
 - LoRA (`distill.lora_rank`) runs on activations inside the step (`distill.lora_activations`,
   mi_jax/nn/lora.py), its factors and their Adam moments sharded like their kernels: the step
   then needs 1.09x a fine-tuning step's memory on the 13B shapes (benchmarks/dmd2_memory.py).
@@ -14,24 +16,34 @@ and the DiT, and the job the one loop runs (`mi-jax distill`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from mi_jax.diffusion.flow import TIMESTEP_SCALE
-from mi_jax.diffusion.guidance import stack_branches
-from mi_jax.models.dit import DiT, image_condition_input
+from mi_jax.diffusion.conditions import conditions, dit_inputs
+from mi_jax.diffusion.guidance import guided_velocity
+from mi_jax.models.dit import DiT
 from mi_jax.models.dit_config import DiTConfig
 from mi_jax.train import dmd2
 
-COND_KEYS = ("text_embeds", "text_mask", "pooled", "ref_latent", "audio_states", "speaker_masks")
+REAL_BRANCHES = ("full", "no_text", "no_audio")  # the teacher's CFG passes (guidance.py), batched as one
+ADAPTER_FIELDS = ("teacher_cfg_text", "teacher_cfg_audio", "student_guidance")  # read by make_adapters
 
 
 def dmd2_config(config) -> dmd2.DMD2Config:
+    """`config.distill` -> DMD2Config, field by field (those a run's saved config lacks keep the
+    DMD2Config default); `seed` is `config.seed`."""
     d = config.distill
-    return dmd2.DMD2Config(num_steps=d.num_steps, time_shift=d.time_shift, ttur=d.ttur,
-                           curriculum_steps=d.curriculum_steps, real_guidance=d.real_guidance,
-                           lora_rank=d.lora_rank, lora_activations=d.get("lora_activations", True),
-                           cfg_distill_weight=d.cfg_distill_weight, seed=config.seed)
+    fields = {f.name for f in dataclasses.fields(dmd2.DMD2Config)} - {"seed"}
+    unknown = sorted(set(d.keys()) - fields - set(ADAPTER_FIELDS))
+    if unknown:
+        raise ValueError(f"config.distill has {unknown}, which neither DMD2Config nor the DiT adapters read; "
+                         f"known: {sorted(fields | set(ADAPTER_FIELDS))}")
+    kw = {k: d[k] for k in fields if k in d}
+    if "lora_targets" in kw:
+        kw["lora_targets"] = tuple(kw["lora_targets"])
+    return dmd2.DMD2Config(**kw, seed=config.seed)
 
 
 def make_velocity(mcfg: DiTConfig):
@@ -40,18 +52,7 @@ def make_velocity(mcfg: DiTConfig):
     model = DiT(mcfg)
 
     def velocity(params, x_t, t, cond, guidance):
-        b = x_t.shape[0]
-        kw = dict(hidden_states=image_condition_input(x_t, cond["ref_latent"], mcfg.image_condition_type),
-                  timestep=t * TIMESTEP_SCALE, encoder_hidden_states=cond["text_embeds"],
-                  encoder_attention_mask=cond["text_mask"], pooled_projections=cond["pooled"])
-        if mcfg.guidance_embeds:
-            kw["guidance"] = jnp.broadcast_to(guidance * TIMESTEP_SCALE, (b,))
-        if mcfg.audio_blocks and "audio_states" in cond:
-            audio = cond["audio_states"]
-            kw["audio_states"] = audio if audio.ndim == 5 else audio[:, None]
-            if "speaker_masks" in cond:
-                kw["audio_mask"] = cond["speaker_masks"]
-        v = model.apply({"params": params}, **kw).astype(jnp.float32)
+        v = model.apply({"params": params}, **dit_inputs(mcfg, x_t, t, cond, guidance)).astype(jnp.float32)
         if mcfg.image_condition_type == "token_replace":
             ref = cond["ref_latent"][:, 0].astype(jnp.float32)
             v = v.at[:, 0].set((x_t[:, 0] - ref) / jnp.maximum(t, 1e-4)[:, None, None, None])
@@ -64,36 +65,22 @@ def make_adapters(config):
     """(gen_apply, fake_apply, real_score, student_apply) for the DMD2 core."""
     mcfg = DiTConfig.coerce(config.model)
     velocity = make_velocity(mcfg)
-    g_student = config.distill.student_guidance
     d = config.distill
-    s_ref = d.real_guidance
-    branches = ("full", "no_text", "no_audio")
 
     def fixed(params, x_t, t, cond):
-        return velocity(params, x_t, t, cond, g_student)
+        return velocity(params, x_t, t, cond, d.student_guidance)
 
     def real_score(base, x_t, t, cond, g):
-        stacked = stack_branches({k: cond[k] for k in ("text_embeds", "text_mask", "pooled", "ref_latent")
-                                  if k in cond} | ({"audio_states": cond["audio_states"]} if "audio_states" in cond else {}),
-                                 branches)
-        if "speaker_masks" in cond:
-            stacked["speaker_masks"] = jnp.concatenate([cond["speaker_masks"]] * len(branches), 0)
-        n = len(branches)
-        v = velocity(base, jnp.concatenate([x_t] * n, 0), jnp.concatenate([t] * n, 0), stacked, 1.0)
-        full, no_text, no_audio = jnp.split(v, n, axis=0)
         g = g.reshape((-1,) + (1,) * (x_t.ndim - 1))
-        s_text = 1.0 + (g - 1.0) * d.teacher_cfg_text / s_ref
-        s_audio = 1.0 + (g - 1.0) * d.teacher_cfg_audio / s_ref
-        return no_audio + s_audio * (no_text - no_audio) + s_text * (full - no_text)
+        scales = (1.0 + (g - 1.0) * d.teacher_cfg_text / d.real_guidance,
+                  1.0 + (g - 1.0) * d.teacher_cfg_audio / d.real_guidance, 1.0)
+        return guided_velocity(lambda x, t, c: velocity(base, x, t, c, 1.0), x_t, t, cond, REAL_BRANCHES, scales)
 
-    def student(params, x_t, t, cond, g):
-        return velocity(params, x_t, t, cond, g)
-
-    return fixed, fixed, real_score, student
+    return fixed, fixed, real_score, velocity
 
 
 def to_dmd2_batch(batch: dict) -> dict:
-    return {"x0": batch["latents"].astype(jnp.float32), "cond": {k: batch[k] for k in COND_KEYS if k in batch}}
+    return {"x0": batch["latents"].astype(jnp.float32), "cond": conditions(batch)}
 
 
 def load_student(run_dir: str, config):
@@ -119,11 +106,11 @@ def make_distill_job(config, data, mesh=None, *, rules=None, need_teacher: bool 
     from flax import linen as nn
 
     from mi_jax.convert.hunyuan import abstract_dit_params
+    from mi_jax.data.loader import batch_sharding
     from mi_jax.nn.lora import lora_shardings
     from mi_jax.parallel.mesh import DEFAULT_RULES, logical_shardings, make_mesh
     from mi_jax.train.checkpoints import load_run_params
     from mi_jax.train.loop import Job
-    from mi_jax.train.pretrain import batch_sharding
     from mi_jax.train.state import make_optimizer, state_shardings, trainable_labels
 
     if need_teacher and not config.init.checkpoint:

@@ -47,7 +47,7 @@ from flax import struct
 
 from mi_jax.diffusion.flow import interpolate, predict_x0, sample_time, sampling_times, shift_time
 from mi_jax.nn.lora import DEFAULT_TARGETS, activation_lora, lora_apply, lora_init, lora_params
-from mi_jax.train.state import TrainState, apply_if_finite
+from mi_jax.train.state import TRAIN, TrainState, count_nonfinite, guarded_update, init_state
 
 sg = jax.lax.stop_gradient
 
@@ -277,9 +277,8 @@ def _copy(tree):
 
 
 def _train_state(params, tx, ema_decay: float) -> TrainState:
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=tx.init(params),
-                      ema=_copy(params) if ema_decay > 0 else None, nan_count=zero, nan_streak=zero)
+    """train/state.py's state over trainable weights only (adapters, critic): no frozen leaves."""
+    return init_state(params, tx, jax.tree.map(lambda _: TRAIN, params), ema=ema_decay > 0)
 
 
 def adapter_init(base, rng, cfg: DMD2Config):
@@ -332,16 +331,17 @@ def init_dmd2_state(base, rng, cfg: DMD2Config, gen_tx: optax.GradientTransforma
     return DMD2State(step=zero, base=base, gen=gen, critic=critic, last=last, nan_count=zero, nan_streak=zero)
 
 
-def _update(ts: TrainState, grads, loss, tx, ema_decay: float) -> tuple[TrainState, jax.Array, jax.Array]:
-    """One optimiser update guarded against non-finite losses / gradients (skipped, counted)."""
-    norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(norm)
-    return apply_if_finite(ts, grads, finite, tx, ema_decay), finite, norm
-
-
 def _finish(state: DMD2State, finite, **fields) -> DMD2State:
-    return state.replace(step=state.step + 1, nan_count=state.nan_count + (~finite).astype(jnp.int32),
-                         nan_streak=jnp.where(finite, 0, state.nan_streak + 1), **fields)
+    nan_count, nan_streak = count_nonfinite(state.nan_count, state.nan_streak, finite)
+    return state.replace(step=state.step + 1, nan_count=nan_count, nan_streak=nan_streak, **fields)
+
+
+def _under_lora(cfg: DMD2Config, one_step: Callable) -> Callable:
+    def step(state: DMD2State, batch):
+        with _lora_context(cfg):  # every network call of the step is traced under it
+            return one_step(state, batch)
+
+    return step
 
 
 # ------------------------------------------------------------------ the DMD2 step
@@ -427,7 +427,7 @@ def make_dmd2_step(cfg: DMD2Config, gen_apply: Callable, fake_apply: Callable, r
             grad_fn = jax.value_and_grad(gen_loss, has_aux=True)
             (loss, (parts, x0)), grads = grad_fn(gen_state.params, base, state.critic.params, x_k, t_k, x_data,
                                                  cond, w, k_gen)
-            new, finite, norm = _update(gen_state, grads, loss, gen_tx, cfg.ema_decay)
+            new, finite, norm = guarded_update(gen_state, grads, loss, gen_tx, cfg.ema_decay)
             return new, x0, dict(parts, gen_grad_norm=norm), finite
 
         def skip_gen(gen_state):
@@ -440,7 +440,7 @@ def make_dmd2_step(cfg: DMD2Config, gen_apply: Callable, fake_apply: Callable, r
 
         grad_fn = jax.value_and_grad(critic_loss, has_aux=True)
         (c_loss, c_parts), c_grads = grad_fn(state.critic.params, base, x0_gen, x_data, cond, k_critic)
-        critic_state, c_finite, c_norm = _update(state.critic, c_grads, c_loss, critic_tx, 0.0)
+        critic_state, c_finite, c_norm = guarded_update(state.critic, c_grads, c_loss, critic_tx, 0.0)
 
         finite = gen_finite & c_finite
         new = _finish(state, finite, gen=gen_state, critic=critic_state, last=gen_metrics)
@@ -449,11 +449,7 @@ def make_dmd2_step(cfg: DMD2Config, gen_apply: Callable, fake_apply: Callable, r
                        nan_count=new.nan_count, nan_streak=new.nan_streak)
         return new, metrics
 
-    def step(state: DMD2State, batch):
-        with _lora_context(cfg):  # every network call of the step is traced under it
-            return one_step(state, batch)
-
-    return step
+    return _under_lora(cfg, one_step)
 
 
 def make_cfg_distill_step(cfg: DMD2Config, student_apply: Callable, real_score: Callable,
@@ -468,14 +464,10 @@ def make_cfg_distill_step(cfg: DMD2Config, student_apply: Callable, real_score: 
     def one_step(state: DMD2State, batch):
         rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.gen.params, state.base, batch["x0"], batch["cond"], rng)
-        gen_state, finite, norm = _update(state.gen, grads, loss, tx, cfg.ema_decay)
+        gen_state, finite, norm = guarded_update(state.gen, grads, loss, tx, cfg.ema_decay)
         last = dict(state.last, cfg_loss=loss, gen_loss=loss, gen_grad_norm=norm)
         new = _finish(state, finite, gen=gen_state, last=last)
         return new, dict(loss=loss, cfg_loss=loss, gen_grad_norm=norm, nan_count=new.nan_count,
                          nan_streak=new.nan_streak)
 
-    def step(state: DMD2State, batch):
-        with _lora_context(cfg):  # every network call of the step is traced under it
-            return one_step(state, batch)
-
-    return step
+    return _under_lora(cfg, one_step)

@@ -6,7 +6,9 @@ Batch (global arrays, batch axis first; see mi_jax/data/store.py):
     face_mask, mouth_mask [B, T, h, w]                     speaker_masks [B, S, T, h, w]
 
 The stages differ only in data (`config.stage`): which conditions are on, their dropout
-probabilities (for classifier-free guidance), which parameters train and the loss weights.
+probabilities (for classifier-free guidance; `conditions.random_drop`), which parameters train
+and the loss weights. The DiT's arguments come from `conditions.dit_inputs`, as in distillation
+and sampling.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from mi_jax.diffusion.flow import TIMESTEP_SCALE, interpolate, sample_time, velocity_target
-from mi_jax.models.dit import DiT, image_condition_input
+from mi_jax.diffusion.conditions import conditions, dit_inputs, random_drop
+from mi_jax.diffusion.flow import interpolate, sample_time, velocity_target
+from mi_jax.models.dit import DiT
 from mi_jax.nn.lora import activation_lora, lora_apply, lora_params
 from mi_jax.train.losses import LossWeights, flow_matching_loss
-from mi_jax.train.state import TrainState, apply_if_finite, freeze
+from mi_jax.train.state import TrainState, freeze, guarded_update
 
 
 def _is_lora(params) -> bool:
@@ -51,35 +54,6 @@ def sample_keys(rng, batch) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (None, 0))(rng, ids)
 
 
-def _uniform(keys):
-    return jax.vmap(lambda k: jax.random.uniform(k))(keys)
-
-
-def drop_conditions(batch: dict, keys, probs) -> dict:
-    """Per-sample condition dropout (for CFG): text -> the empty prompt (zero states, one valid
-    token so pooling stays finite), audio -> silence (zero features), reference -> zeros.
-    keys: `[B]` per-sample keys."""
-    b = batch["latents"].shape[0]
-    kt, ka, kr = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
-    out = dict(batch)
-
-    def drop(key, p, x, fill):
-        keep = _uniform(key) >= p
-        return jnp.where(keep.reshape((b,) + (1,) * (x.ndim - 1)), x, fill)
-
-    if probs.text > 0:
-        keep_t = _uniform(kt) >= probs.text
-        out["text_embeds"] = jnp.where(keep_t[:, None, None], batch["text_embeds"], 0)
-        empty = jnp.zeros_like(batch["text_mask"]).at[:, 0].set(1)
-        out["text_mask"] = jnp.where(keep_t[:, None], batch["text_mask"], empty)
-        out["pooled"] = jnp.where(keep_t[:, None], batch["pooled"], 0)
-    if probs.audio > 0 and "audio_states" in batch:
-        out["audio_states"] = drop(ka, probs.audio, batch["audio_states"], 0)
-    if probs.reference > 0:
-        out["ref_latent"] = drop(kr, probs.reference, batch["ref_latent"], 0)
-    return out
-
-
 def make_loss_fn(config) -> Callable:
     """`loss_fn(params, batch, rng) -> (loss, metrics)` for the DiT of `config.model`."""
     model = DiT(config.model)
@@ -91,24 +65,10 @@ def make_loss_fn(config) -> Callable:
         keys = sample_keys(rng, batch)
         k_noise, k_time, k_drop = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
         x0 = batch["latents"].astype(jnp.float32)
-        b = x0.shape[0]
         noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_noise)
         t = jax.vmap(lambda k: sample_time(k, 1, kind=stage.timestep_sampling, shift=stage.timestep_shift)[0])(k_time)
-        batch = drop_conditions(batch, k_drop, stage.dropout)
-        inputs = dict(
-            hidden_states=image_condition_input(interpolate(x0, noise, t), batch["ref_latent"], mcfg.image_condition_type),
-            timestep=t * TIMESTEP_SCALE,
-            encoder_hidden_states=batch["text_embeds"],
-            encoder_attention_mask=batch["text_mask"],
-            pooled_projections=batch["pooled"],
-        )
-        if mcfg.guidance_embeds:
-            inputs["guidance"] = jnp.full((b,), stage.guidance * TIMESTEP_SCALE)
-        if mcfg.audio_blocks and stage.use_audio:
-            audio = batch["audio_states"]
-            inputs["audio_states"] = audio if audio.ndim == 5 else audio[:, None]
-            if "speaker_masks" in batch:
-                inputs["audio_mask"] = batch["speaker_masks"]
+        cond = random_drop(conditions(batch, use_audio=stage.use_audio), k_drop, stage.dropout)
+        inputs = dit_inputs(mcfg, interpolate(x0, noise, t), t, cond, stage.guidance)
         with activation_lora():  # a no-op without LoRA factors
             v = model.apply({"params": step_params(params)}, **inputs)
         target = velocity_target(x0, noise)
@@ -150,9 +110,7 @@ def make_train_step(config, tx, labels, loss_fn: Callable | None = None) -> Call
             zeros = grads_of_shape(state.params, micro, rng)
             (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
             grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        new_state = apply_if_finite(state, grads, finite, tx, config.train.ema_decay)
+        new_state, finite, grad_norm = guarded_update(state, grads, metrics["loss"], tx, config.train.ema_decay)
         metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32),
                        nan_count=new_state.nan_count, nan_streak=new_state.nan_streak)
         return new_state, metrics
@@ -166,15 +124,6 @@ def make_train_step(config, tx, labels, loss_fn: Callable | None = None) -> Call
 
 
 # ------------------------------------------------------------------ job
-
-
-def batch_sharding(mesh, rules=None):
-    """Batch leaves are split along their first axis as `activation_batch` says."""
-    from flax import linen as nn
-
-    from mi_jax.parallel.mesh import DEFAULT_RULES
-
-    return nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec("activation_batch"), mesh, rules or DEFAULT_RULES)
 
 
 def initial_params(config, mesh, param_shardings, abstract_params):
@@ -216,6 +165,7 @@ def make_job(config, data, mesh=None):
     default the one `config.mesh` describes)."""
     from flax import linen as nn
 
+    from mi_jax.data.loader import batch_sharding
     from mi_jax.models.dit import example_inputs
     from mi_jax.models.dit_config import DiTConfig
     from mi_jax.nn.lora import lora_init, lora_shardings

@@ -28,10 +28,6 @@ class TrainState:
     nan_streak: jax.Array  # ... in a row, up to now
 
 
-def path_str(path: Sequence) -> str:
-    return "/".join(str(getattr(p, "key", p)) for p in path)
-
-
 def trainable_labels(params: Mapping, patterns: Sequence[str]) -> Any:
     """`"train"` for leaves whose '/'-joined path matches any regex in `patterns`, else
     `"freeze"`. Raises when nothing matches (a typo would silently train nothing)."""
@@ -100,10 +96,23 @@ def state_shardings(abstract_state, param_shardings, replicated):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def init_state(params, tx: optax.GradientTransformation, labels) -> TrainState:
+def init_state(params, tx: optax.GradientTransformation, labels, *, ema: bool = True) -> TrainState:
+    """The step-0 state; `ema=False` keeps no EMA (None), e.g. a DMD2 critic. The EMA starts as
+    a copy: the loop donates the state, and one buffer must not appear twice in it."""
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=tx.init(params), ema=ema_init(params, labels),
+    return TrainState(step=zero, params=params, opt_state=tx.init(params),
+                      ema=jax.tree.map(jnp.copy, ema_init(params, labels)) if ema else None,
                       nan_count=zero, nan_streak=zero)
+
+
+def global_norm(grads) -> jax.Array:
+    """The gradients' global L2 norm, accumulated in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+
+
+def count_nonfinite(nan_count, nan_streak, finite) -> tuple[jax.Array, jax.Array]:
+    """The NaN guard's counters after one step: skipped steps in all, and in a row."""
+    return nan_count + (~finite).astype(jnp.int32), jnp.where(finite, 0, nan_streak + 1)
 
 
 def apply_if_finite(state: TrainState, grads, finite, tx, ema_decay: float) -> TrainState:
@@ -112,11 +121,15 @@ def apply_if_finite(state: TrainState, grads, finite, tx, ema_decay: float) -> T
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema, params, ema_decay)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    return TrainState(
-        step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        ema=keep(ema, state.ema),
-        nan_count=state.nan_count + (~finite).astype(jnp.int32),
-        nan_streak=jnp.where(finite, 0, state.nan_streak + 1),
-    )
+    nan_count, nan_streak = count_nonfinite(state.nan_count, state.nan_streak, finite)
+    return TrainState(step=state.step + 1, params=keep(params, state.params),
+                      opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema),
+                      nan_count=nan_count, nan_streak=nan_streak)
+
+
+def guarded_update(state: TrainState, grads, loss, tx, ema_decay: float) -> tuple[TrainState, jax.Array, jax.Array]:
+    """`apply_if_finite` when the loss and the gradients' norm are finite, else a skipped,
+    counted step. Returns `(state, finite, grad_norm)`."""
+    norm = global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(norm)
+    return apply_if_finite(state, grads, finite, tx, ema_decay), finite, norm
