@@ -69,3 +69,24 @@ def test_loader_batch_keeps_values_and_truth(prepared):
     np.testing.assert_allclose(truth["mouth_open"][0], clip.mouth_open[0, 8 * window : 8 * window + 9], atol=1e-6)
     assert truth["actions"] == ["nodding"] and truth["start_frame"] == 8 * window
     assert batch["face_mask"][k].any() and (batch["mouth_mask"][k] <= batch["face_mask"][k]).all()
+
+
+def test_stored_audio_features_are_what_generation_reads(prepared):
+    """Training and generation see the same Wav2Vec2 features: each stored window's
+    audio_states equal the pipeline's audio windows (`_AudioWindows`, from the same streamed
+    chunks) for a sampler whose windows are the training windows (3 latents, no overlap)."""
+    from mi_jax.diffusion.sampler import SamplerConfig
+    from mi_jax.pipeline import _AudioWindows
+
+    config, clips, out, _, _ = prepared
+    reader = StoreReader(out)
+    stored = {int(r["window"]): r["audio_states"] for r in (reader[i] for i in range(len(reader)))
+              if r["clip_id"] == "good"}
+    video, audio = read_clip(str(clips / "good" / "clip.mp4"), fps=25.0)
+    windows = _AudioWindows(Encoders(config), audio[None], SamplerConfig(window=3, overlap=0), len(video.frames), 25.0)
+    for k in sorted(stored):
+        generation = windows.window(k)[0, 0]  # [9, n_layers, C]
+        assert stored[k].shape == generation.shape
+        # stored as float16: equal up to its rounding
+        np.testing.assert_allclose(stored[k].astype(np.float32), generation, rtol=1e-3, atol=1e-3)
+    assert len(stored) >= 2 and np.abs(generation).max() > 0.1

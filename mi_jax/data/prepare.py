@@ -204,39 +204,18 @@ class Encoders:
         self.w2v_params = params
         self._w2v = fn
 
-        sr = int(self.cfg.sample_rate)
-        chunk, margin = int(self.cfg.audio_chunk_seconds * sr), sr  # 1 s of context on each side
-        win = chunk + 2 * margin
-
-        def features(audio):
-            """`[samples]` -> `[Na, n_layers, C]`, uniform in time over the audio. Long audio runs
-            in fixed windows of `chunk + 2 margin` samples (one compiled shape; attention memory
-            bounded by the window, not the audio length) and keeps each window's centre."""
-            from mi_jax.data.audio_io import zero_mean_unit_var
-
-            n = len(audio)
-            padded = np.pad(zero_mean_unit_var(audio).astype(np.float32), (margin, win))
-            parts = []
-            for s0 in range(0, n, chunk):
-                f = np.asarray(fn(self.w2v_params, jnp.asarray(padded[s0 : s0 + win])[None])[0])
-                i0, i1 = round(margin / win * len(f)), round((margin + chunk) / win * len(f))
-                parts.append(f[i0:i1])
-            per_chunk = len(parts[0])
-            return np.concatenate(parts)[: max(1, int(np.ceil(n / chunk * per_chunk)))]
-
-        self.audio_features = features
-
     def audio_frame_chunks(self, audio: np.ndarray, fps: float) -> Iterator[np.ndarray]:
         """Wav2Vec2 features at video-frame times, streamed: `[samples]` (16 kHz mono) -> chunk
         after chunk of `[chunk_frames, n_layers, C]` (`chunk_frames = round(audio_chunk_seconds
         x fps)` video frames; ceil(frames / chunk_frames) chunks, where frames = the video frames
-        the audio covers; past the audio's end the window reads zeros, as `audio_features`).
+        the audio covers; past the audio's end the window reads zeros).
 
-        Generation's audio path: every chunk is one Wav2Vec2 call on the same fixed window
-        (`chunk` + 1 s of context on each side, normalised with the whole track's mean and
-        variance, as `zero_mean_unit_var`), so one compilation serves every audio length and
-        only the chunk being read is held, never features for the whole clip. Feature j of a
-        window sits at sample `j x window / Nf`, the convention of `audio_features`; video
+        The one audio path: generation reads it chunk by chunk (pipeline._AudioWindows) and
+        prepare stores it (`audio_at_frames`), so a model trains on the features generation
+        gives it. Every chunk is one Wav2Vec2 call on the same fixed window (`chunk` + 1 s of
+        context on each side, normalised with the whole track's mean and variance, as
+        `zero_mean_unit_var`), so one compilation serves every audio length and only the chunk
+        being read is held. Feature j of a window sits at sample `j x window / Nf`; video
         frame f (time f / fps) takes the linear interpolation at its sample position.
         """
         from mi_jax.data.audio_io import mean_std
@@ -265,6 +244,12 @@ class Encoders:
             w = (q - i0).clip(0.0, 1.0)[:, None, None].astype(np.float32)
             yield feats[i0] * (1.0 - w) + feats[i1] * w
 
+    def audio_at_frames(self, audio: np.ndarray, fps: float, frames: int) -> np.ndarray:
+        """`[frames, n_layers, C]`: `audio_frame_chunks` for the first `frames` video frames,
+        zero after the audio's end (as generation pads)."""
+        feats = np.concatenate(list(self.audio_frame_chunks(audio, fps)))[:frames]
+        return np.pad(feats, ((0, frames - len(feats)), (0, 0), (0, 0)))
+
     def _text(self):
         from mi_jax.data.text_encoder import HunyuanTextEncoder, TinyTextEncoder
 
@@ -286,8 +271,6 @@ class Encoders:
 
 def windows(clip: RawClip, enc: Encoders, cfg) -> Iterator[dict]:
     """The training windows of one decoded clip."""
-    from mi_jax.models.audio import align_to_video_frames
-
     n = len(clip.frames)
     t = cfg.latent_frames
     f = 1 + 4 * (t - 1)
@@ -309,7 +292,7 @@ def windows(clip: RawClip, enc: Encoders, cfg) -> Iterator[dict]:
         raise ClipError(f"{speakers} speakers but prepare.speakers={s_max}")
     tracks = (clip.speaker_audio if clip.speaker_audio is not None and speakers > 1 else clip.audio[None])
     tracks = tracks[:, : len(clip.audio)]
-    feats = [align_to_video_frames(enc.audio_features(a), n) for a in tracks]  # S x [N, L, C]
+    feats = [enc.audio_at_frames(a, cfg.fps, n) for a in tracks]  # S x [N, L, C], as generation reads them
     text = enc.text.encode([clip.prompt], clip.frames[:1])
     ref = enc.encode_video(clip.frames[:1])
     # one encode of the whole clip, windows cut from it: window k's latents are the clip's latents
