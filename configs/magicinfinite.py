@@ -9,7 +9,7 @@
 `get_config("VARIANT,STAGE[,text_first]")`: VARIANT is `tiny` (CPU tests), `demo` (the bundled
 demo model: tiny with 8 latent channels) or `full`
 (the 13B HunyuanVideo-I2V backbone, configs/hunyuan_video_i2v.py); STAGE is `stage1` or
-`stage2`. The public text does not fix the stage order (../shared/references/ section 6), so the
+`stage2`. The paper (Yi et al. 2025, section 6) does not fix the stage order, so the
 stages are data: by default stage 1 trains the audio modules for lip sync with a mouth-weighted
 loss, stage 2 trains everything jointly with per-condition dropout for CFG. `text_first`
 swaps the emphasis (stage 1: text + reference on the backbone, no audio; stage 2: audio joins).
@@ -29,18 +29,18 @@ AUDIO_MODULES = (r"^audio_projector/", r"audio_attn/")
 
 
 def _model(variant: str) -> ml_collections.ConfigDict:
-    model = load_config(os.path.join(_HERE, "hunyuan_video_i2v.py") + (":tiny" if variant == "tiny" else ":i2v")).model
-    if variant != "tiny":
-        # `mi-jax plan`: the stage-2 step at 544x544 x 33 frames, B=8 on fsdp=8, needs full remat
-        # to fit 80 GB (dots_no_batch: 84.4 GB; full: 51 GB per device; see the README's table)
-        model.remat_policy = "full"
     if variant == "tiny":
+        model = load_config(os.path.join(_HERE, "hunyuan_video_i2v.py:tiny")).model
         model.update(audio_blocks=1, audio_feature_layers=4, audio_feature_dim=32, audio_window=1,
                      audio_hidden=32, audio_tokens=4, audio_token_dim=32)
-    else:
-        # wav2vec2-base: 12 transformer layers of 768; audio in the last 10 of 40 single blocks
-        model.update(audio_blocks=10, audio_feature_layers=12, audio_feature_dim=768, audio_window=2,
-                     audio_hidden=512, audio_tokens=32, audio_token_dim=768)
+        return model
+    model = load_config(os.path.join(_HERE, "hunyuan_video_i2v.py:i2v")).model
+    # `mi-jax plan`: the stage-2 step at 544x544 x 33 frames, B=8 on fsdp=8, needs full remat
+    # to fit 80 GB (dots_no_batch: 84.4 GB; full: 51 GB per device; see the README's table)
+    model.remat_policy = "full"
+    # wav2vec2-base: 12 transformer layers of 768; audio in the last 10 of 40 single blocks
+    model.update(audio_blocks=10, audio_feature_layers=12, audio_feature_dim=768, audio_window=2,
+                 audio_hidden=512, audio_tokens=32, audio_token_dim=768)
     return model
 
 
@@ -62,7 +62,7 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.store = ""  # a folder written by `mi-jax prepare`
-    c.data.global_batch = 4 if variant == "tiny" else 32
+    c.data.global_batch = 32
     c.data.num_workers = 0
     c.data.shuffle_seed = 0
 
@@ -70,31 +70,27 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     p = c.prepare = ml_collections.ConfigDict()
     p.fps = 25.0
     p.sample_rate = 16000
-    p.height, p.width = (64, 64) if variant == "tiny" else (544, 544)
-    p.latent_frames = 3 if variant == "tiny" else 33
+    p.height, p.width = 544, 544
+    p.latent_frames = 33
     p.speakers = 1  # S: every window carries S audio tracks and masks (absent speakers are empty)
     p.face_margin = 0.15
     p.default_prompt = "a person talking"
-    p.text_len = 12 if variant == "tiny" else 256
+    p.text_len = 256
     p.workers = 2
     p.shard_size = 256
     # frozen encoders: a diffusers / transformers folder, or "random:SEED" (tiny, seeded; tests)
-    p.vae = "random:0" if variant == "tiny" else ""
+    p.vae = ""
     p.vae_random = ml_collections.ConfigDict(dict(latent_channels=4, block_out_channels=(8, 8, 16, 16),
                                                   layers_per_block=1, norm_num_groups=4))
-    p.wav2vec2 = "random:0" if variant == "tiny" else ""
+    p.wav2vec2 = ""
     p.wav2vec2_random = ml_collections.ConfigDict(dict(
         hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
         conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 8, 8),
         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4))
-    p.audio_layers = (1, 2, 3, 4) if variant == "tiny" else tuple(range(1, 13))
+    p.audio_layers = tuple(range(1, 13))
     p.audio_chunk_seconds = 8.0  # Wav2Vec2 runs on windows of this (+1 s context each side)
-    p.text_encoder = "tiny" if variant == "tiny" else ""  # or a HunyuanVideo-I2V diffusers folder
-    # the words the model knows: the tiny encoder hashes each word to its own vector, so a word no
-    # training prompt had means nothing; generation names such words in a notice. () = no check
-    # (the real encoder knows English)
-    training_words = (w for prompt in synthetic.TRAINING_PROMPTS for w in prompt_words(prompt))
-    p.text_vocabulary = tuple(dict.fromkeys(training_words)) if variant == "tiny" else ()
+    p.text_encoder = ""  # a HunyuanVideo-I2V diffusers folder (or "tiny")
+    p.text_vocabulary = ()  # the words the model knows; () = no check (the real encoder knows English)
 
     # `mi-jax train-vae` (mi_jax/train/vae.py): the small VAE of the synthetic world (tiny variant)
     v = c.vae_train = ml_collections.ConfigDict()
@@ -114,12 +110,12 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     # generation (mi_jax/diffusion/sampler.py): windows of the training length
     g = c.sample = ml_collections.ConfigDict()
     g.window = p.latent_frames  # W latents per window (RoPE positions as in training)
-    g.overlap = 1 if variant == "tiny" else 3  # O motion latents carried (InfiniteTalk: 3)
-    g.steps = 20 if variant == "tiny" else 50
-    g.shift = 1.0 if variant == "tiny" else 7.0
+    g.overlap = 3  # O motion latents carried (InfiniteTalk: 3)
+    g.steps = 50
+    g.shift = 7.0
     g.kind = "euler"
-    g.cfg_text = 2.0 if variant == "tiny" else 5.0
-    g.cfg_audio = 2.0 if variant == "tiny" else 4.0
+    g.cfg_text = 5.0
+    g.cfg_audio = 4.0
     g.cfg_reference = 1.0
     g.cfg_end_fraction = 1.0  # < 1 anneals the scales towards 1 as t -> 0
     g.embedded_guidance = 1.0
@@ -130,9 +126,9 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     c.init.lora_rank = 0  # > 0: train LoRA factors (and the audio modules) over a frozen base
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 300 if variant == "tiny" else 20_000
-    c.train.learning_rate = 1e-3 if variant == "tiny" else 1e-5
-    c.train.warmup_steps = 20 if variant == "tiny" else 500
+    c.train.steps = 20_000
+    c.train.learning_rate = 1e-5
+    c.train.warmup_steps = 500
     c.train.final_lr_fraction = 0.1
     c.train.weight_decay = 0.0
     c.train.adam_b1 = 0.9
@@ -141,14 +137,14 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     c.train.grad_accum = 1
     c.train.ema_decay = 0.999
     c.train.log_every = 10
-    c.train.checkpoint_every = 100 if variant == "tiny" else 1000
+    c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 3
     c.train.nan_patience = 10  # stop after this many non-finite steps in a row
 
     s = c.stage = ml_collections.ConfigDict()
     s.name = stage
     s.timestep_sampling = "logit_normal"
-    s.timestep_shift = 1.0 if variant == "tiny" else 7.0
+    s.timestep_shift = 7.0
     s.guidance = 1.0  # embedded guidance scale fed to guidance-embedding models while training
     s.loss = ml_collections.ConfigDict(dict(global_weight=1.0, face_weight=0.0, mouth_weight=0.0))
     s.dropout = ml_collections.ConfigDict(dict(text=0.0, audio=0.0, reference=0.0))
@@ -167,6 +163,17 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
         s.trainable = [r".*"]
         s.loss.update(face_weight=0.5, mouth_weight=1.0 if text_first else 0.5)
         s.dropout.update(text=0.1, audio=0.1, reference=0.05)
+    if variant == "tiny":  # the CPU variant (tests, the demo model): the same config at toy sizes
+        c.data.global_batch = 4
+        p.update(height=64, width=64, latent_frames=3, text_len=12, vae="random:0", wav2vec2="random:0",
+                 audio_layers=(1, 2, 3, 4), text_encoder="tiny")
+        # the words the model knows: the tiny encoder hashes each word to its own vector, so a
+        # word no training prompt had means nothing; generation names such words in a notice
+        training_words = (w for prompt in synthetic.TRAINING_PROMPTS for w in prompt_words(prompt))
+        p.text_vocabulary = tuple(dict.fromkeys(training_words))
+        g.update(window=p.latent_frames, overlap=1, steps=20, shift=1.0, cfg_text=2.0, cfg_audio=2.0)
+        c.train.update(steps=300, learning_rate=1e-3, warmup_steps=20, checkpoint_every=100)
+        s.timestep_shift = 1.0
     if stage == "distill":
         _distill(c, variant)
     if demo:

@@ -173,7 +173,7 @@ class Studio:
 
     def __init__(self, checkpoint: str, workdir: str, *, log=print):
         from mi_jax.pipeline import Pipeline
-        from mi_jax.train.checkpoints import load_run_config
+        from mi_jax.convert.checkpoint import load_run_config
 
         self.checkpoint = checkpoint
         self.config = load_run_config(checkpoint)

@@ -22,6 +22,9 @@ Config overrides use the config's own field paths (`--config.train.steps=100`).
 
 from __future__ import annotations
 
+# Each command imports what it runs inside its function: the commands pull different heavy
+# stacks (JAX + the models, torch for export, gradio for app) and `plan` must set the host
+# device count before JAX starts, so `mi-jax --help` and every command load only their own.
 import argparse
 import json
 import sys
@@ -37,18 +40,11 @@ def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[s
 
 
 def cmd_synth(args) -> int:
-    import os
-
     from mi_jax.data import synthetic
 
     h, w = (int(v) for v in args.size.lower().split("x"))
-    prompts = synthetic.TRAINING_PROMPTS  # the words `prepare.text_vocabulary` lists
-    os.makedirs(args.out, exist_ok=True)
-    for i in range(args.clips):
-        seed = args.seed_start + i
-        clip = synthetic.render_clip(seed, args.seconds, size=(h, w), prompt=prompts[seed % len(prompts)],
-                                     speakers=args.speakers)
-        clip.save(os.path.join(args.out, f"clip_{seed:07d}"))
+    synthetic.write_clips(args.out, args.clips, args.seconds, seed_start=args.seed_start, size=(h, w),
+                          speakers=args.speakers)
     print(f"wrote {args.clips} clips to {args.out}")
     return 0
 
@@ -70,23 +66,11 @@ def cmd_distill(args, overrides) -> int:
 def cmd_train(args, overrides, distill: bool = False) -> int:
     from mi_jax.parallel.distributed import maybe_initialize
 
-    maybe_initialize()
+    maybe_initialize()  # before anything touches a JAX backend
     from mi_jax.config_utils import load_config
-    from mi_jax.parallel.mesh import make_mesh
-    from mi_jax.train.data import TrainData
-    from mi_jax.train.loop import run
-    from mi_jax.train.pretrain import make_job
+    from mi_jax.train.run import train
 
-    config = load_config(args.config, overrides)
-    mesh = make_mesh(config.mesh)
-    data = TrainData(config, mesh)
-    if distill:
-        from mi_jax.train.distill import make_distill_job
-
-        job = make_distill_job(config, data, mesh)
-    else:
-        job = make_job(config, data, mesh)
-    metrics = run(job, args.workdir)
+    metrics = train(load_config(args.config, overrides), args.workdir, distill=distill)
     print(json.dumps(metrics))
     return 0
 
@@ -115,7 +99,7 @@ def cmd_generate(args) -> int:
         w, _, h = args.size.lower().partition("x")
         size = (int(h), int(w))
     from mi_jax.pipeline import check_inputs
-    from mi_jax.train.checkpoints import load_run_config
+    from mi_jax.convert.checkpoint import load_run_config
 
     audio = args.audio if len(args.audio) > 1 else args.audio[0]
     prompts = args.prompt or [""]
@@ -214,13 +198,14 @@ def cmd_eval(args) -> int:
     from mi_jax.data import faces, synthetic
     from mi_jax.eval.metrics import evaluate
     from mi_jax.eval.report import check, write_report
+    from mi_jax.models.audio import VIDEO_FRAMES_PER_LATENT
     from mi_jax.pipeline import Pipeline
 
     pipe = Pipeline.from_checkpoint(args.checkpoint)
     actions = ["", "nodding", "shaking head"]
     videos, truths, bounds = [], [], []
     scfg = pipe.config.sample
-    step = 4 * (scfg.window - 1 - scfg.overlap)
+    step = VIDEO_FRAMES_PER_LATENT * (scfg.window - 1 - scfg.overlap)
     for i in range(args.clips):
         action = actions[i % len(actions)]
         clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + i, args.seconds,
@@ -232,7 +217,7 @@ def cmd_eval(args) -> int:
         video = pipe.generate(clip.frames[0], clip.audio, synthetic.prompt_for(action), seed=i, masks=masks)
         videos.append(video.frames)
         truths.append(clip)
-        first = 1 + 4 * (scfg.window - 1)  # the first window's frames, then one window every `step`
+        first = 1 + VIDEO_FRAMES_PER_LATENT * (scfg.window - 1)  # the first window's frames, then one window every `step`
         bounds.append(list(range(first, len(video.frames), step)))
     results = evaluate(videos, truths, boundaries=bounds)
     path = write_report(results, args.out)

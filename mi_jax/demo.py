@@ -14,11 +14,14 @@ reproducible; see `build_demo_model`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 
 import numpy as np
+
+from mi_jax import atomic
 
 DEMO = "demo"
 HELDOUT_SEED = 1_000_123
@@ -108,10 +111,10 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
     of the default order would train audio modules over a random frozen DiT; here stage 1
     teaches the backbone video (text + reference) and stage 2 adds audio jointly.
     """
-    import json
-
-    from mi_jax.cli import main as cli
     from mi_jax.config_utils import load_config
+    from mi_jax.data import synthetic
+    from mi_jax.data.prepare import prepare
+    from mi_jax.train.run import train
     from mi_jax.train.vae import train_vae
 
     os.makedirs(work, exist_ok=True)
@@ -124,8 +127,7 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
     vae_dir, data, store = (os.path.join(work, p) for p in ("vae", "clips", "store"))
     # prepare encodes with the VAE being built; the runs name the folder it ships in (generation
     # loads it from there; training itself never runs the VAE)
-    common = [f"--config.prepare.vae={vae_out}", f"--config.seed={seed}", f"--config.data.store={store}",
-              "--config.mesh=fsdp=1"]
+    common = [f"prepare.vae={vae_out}", f"seed={seed}", f"data.store={store}", "mesh=fsdp=1"]
     log_path = os.path.join(work, "build.json")
     record = {"seed": seed, "clips": clips, "parts": {}}
     if os.path.exists(log_path):
@@ -142,43 +144,35 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
         return os.path.isdir(os.path.join(work, run, "checkpoints", str(steps)))
 
     if "synth" not in record["parts"]:  # recorded once every clip is written
-        part("synth", lambda: cli(["synth", "--out", data, "--clips", str(clips), "--seconds", "4",
-                                    "--seed-start", str(seed)]))
+        part("synth", lambda: synthetic.write_clips(data, clips, 4.0, seed_start=seed))
     vae_cfg = load_config(spec + ":demo,stage1")
     vae_steps = int(vae_cfg.vae_train.steps if vae_steps is None else vae_steps)
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
         part("vae", lambda: log(train_vae(vae_cfg, vae_dir, work_dir=os.path.join(work, "vae.train"), log=log,
                                           steps=vae_steps, seed=seed, init=vae_base, learning_rate=1e-3)))
-    part("prepare", lambda: cli(["prepare", "--clips", data, "--out", store, "--config", spec + ":demo,stage1",
-                                 f"--config.prepare.vae={vae_dir}", f"--config.seed={seed}"]))
-    stages = [("stage1", ["train", "--config", spec + ":demo,stage1,text_first"], stage1_steps, None),
-              ("stage2", ["train", "--config", spec + ":demo,stage2,text_first"], stage2_steps, "stage1"),
-              ("distill", ["distill", "--config", spec + ":demo,distill"], distill_steps, "stage2")]
-    for name, cmd, steps, init in stages:
+    part("prepare", lambda: prepare(load_config(spec + ":demo,stage1", [f"prepare.vae={vae_dir}", f"seed={seed}"]),
+                                    data, store))
+    stages = [("stage1", "demo,stage1,text_first", stage1_steps, None),
+              ("stage2", "demo,stage2,text_first", stage2_steps, "stage1"),
+              ("distill", "demo,distill", distill_steps, "stage2")]
+    for name, variant, steps, init in stages:
         if not finished(name, steps):
-            extra = [f"--config.init.checkpoint={os.path.join(work, init)}"] if init else []
-            part(name, lambda: cli([*cmd, "--workdir", os.path.join(work, name), f"--config.train.steps={steps}",
-                                    *extra, *common]))
+            extra = [f"init.checkpoint={os.path.join(work, init)}"] if init else []
+            config = load_config(f"{spec}:{variant}", [f"train.steps={steps}", *extra, *common])
+            part(name, lambda: train(config, os.path.join(work, name), distill=name == "distill"))
     record.update(steps={"vae": vae_steps, "stage1": stage1_steps, "stage2": stage2_steps,
                          "distill": distill_steps}, wall_seconds=round(sum(record["parts"].values()), 1))
     _write_json(log_path, record)
     for src, dst, ignore in ((vae_dir, vae_out, None), (os.path.join(work, "distill"), out, ("tensorboard",))):
-        tmp = dst.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*ignore) if ignore else None)
-        if dst == out:  # the final checkpoint only (the run keeps the last few)
-            shutil.copy(log_path, os.path.join(tmp, "build.json"))
-            for step in os.listdir(os.path.join(tmp, "checkpoints")):
-                if step != str(distill_steps):
-                    shutil.rmtree(os.path.join(tmp, "checkpoints", step))
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(tmp, dst)
+        with atomic.folder(dst) as tmp:
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*ignore) if ignore else None, dirs_exist_ok=True)
+            if dst == out:  # the final checkpoint only (the run keeps the last few)
+                shutil.copy(log_path, os.path.join(tmp, "build.json"))
+                for step in os.listdir(os.path.join(tmp, "checkpoints")):
+                    if step != str(distill_steps):
+                        shutil.rmtree(os.path.join(tmp, "checkpoints", step))
     return out
 
 
 def _write_json(path: str, data: dict) -> None:
-    import json
-
-    from mi_jax.data.store import _write_atomic
-
-    _write_atomic(path, json.dumps(data, indent=1).encode())
+    atomic.write_file(path, json.dumps(data, indent=1).encode())

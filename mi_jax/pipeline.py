@@ -33,13 +33,22 @@ import ctypes
 import dataclasses
 import functools
 import math
+import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mi_jax.colour_anchor import ColourAnchor, mouth_pixels
+from mi_jax.convert.checkpoint import load_dit
+from mi_jax.convert.hunyuan import abstract_dit_params
+from mi_jax.data import audio_io, controls
+from mi_jax.data.inputs import InputError, load_portrait, prompt_notices, speaker_regions
+from mi_jax.data.prepare import Encoders
+from mi_jax.data.video_io import write_video
 from mi_jax.diffusion.guidance import GuidanceSchedule
 from mi_jax.diffusion.sampler import SamplerConfig, initial_carry, make_window_fn, window_frames
 from mi_jax.models.dit_config import DiTConfig
@@ -61,8 +70,6 @@ class Generation:
         return len(self.frames) / self.fps
 
     def save(self, path: str) -> str:
-        from mi_jax.data.video_io import write_video
-
         write_video(path, self.frames, self.fps, audio=self.audio, sample_rate=self.sample_rate)
         return path
 
@@ -99,9 +106,6 @@ def read_inputs(config, portrait, audio, prompt="", *, seconds=None, masks=None,
     valid (an idle head, pauses: the mouth rests there) unless `allow_silence=False`;
     `timeline` (a file, or its text / lines: mi_jax/data/controls.py) says who speaks when,
     instead of each track's voice activity."""
-    from mi_jax.data import audio_io, controls
-    from mi_jax.data.inputs import InputError, load_portrait, speaker_regions
-
     schedule = controls.prompt_schedule(prompt)  # a malformed schedule fails before any file is read
     p = config.prepare
     size = size or (p.height, p.width)
@@ -119,9 +123,6 @@ def read_inputs(config, portrait, audio, prompt="", *, seconds=None, masks=None,
             loaded.append(a)
             names.append(str(i + 1))
         else:
-            import os
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", audio_io.SilentAudioWarning)  # said below, per track
                 loaded.append(audio_io.load_audio(a, p.sample_rate, allow_silence=allow_silence, fps=p.fps))
@@ -244,9 +245,6 @@ class _Request:
 class Pipeline:
     def __init__(self, config, params, encoders=None, *, mesh: jax.sharding.Mesh | None = None,
                  rules=DEFAULT_RULES):
-        from mi_jax.convert.hunyuan import abstract_dit_params
-        from mi_jax.data.prepare import Encoders
-
         self.config = config
         self.model_config = DiTConfig.coerce(config.model)
         self.mesh = mesh if mesh is not None else generation_mesh()
@@ -267,54 +265,17 @@ class Pipeline:
                         rules=DEFAULT_RULES) -> Pipeline:
         """A training / distillation run folder (its latest checkpoint; `which`: "ema" or
         "params"). `mesh`: a Mesh or a spec for `generation_mesh` (default: see there); the
-        parameters are restored straight into their shards."""
-        from flax import linen as nn
-
-        from mi_jax.convert.hunyuan import abstract_dit_params
-        from mi_jax.nn.lora import lora_init
-        from mi_jax.train.checkpoints import load_run_config, load_run_params
-        from mi_jax.train.pretrain import model_params
-        from mi_jax.train.state import TRAIN, trainable_labels
-
+        parameters are restored straight into their shards (mi_jax/convert/checkpoint.py)."""
         if which not in ("ema", "params"):
             raise ValueError(f"which={which!r}: use 'ema' or 'params'")
         mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else generation_mesh(mesh)
-        config = load_run_config(run_dir)
-        if "distill" in config:  # a DMD2 run: the generator (base + LoRA), K-step sampling
-            from mi_jax.train.distill import load_student
-
-            if jax.process_count() > 1:
-                raise ValueError(f"{run_dir} is a distillation run: its generator loads on one process's device "
-                                 "(train/distill.py load_student); generate from it in a single process")
-            return cls(config, load_student(run_dir, config), mesh=mesh, rules=rules)
-        mcfg = DiTConfig.coerce(config.model)
-        boxed = abstract_dit_params(mcfg)
-        abstract = nn.unbox(boxed)
-        shardings = logical_shardings(boxed, mesh, rules)
-        patterns = list(config.stage.trainable)
-        if config.init.lora_rank:
-            lora = jax.eval_shape(lambda p: lora_init(p, jax.random.key(0), config.init.lora_rank), abstract)
-            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            abstract = {"base": abstract, "lora": lora}
-            shardings = {"base": shardings, "lora": jax.tree.map(lambda _: replicated, lora)}
-            patterns = [r"^lora/"] + [r"^base/" + p.lstrip("^") for p in patterns if "audio" in p]
-        params = load_run_params(run_dir, abstract, shardings, which="params")
-        if which == "ema":
-            labels = trainable_labels(abstract, patterns)
-            ema_abstract = jax.tree.map(lambda a, lab: a if lab == TRAIN else None, abstract, labels)
-            ema_sh = jax.tree.map(lambda s, lab: s if lab == TRAIN else None, shardings, labels)
-            ema = load_run_params(run_dir, ema_abstract, ema_sh, which="ema")
-            params = jax.tree.map(lambda p, e: p if e is None else e, params, ema, is_leaf=lambda x: x is None)
-        return cls(config, model_params(params), mesh=mesh, rules=rules)
+        config, params = load_dit(run_dir, mesh, rules, which=which)
+        return cls(config, params, mesh=mesh, rules=rules)
 
     # ------------------------------------------------------------------ inputs
 
     def _request(self, portrait, audio, prompt, *, seconds, masks, steps, cfg_text, cfg_audio, size,
                  allow_silence, timeline=None, rest=True, colour_anchor=None) -> _Request:
-        from mi_jax.colour_anchor import ColourAnchor, mouth_pixels
-        from mi_jax.data import controls
-        from mi_jax.data.inputs import prompt_notices
-
         self.last_audio = None  # the previous call's audio goes before this call's is read
         release_free_heap()  # what earlier calls (and compilation) freed
         p = self.config.prepare
@@ -446,8 +407,6 @@ class Pipeline:
         the last call's audio into an H.264 + AAC mp4 at `path`, atomically, holding no frames.
         In a multi-process job only process 0 writes; the others consume the frames (they run
         their part of every window) and return None."""
-        from mi_jax.data.video_io import write_video
-
         def single(items):
             for x in items:
                 if np.ndim(x) == 4:

@@ -5,7 +5,7 @@ Tiny random models. The exported transformer and VAE compute what the JAX models
 whole audio-conditioned model in PyTorch (`MagicInfiniteTransformer`, non-zero audio adapters,
 two speakers with masks) equals `DiT.apply` (<= 1e-4); the round trip
 diffusers -> mi_jax -> diffusers is byte-identical (fp32 and bf16 sources); LoRA is merged like
-`lora_merge` or kept and applied by the PyTorch wrapper; errors leave no partial output; the
+`lora_apply` or kept and applied by the PyTorch wrapper; errors leave no partial output; the
 writer holds one tensor at a time.
 """
 
@@ -30,7 +30,7 @@ from mi_jax.convert.import_weights import format_report, import_weights, load_im
 from mi_jax.convert.name_map import NameMap, WeightMismatchError, export_params
 from mi_jax.convert.safetensors_io import CheckpointError, SafetensorsFolder, read_header
 from mi_jax.models import CausalVAE, DiT
-from mi_jax.nn.lora import lora_init, lora_merge
+from mi_jax.nn.lora import lora_apply, lora_init
 
 TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
             num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, text_embed_dim=24,
@@ -369,7 +369,7 @@ def test_lora_merged_kept_and_ema(loaded, tmp_path, torch, dit_apply):
     ema_base = traverse_util.unflatten_dict({p: (v + 1.0 if is_audio_path(p) else None) for p, v in flat.items()})
     run = _save_run(tmp_path / "run", config, {"base": base, "lora": lora}, ema={"base": ema_base, "lora": lora})
 
-    merged = lora_merge(base, lora, 1.0)
+    merged = lora_apply(base, lora, 1.0)
     name_map = dit_name_map(config)
     want = dict(export_params(merged, name_map))
     r_merged = export(run, str(tmp_path / "merged"), merge_lora=True)
@@ -398,7 +398,7 @@ def test_lora_merged_kept_and_ema(loaded, tmp_path, torch, dit_apply):
 
     # EMA: the audio modules from the EMA, the frozen backbone from the params
     r_ema = export(run, str(tmp_path / "ema"), which="ema", merge_lora=True)
-    ema_merged = lora_merge(traverse_util.unflatten_dict(
+    ema_merged = lora_apply(traverse_util.unflatten_dict(
         {p: (v + 1.0 if is_audio_path(p) else v) for p, v in flat.items()}), lora, 1.0)
     want_ema = dict(export_params(ema_merged, name_map))
     got_ema = _tensors(r_ema["audio"]["path"])
@@ -475,7 +475,7 @@ def test_import_errors_are_clear_and_leave_nothing(case, sources, single_file_so
 
 
 def test_import_failure_while_writing_leaves_nothing(single_file_source, tmp_path, monkeypatch):
-    module = importlib.import_module("mi_jax.convert.import_weights")
+    module = importlib.import_module("mi_jax.atomic")  # import_weights writes through atomic.folder
 
     def fail(*args, **kwargs):
         raise OSError("disk full")

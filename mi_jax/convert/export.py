@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -40,19 +39,11 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from mi_jax import atomic
+from mi_jax.convert.checkpoint import read_config, restore_state, restore_weights, state_metadata, step_dir
 from mi_jax.convert.hunyuan import DIFFUSERS_CLASS as DIT_CLASS
 from mi_jax.convert.hunyuan import WEIGHTS_NAME, dit_name_map, is_audio_path
-from mi_jax.convert.import_weights import (
-    AUDIO_CLASS,
-    AUDIO_FIELDS,
-    check_out_dir,
-    commit,
-    read_checkpoint_config,
-    restore_state,
-    state_metadata,
-    step_dir,
-    temp_sibling,
-)
+from mi_jax.convert.import_weights import AUDIO_CLASS, AUDIO_FIELDS
 # torch_shape: the PyTorch shape of a flax leaf, from its shape alone (the plan reads no data)
 from mi_jax.convert.name_map import NameMap, torch_shape, export_params
 from mi_jax.convert.safetensors_io import CheckpointError
@@ -61,6 +52,7 @@ from mi_jax.convert.wav2vec2 import wav2vec2_name_map
 from mi_jax.models.dit_config import DiTConfig
 from mi_jax.models.vae import VAEConfig
 from mi_jax.models.wav2vec2 import Wav2Vec2Config
+from mi_jax.nn.lora import is_lora_run
 
 EXPORT_DTYPES = {"fp32": np.float32, "float32": np.float32, "bf16": ml_dtypes.bfloat16, "bfloat16": ml_dtypes.bfloat16}
 _ST_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
@@ -175,7 +167,7 @@ def write_safetensors(
 def write_model(out_dir: str, params: Mapping, name_map: NameMap, config: Mapping, *, weights_name: str,
                 dtype, max_shard_size, metadata=None) -> dict:
     """One folder: `config.json` + the streamed safetensors of `params` under `name_map`."""
-    os.makedirs(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dict(config), f, indent=2, sort_keys=True)
     plan = tensor_plan(params, name_map)
@@ -188,7 +180,7 @@ def write_model(out_dir: str, params: Mapping, name_map: NameMap, config: Mappin
 
 
 class LoraMerged:
-    """A kernel `w` read as `w + scale * a @ b` (lora_merge's maths), computed when read and,
+    """A kernel `w` read as `w + scale * a @ b` (`lora_apply`'s maths), computed when read and,
     for a scanned stack `[L, in, out]`, one layer at a time: never a merged copy of the tree."""
 
     def __init__(self, w, a, b, scale: float):
@@ -210,7 +202,7 @@ class LoraMerged:
 
 def split_lora(params: Mapping) -> tuple[dict, dict | None]:
     """`{"base", "lora"}` (a LoRA training run) -> (base, {kernel path: (a, b)}); else (params, None)."""
-    if not (isinstance(params, Mapping) and set(params) == {"base", "lora"}):
+    if not is_lora_run(params):
         return dict(params), None
     base = traverse_util.flatten_dict(params["base"])
     factors = traverse_util.flatten_dict(params["lora"])
@@ -257,37 +249,20 @@ def open_checkpoint(checkpoint: str, *, which: str = "params") -> dict:
     "lora"}), "vae_config", "vae", "wav2vec2_config", "wav2vec2", "wav2vec2_source_config",
     "step_dir"}.
     """
-    if which not in ("params", "ema"):
-        raise ValueError(f"which={which!r}; choose 'params' or 'ema'")
     step = step_dir(checkpoint)
-    cfg = read_checkpoint_config(step)
+    cfg = read_config(step)
     if "model" not in cfg:
         raise CheckpointError(f"{step}: its config has no `model` entry; not an mi_jax checkpoint.")
     meta = state_metadata(step)
     if "params" not in meta:
         raise CheckpointError(f"{step}: the saved state has no `params`; not an mi_jax checkpoint.")
-    flat = traverse_util.flatten_dict(meta["params"])
-    sources = {p: "params" for p in flat}
-    if which == "ema":
-        ema = traverse_util.flatten_dict(meta.get("ema") or {})
-        ema = {p: v for p, v in ema.items() if v is not None}
-        if not ema:
-            raise CheckpointError(f"{checkpoint}: holds no EMA weights (import folders have none); use which='params'.")
-        sources.update({p: "ema" for p in ema if p in sources})
-    target = {"params": {}, "ema": {}}
-    for path, src in sources.items():
-        target[src][path] = flat[path]
-    target = {k: traverse_util.unflatten_dict(v) for k, v in target.items() if v}
-    for name in ("vae", "wav2vec2"):
-        if meta.get(name) is not None:
-            target[name] = meta[name]
-    state = restore_state(step, target)
-    params = traverse_util.flatten_dict(state.get("params", {}))
-    params.update(traverse_util.flatten_dict(state.get("ema", {})))
+    params = restore_weights(step, meta["params"], which=which)
+    parts = {name: meta[name] for name in ("vae", "wav2vec2") if meta.get(name) is not None}
+    state = restore_state(step, parts) if parts else {}
     return {
         "step_dir": step,
         "config": DiTConfig.coerce(cfg["model"]),
-        "params": traverse_util.unflatten_dict(params),
+        "params": params,
         "vae_config": VAEConfig(**cfg["vae"]) if cfg.get("vae") and "vae" in state else None,
         "vae": state.get("vae"),
         "wav2vec2_config": Wav2Vec2Config(**cfg["wav2vec2"]) if cfg.get("wav2vec2") and "wav2vec2" in state else None,
@@ -343,7 +318,7 @@ def export(
     np_dtype = EXPORT_DTYPES.get(str(dtype).lower())
     if np_dtype is None:
         raise ValueError(f"dtype={dtype!r}; choose 'fp32' or 'bf16'")
-    out_dir = check_out_dir(out_dir, overwrite)
+    out_dir = atomic.check_new_folder(out_dir, overwrite)
     src = open_checkpoint(checkpoint, which=which)
     config: DiTConfig = src["config"]
     base, lora = split_lora(src["params"])
@@ -356,8 +331,7 @@ def export(
     report = {"out_dir": out_dir, "checkpoint": src["step_dir"], "which": which,
               "dtype": np.dtype(np_dtype).name, "audio": None, "lora": None, "vae": None, "wav2vec2": None}
 
-    tmp = temp_sibling(out_dir)
-    try:
+    with atomic.folder(out_dir) as tmp:
         t_cfg = {"_class_name": DIT_CLASS, "_diffusers_version": _diffusers_version(), **config.to_diffusers()}
         report["transformer"] = write_model(os.path.join(tmp, "transformer"), backbone, name_map, t_cfg,
                                             weights_name=WEIGHTS_NAME, **kw)
@@ -393,10 +367,6 @@ def export(
             w_cfg["torch_dtype" if "torch_dtype" in w_cfg else "dtype"] = np.dtype(np_dtype).name
             report["wav2vec2"] = write_model(os.path.join(tmp, "wav2vec2"), src["wav2vec2"], wav2vec2_name_map(),
                                              w_cfg, weights_name="model", **kw)
-        commit(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for part in ("transformer", "audio", "lora", "vae", "wav2vec2"):
         if report[part]:
             report[part]["path"] = report[part]["path"].replace(tmp, out_dir)

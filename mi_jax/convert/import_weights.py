@@ -21,17 +21,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import linen as nn
 from flax import traverse_util
 
+from mi_jax import atomic
+from mi_jax.convert.checkpoint import read_config, restore_state, step_dir
 from mi_jax.convert.hunyuan import DIFFUSERS_CLASS as DIT_CLASS
 from mi_jax.convert.hunyuan import WEIGHTS_NAME, abstract_dit_params, dit_name_map, is_audio_path
 from mi_jax.convert.hunyuan import load_diffusers_transformer
@@ -52,87 +51,7 @@ AUDIO_FIELDS = tuple(f.name for f in dataclasses.fields(DiTConfig) if f.name.sta
 PARAM_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
-# ------------------------------------------------------------------ atomic output folders
-
-
-def check_out_dir(out_dir: str, overwrite: bool) -> str:
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose a new folder or pass overwrite=True.")
-    return out_dir
-
-
-def temp_sibling(out_dir: str) -> str:
-    """A fresh folder next to `out_dir` (same filesystem, so the final rename is atomic)."""
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    return tmp
-
-
-def commit(tmp: str, out_dir: str) -> None:
-    """Moves the finished `tmp` into place (replacing an old `out_dir` only now, at the end)."""
-    old = None
-    if os.path.exists(out_dir):
-        old = f"{tmp}.old"
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old:
-        shutil.rmtree(old)
-
-
-# ------------------------------------------------------------------ checkpoint reading
-
-
-def step_dir(path: str) -> str:
-    """The checkpoint step folder of `path`: an import folder or a training run (its newest
-    finished step), or a step folder itself (`<run>/checkpoints/<step>`)."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "config")):
-        return path
-    root = os.path.join(path, "checkpoints")
-    steps = sorted(
-        (int(n) for n in os.listdir(root) if n.isdigit() and os.path.exists(os.path.join(root, n, "state")))
-        if os.path.isdir(root) else []
-    )
-    if not steps:
-        hint = ""
-        if os.path.exists(os.path.join(path, "config.json")):
-            hint = " It looks like a diffusers/transformers folder: run import_weights (mi-jax import-weights) first."
-        raise CheckpointError(
-            f"{path}: not an mi_jax checkpoint (no checkpoints/<step>/state inside). Pass an "
-            f"import-weights output, a training run folder (--workdir) or a checkpoints/<step> folder.{hint}"
-        )
-    return os.path.join(root, str(steps[-1]))
-
-
-def read_checkpoint_config(step: str) -> dict:
-    """The JSON `config` item of a checkpoint step (a run's ml_collections config, or an
-    import folder's configs)."""
-    return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step, "config")))
-
-
-def state_metadata(step: str) -> dict:
-    """Shape/dtype metadata of the saved state tree (leaves: ArrayMetadata, or None)."""
-    return ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.join(step, "state"))).tree
-
-
-def restore_state(step: str, target: Mapping, shardings: Mapping | None = None) -> dict:
-    """Restores the sub-tree `target` (leaves: anything with .shape/.dtype) of the state.
-
-    shardings: None -> host numpy arrays (export reads them one tensor at a time); else a tree
-    like `target` of shardings -> jax arrays placed there. Other leaves are not read at all.
-    """
-    if shardings is None:
-        args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target)
-        item = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), target)
-    else:
-        item = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
-        args = ocp.checkpoint_utils.construct_restore_args(item)
-    restore = ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(os.path.join(step, "state"), args=restore)
+# ------------------------------------------------------------------ reading back
 
 
 def load_imported(out_dir: str, *, mesh=None, rules=DEFAULT_RULES) -> dict:
@@ -144,7 +63,7 @@ def load_imported(out_dir: str, *, mesh=None, rules=DEFAULT_RULES) -> dict:
     logical axis names (as the trainer places them).
     """
     step = step_dir(out_dir)
-    cfg = read_checkpoint_config(step)
+    cfg = read_config(step)
     if "import" not in cfg:
         raise CheckpointError(
             f"{out_dir}: a training run, not an import_weights folder; use export() or load_run_params."
@@ -243,7 +162,7 @@ def import_weights(
     source, the imported modules / tensors / parameter count and the newly initialised modules.
     Raises CheckpointError (WeightMismatchError) naming the problem; nothing is written then.
     """
-    out_dir = check_out_dir(out_dir, overwrite)
+    out_dir = atomic.check_new_folder(out_dir, overwrite)
     overrides = dict(config_overrides or {})
     fixed = sorted(set(overrides) & set(DIFFUSERS_FIELDS))
     if fixed:
@@ -310,8 +229,7 @@ def import_weights(
         report["wav2vec2"] = {"source": os.path.abspath(wav2vec_dir), "parameters": _count(state["wav2vec2"])}
     cfg_json["import"] = report
 
-    tmp = temp_sibling(out_dir)
-    try:
+    with atomic.folder(out_dir) as tmp:
         options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
         with ocp.CheckpointManager(os.path.join(tmp, "checkpoints"), options=options) as manager:
             manager.save(0, args=ocp.args.Composite(
@@ -319,10 +237,6 @@ def import_weights(
             manager.wait_until_finished()
         with open(os.path.join(tmp, REPORT_NAME), "w") as f:
             json.dump(report, f, indent=2)
-        commit(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

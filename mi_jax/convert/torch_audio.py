@@ -31,7 +31,7 @@ from torch import nn
 CLASS_NAME = "MagicInfiniteAudio"
 WEIGHTS_NAME = "diffusion_pytorch_model"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-VIDEO_FRAMES_PER_LATENT = 4  # the causal VAE's time compression
+VIDEO_FRAMES_PER_LATENT = 4  # mi_jax.models.vae.TEMPORAL_FACTOR; this file runs with torch alone
 EPS = 1e-6
 
 
@@ -228,7 +228,7 @@ class MagicInfiniteAudio(nn.Module):
 def apply_lora(model: nn.Module, path: str, scale: float | None = None) -> list[str]:
     """Merges an export's `out/lora` factors into `model` (a MagicInfiniteTransformer):
     `weight += scale * lora_B @ lora_A` (in float32) for every adapted Linear, the maths of
-    mi_jax.nn.lora.lora_merge. scale: default the exported one. Returns the adapted modules."""
+    mi_jax.nn.lora.lora_apply. scale: default the exported one. Returns the adapted modules."""
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "config.json")) as f:

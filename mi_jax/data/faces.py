@@ -31,8 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
-SPATIAL = 8
-TEMPORAL = 4
+from mi_jax.models.vae import SPATIAL_FACTOR as SPATIAL
+from mi_jax.models.vae import TEMPORAL_FACTOR as TEMPORAL
 
 
 @dataclass(frozen=True)

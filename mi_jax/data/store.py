@@ -46,6 +46,9 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 
+from mi_jax import atomic
+from mi_jax.models.vae import TEMPORAL_FACTOR
+
 MANIFEST = "manifest.json"
 FORMAT = "mi_jax.sample_store"
 VERSION = 1
@@ -131,9 +134,10 @@ def check_layout(shapes: Mapping[str, Sequence[int]]) -> None:
                 )
             bound.setdefault(dim, (size, name))
     t, f = bound["T"][0], bound["F"][0]
-    if f != 1 + 4 * (t - 1):
+    if f != 1 + TEMPORAL_FACTOR * (t - 1):
         raise SchemaError(
-            f"audio_states covers F={f} video frames but T={t} latent frames need F = 1 + 4(T-1) = {1 + 4 * (t - 1)}"
+            f"audio_states covers F={f} video frames but T={t} latent frames need F = 1 + {TEMPORAL_FACTOR}(T-1) = "
+            f"{1 + TEMPORAL_FACTOR * (t - 1)}"
         )
 
 
@@ -211,15 +215,6 @@ def read_manifest(directory) -> dict:
     return manifest
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def done_clips(directory) -> set[str]:
     """Clip ids fully written to the store at `directory` (empty if there is no store yet)."""
     if not os.path.exists(_manifest_path(directory)):
@@ -276,7 +271,7 @@ class StoreWriter:
         if os.path.exists(_manifest_path(self.directory)):
             return read_manifest(self.directory)
         manifest = {"format": FORMAT, "version": VERSION, "fields": None, "num_records": 0, "shards": [], "clips": {}}
-        _write_atomic(_manifest_path(self.directory), json.dumps(manifest).encode())
+        atomic.write_file(_manifest_path(self.directory), json.dumps(manifest).encode())
         return manifest
 
     @property
@@ -332,7 +327,7 @@ class StoreWriter:
         self._save_manifest()
 
     def _save_manifest(self) -> None:
-        _write_atomic(_manifest_path(self.directory), json.dumps(self._manifest, indent=1).encode())
+        atomic.write_file(_manifest_path(self.directory), json.dumps(self._manifest, indent=1).encode())
 
     def _check_open(self) -> None:
         if self._closed:

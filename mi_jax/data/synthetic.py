@@ -592,6 +592,21 @@ def render_clip(
     )
 
 
+def write_clips(out: str, clips: int, seconds: float, *, seed_start: int = 0, size: tuple[int, int] = (64, 64),
+                speakers: int = 1) -> list[str]:
+    """Renders `clips` clips of seeds `seed_start...` into `out/clip_<seed>` folders (`mi-jax
+    synth`); each seed's prompt is one of `TRAINING_PROMPTS` (the words
+    `prepare.text_vocabulary` lists). Returns the folders."""
+    os.makedirs(out, exist_ok=True)
+    folders = []
+    for seed in range(seed_start, seed_start + clips):
+        clip = render_clip(seed, seconds, size=size, prompt=TRAINING_PROMPTS[seed % len(TRAINING_PROMPTS)],
+                           speakers=speakers)
+        folders.append(os.path.join(out, f"clip_{seed:07d}"))
+        clip.save(folders[-1])
+    return folders
+
+
 # ----------------------------------------------------------------------------- measurement
 
 

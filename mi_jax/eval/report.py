@@ -13,33 +13,17 @@ import json
 import math
 import os
 import re
-import tempfile
 
 import numpy as np
 
+from mi_jax import atomic
 from mi_jax.eval.metrics import best_offset_correlation
-
-
-def _atomic_write(path: str, data: bytes) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a report is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def _save_figure(fig, path: str) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    return _atomic_write(os.fspath(path), buffer.getvalue())
+    return atomic.write_file(os.fspath(path), buffer.getvalue())
 
 
 def _figure(width: float, height: float):
@@ -282,5 +266,5 @@ def write_report(results: dict, out_dir: str | os.PathLike, *, min_lip_sync_frac
                       _fmt(gen["margins"][s]), _fmt(ref["margins"][s])] for s in range(2)]
         lines += _table(["video", "speaker", "own stream", "other stream", "margin", "renderer margin"], rows)
 
-    _atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1).encode())
-    return _atomic_write(os.path.join(out_dir, "report.md"), "\n".join(lines).encode())
+    atomic.write_file(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1).encode())
+    return atomic.write_file(os.path.join(out_dir, "report.md"), "\n".join(lines).encode())

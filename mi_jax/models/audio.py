@@ -27,15 +27,15 @@ from flax import linen as nn
 
 from mi_jax.models.dit_config import DiTConfig
 from mi_jax.nn.attention import attention
+from mi_jax.models.vae import TEMPORAL_FACTOR as VIDEO_FRAMES_PER_LATENT
 from mi_jax.nn.layers import Dense, LayerNorm, RMSNorm, layer_norm
-
-VIDEO_FRAMES_PER_LATENT = 4
 
 
 def num_latent_frames(num_video_frames: int) -> int:
     if num_video_frames < 1 or (num_video_frames - 1) % VIDEO_FRAMES_PER_LATENT:
         raise ValueError(
-            f"{num_video_frames} video frames: the causal VAE needs 1 + 4k frames (1, 5, 9, ...); "
+            f"{num_video_frames} video frames: the causal VAE needs 1 + {VIDEO_FRAMES_PER_LATENT}k frames "
+            f"(1, {1 + VIDEO_FRAMES_PER_LATENT}, {1 + 2 * VIDEO_FRAMES_PER_LATENT}, ...); "
             "cut or pad the audio/video to such a length"
         )
     return 1 + (num_video_frames - 1) // VIDEO_FRAMES_PER_LATENT

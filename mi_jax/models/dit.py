@@ -31,6 +31,7 @@ from flax import linen as nn
 
 from mi_jax.models.audio import AudioCrossAttention, AudioProjector, token_masks, tokens_per_token_frame
 from mi_jax.models.dit_config import DiTConfig
+from mi_jax.models.vae import TEMPORAL_FACTOR
 from mi_jax.nn.attention import attention
 from mi_jax.nn.layers import (
     Dense,
@@ -355,7 +356,7 @@ class DiT(nn.Module):
         if tokens.shape[2] != grid[0] * cfg.patch_size_t:
             raise ValueError(
                 f"audio_states cover {audio_states.shape[2]} video frames = {tokens.shape[2]} latent frames, "
-                f"but the latents have {grid[0] * cfg.patch_size_t}; align the audio to 1 + 4(T-1) video frames"
+                f"but the latents have {grid[0] * cfg.patch_size_t}; align the audio to 1 + {TEMPORAL_FACTOR}(T-1) video frames"
             )
         tokens = tokens_per_token_frame(tokens, cfg.patch_size_t)
         if audio_mask is None:
@@ -459,7 +460,7 @@ def example_inputs(config, batch: int = 1, frames: int | None = None, height: in
     if cfg.guidance_embeds:
         inputs["guidance"] = jnp.zeros((batch,), jnp.float32)
     if cfg.audio_blocks:
-        video_frames = 1 + 4 * (frames - 1)
+        video_frames = 1 + TEMPORAL_FACTOR * (frames - 1)
         inputs["audio_states"] = jnp.zeros(
             (batch, 1, video_frames, cfg.audio_feature_layers, cfg.audio_feature_dim), jnp.float32
         )

@@ -150,6 +150,10 @@ HUNYUAN_VIDEO_VAE = VAEConfig(
     temporal_compression_ratio=4,
     mid_block_add_attention=True,
 )
+# The compression the DiT's audio path, the data (face masks, stored windows) and the sampler are
+# built around: HunyuanVideo's VAE, 1 + 4k video frames -> 1 + k latents, 8x8 pixels -> 1 cell.
+TEMPORAL_FACTOR = HUNYUAN_VIDEO_VAE.temporal_factor
+SPATIAL_FACTOR = HUNYUAN_VIDEO_VAE.spatial_factor
 
 
 def _uniform(bound: float):

@@ -5,8 +5,8 @@ for every 2-D (or scan-stacked 3-D) `kernel` whose path matches a target regex; 
 at zero so the adapted model equals the base at step 0. The base tree is never copied into the
 optimiser state, so a generator and a critic (DMD2) can share one base. Two ways to run it:
 
-- `lora_apply(params, lora, scale)`: the merged tree `W + scale * a @ b` (`lora_merge` for
-  export and sampling). Inside a training step this materialises every adapted kernel at full
+- `lora_apply(params, lora, scale)`: the merged tree `W + scale * a @ b` (for export and
+  sampling; `merge_run` for a LoRA run's `{"base", "lora"}` tree). Inside a training step this materialises every adapted kernel at full
   size (and its gradient); with replicated factors the product `a @ b` is replicated too, so
   under FSDP each device holds whole-model temporaries. benchmarks/dmd2_memory.py, a DMD2 step
   on the 13B shapes against a fine-tuning step: 3.5x merged with replicated factors, 1.64x
@@ -74,7 +74,29 @@ def lora_apply(params: Mapping, lora: Mapping | None, scale: float = 1.0) -> dic
     return traverse_util.unflatten_dict(flat)
 
 
-lora_merge = lora_apply  # the same maths; named for export
+def is_lora_run(params) -> bool:
+    """A LoRA training run's parameter tree: `{"base": the frozen DiT, "lora": its factors}`."""
+    return isinstance(params, Mapping) and set(params) == {"base", "lora"}
+
+
+def merge_run(params, scale: float = 1.0):
+    """The DiT parameter tree of a run's `params`: a LoRA run's factors merged into its base
+    (for sampling and export), any other tree unchanged."""
+    return lora_apply(params["base"], params["lora"], scale) if is_lora_run(params) else params
+
+
+def lora_run_layout(abstract: Mapping, shardings: Mapping, rank: int) -> tuple[dict, dict]:
+    """`({"base", "lora"} shapes, their shardings)` of a LoRA run over the DiT `abstract`
+    (placed as `shardings`): the factors of `lora_init` (default targets), split like their
+    kernels (`lora_shardings`)."""
+    lora = jax.eval_shape(lambda p: lora_init(p, jax.random.key(0), rank), abstract)
+    return {"base": abstract, "lora": lora}, {"base": shardings, "lora": lora_shardings(lora, shardings)}
+
+
+def lora_trainable(patterns: Sequence[str]) -> list[str]:
+    """The trainable-parameter regexes of a LoRA run (`{"base", "lora"}`) from the stage's
+    `patterns`: the factors, and the stage's audio modules trained in full beside them."""
+    return [r"^lora/"] + [r"^base/" + p.lstrip("^") for p in patterns if "audio" in p]
 
 
 def lora_shardings(lora: Mapping, kernel_shardings: Mapping) -> dict:

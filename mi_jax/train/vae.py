@@ -43,6 +43,9 @@ import optax
 from flax import linen as nn
 from flax import serialization
 
+from mi_jax import atomic
+from mi_jax.convert.export import write_model
+from mi_jax.convert.vae import VAE_NAME_MAP, load_diffusers_vae
 from mi_jax.data import synthetic
 from mi_jax.models.vae import CausalVAE, Tiling, VAEConfig, VAEStream
 
@@ -111,8 +114,6 @@ def start_from(folder: str, vcfg: VAEConfig, fresh: dict) -> dict:
     outputs from the fresh init `fresh`, with a small posterior noise; the decoder's weights on
     them zero, pass-through 1x1 quant convs), and training teaches the new channels what the
     old ones dropped."""
-    from mi_jax.convert.vae import load_diffusers_vae
-
     old_cfg, old = load_diffusers_vae(folder)
     c, n = old_cfg.latent_channels, vcfg.latent_channels
     arch = lambda cfg, **kw: {k: v for k, v in dict(cfg.to_diffusers(), **kw).items() if k != "scaling_factor"}  # noqa: E731
@@ -251,27 +252,16 @@ def _resume(work_dir: str, state: dict, record: dict, log) -> dict:
 def _checkpoint(work_dir: str, state: dict, record: dict, metrics: dict) -> None:
     """state.msgpack, then record.json, each written to a temp name and renamed (a kill between
     the two leaves the previous step's record: same settings, so the state still resumes)."""
-    from mi_jax.data.store import _write_atomic
-
-    os.makedirs(work_dir, exist_ok=True)
     rec = dict(record, last_metrics=metrics, step=int(state["step"]))
-    _write_atomic(os.path.join(work_dir, "state.msgpack"), serialization.to_bytes(state))
-    _write_atomic(os.path.join(work_dir, "record.json"), json.dumps(rec).encode())
+    atomic.write_file(os.path.join(work_dir, "state.msgpack"), serialization.to_bytes(state))
+    atomic.write_file(os.path.join(work_dir, "record.json"), json.dumps(rec).encode())
 
 
 def _write_vae(out_dir: str, params, diffusers_cfg: dict, metrics: dict) -> None:
-    """A diffusers VAE folder (config.json + safetensors + training.json) written under a temp
-    name, then renamed over `out_dir`: no partial folder is ever left at `out_dir`."""
-    from mi_jax.convert.export import write_model
-    from mi_jax.convert.vae import VAE_NAME_MAP
-
-    tmp = out_dir.rstrip("/") + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    write_model(tmp, params, VAE_NAME_MAP, diffusers_cfg, weights_name="diffusion_pytorch_model",
-                dtype=np.float32, max_shard_size="1GB")
-    with open(os.path.join(tmp, "training.json"), "w") as f:
-        json.dump(metrics, f)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    """A diffusers VAE folder (config.json + safetensors + training.json), written whole or not
+    at all (`atomic.folder`)."""
+    with atomic.folder(out_dir) as tmp:
+        write_model(tmp, params, VAE_NAME_MAP, diffusers_cfg, weights_name="diffusion_pytorch_model",
+                    dtype=np.float32, max_shard_size="1GB")
+        with open(os.path.join(tmp, "training.json"), "w") as f:
+            json.dump(metrics, f)
