@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import CONFIGS
+from conftest import CONFIGS, max_abs
 from mi_jax.config_utils import load_config
+from mi_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,3 +131,24 @@ def test_a_pretrained_vae_widened_to_more_latent_channels_decodes_as_before():
 
     with pytest.raises(ValueError, match="another architecture"):
         start_from(base, VAEConfig(**dict(cfg.prepare.vae_random.to_dict(), block_out_channels=(8, 8, 8, 16))), fresh)
+
+
+def test_train_vae_reconstructs_through_the_stream_that_prepare_and_generation_use():
+    """With the demo's 5-frame tiles, the VAE trainer's reconstruction (`round_trip`, zero noise)
+    is the encoders' `VAEStream` encode + decode of the clip (what prepare stores and generation
+    decodes), not the single pass over the clip."""
+    from mi_jax.data.prepare import Encoders
+    from mi_jax.train.vae import round_trip
+
+    config = load_config(os.path.join(CONFIGS, "magicinfinite.py:demo,stage1"))
+    assert config.prepare.vae_tiling.tile_sample_min_num_frames == 4
+    enc = Encoders(config)
+    stream, params = enc.vae_stream, enc.vae_params
+    clip = synthetic.render_clip(3, 0.7, size=(64, 64))
+    x = jnp.asarray(clip.frames[:13], jnp.float32)[None] / 127.5 - 1.0
+    mean, _ = stream.encode(params, x)
+    y, _, _ = round_trip(stream, params, x, jnp.array([False]), jnp.zeros_like(mean))
+    assert max_abs(y, stream.decode(params, mean)) <= 1e-6
+    vae = stream.vae
+    single = vae.apply({"params": params}, vae.apply({"params": params}, x, method="encode")[0], method="decode")
+    assert max_abs(y, single) > 1e-3

@@ -140,7 +140,7 @@ class Encoders:
         from flax import linen as nn
 
         from mi_jax.convert.vae import load_diffusers_vae
-        from mi_jax.models.vae import CausalVAE, VAEConfig, VAEStream
+        from mi_jax.models.vae import CausalVAE, Tiling, VAEConfig, VAEStream
 
         spec = self.cfg.vae
         if spec.startswith("random"):
@@ -157,8 +157,8 @@ class Encoders:
                              f"{self.model.out_channels}")
         self.vae_config, self.vae_params = vcfg, params
         # the one VAE regime: prepare encodes and generation decodes through the same `VAEStream`
-        # (diffusers' temporal tiles), the lengths `mi-jax train-vae` trains the VAE at
-        self.vae_stream = VAEStream(model)
+        # (diffusers' temporal tiles, `prepare.vae_tiling`), the one `mi-jax train-vae` trains through
+        self.vae_stream = VAEStream(model, Tiling(**dict(self.cfg.get("vae_tiling") or {})))
 
     def encode_video(self, frames: np.ndarray) -> np.ndarray:
         """uint8 `[1 + 4k, H, W, 3]` -> scaled latent means `[1 + k, h, w, C]`: the whole clip

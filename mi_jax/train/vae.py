@@ -31,6 +31,7 @@ of whole-clip `VAEStream` encodes, as `prepare` stores them).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -144,18 +145,32 @@ def start_from(folder: str, vcfg: VAEConfig, fresh: dict) -> dict:
     return jax.tree.map(jnp.asarray, out)
 
 
-def make_vae_step(model: CausalVAE, tx, beta: float):
-    """`step(params, opt, video, weight, portrait, key) -> (params, opt, metrics)`, jitted."""
+def round_trip(stream: VAEStream, p, x, portrait, noise):
+    """video [B, T, H, W, 3] -> (reconstruction, mean, logvar) through `stream`, the `VAEStream`
+    that `prepare` encodes and generation decodes with (its temporal tiles; a clip shorter than
+    a tile is one pass). `portrait` [B] bool: latent 0 is the first frame encoded alone, as
+    generation encodes a portrait. `noise` (like the latents) scales the posterior sample."""
+    model = stream.vae
+    mean, logvar = stream.encode(p, x)
+    m1, lv1 = model.apply({"params": p}, x[:, :1], method="encode")
+    first = portrait[:, None, None, None, None]
+    mean = jnp.concatenate([jnp.where(first, m1, mean[:, :1]), mean[:, 1:]], axis=1)
+    logvar = jnp.concatenate([jnp.where(first, lv1, logvar[:, :1]), logvar[:, 1:]], axis=1)
+    z = mean + jnp.exp(0.5 * logvar) * noise
+    return stream.decode(p, z), mean, logvar
+
+
+def make_vae_step(model: CausalVAE, tx, beta: float, tiling: Tiling = Tiling()):
+    """`step(params, opt, video, weight, portrait, key) -> (params, opt, metrics)`, jitted: the
+    weighted L1 of `round_trip` through the `VAEStream` of `tiling`."""
+    stream = VAEStream(model, tiling)
 
     def loss_fn(p, x, w, portrait, key):
-        mean, logvar = model.apply({"params": p}, x, method="encode")
-        # the portrait regime: latent 0 from the first frame encoded alone (GroupNorm over 1 frame)
-        m1, lv1 = model.apply({"params": p}, x[:, :1], method="encode")
-        first = portrait[:, None, None, None, None]
-        mean = jnp.concatenate([jnp.where(first, m1, mean[:, :1]), mean[:, 1:]], axis=1)
-        logvar = jnp.concatenate([jnp.where(first, lv1, logvar[:, :1]), logvar[:, 1:]], axis=1)
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-        err = jnp.abs(model.apply({"params": p}, z, method="decode") - x)
+        shape = (x.shape[0], (x.shape[1] - 1) // model.config.temporal_factor + 1,
+                 x.shape[2] // model.config.spatial_factor, x.shape[3] // model.config.spatial_factor,
+                 model.config.latent_channels)
+        y, mean, logvar = round_trip(stream, p, x, portrait, jax.random.normal(key, shape))
+        err = jnp.abs(y - x)
         kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
         weighted = (err * w).sum() / (w.sum() * x.shape[-1])
         return weighted + beta * kl, {"weighted_l1": weighted, "l1": err.mean(), "kl": kl}
@@ -182,7 +197,8 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
     vcfg = VAEConfig(**config.prepare.vae_random.to_dict())
     model = CausalVAE(vcfg)
     size = (int(config.prepare.height), int(config.prepare.width))
-    lengths = tuple(t["lengths"]) or vae_regime_lengths(vcfg)
+    tiling = Tiling(**dict(config.prepare.get("vae_tiling") or {}))
+    lengths = tuple(t["lengths"]) or vae_regime_lengths(vcfg, tiling)
     work_dir = work_dir or out_dir.rstrip("/") + ".train"
     steps, seed = int(t["steps"]), int(t["seed"])
     pool = ClipPool(seed, size, clips=int(t["clips"]), lengths=lengths, tile_fraction=float(t["tile_fraction"]),
@@ -197,9 +213,9 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
                      optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, warmup, max(steps, 2 * warmup), lr * 0.05)))
     state = {"params": params, "opt": tx.init(params), "step": 0, "seconds": 0.0}
     record = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in t.items()},
-              "lengths": list(lengths), "vae": vcfg.to_diffusers(), "size": list(size)}
+              "lengths": list(lengths), "tiling": dataclasses.asdict(tiling), "vae": vcfg.to_diffusers(), "size": list(size)}
     state = _resume(work_dir, state, record, log)
-    step = make_vae_step(model, tx, float(t["beta"]))
+    step = make_vae_step(model, tx, float(t["beta"]), tiling)
     every, batch = int(t["checkpoint_every"]), int(t["batch"])
     t0, start, metrics, before = time.time(), state["step"], {}, float(state["seconds"])  # earlier runs' time
     params, opt = state["params"], state["opt"]
@@ -218,7 +234,7 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
     if start >= steps:
         metrics = record.get("last_metrics", {})
     # scaling factor: unit-variance latents as `prepare` stores them (whole-clip VAEStream encodes)
-    stream = VAEStream(model)
+    stream = VAEStream(model, tiling)
     means = [np.asarray(stream.encode(params, jnp.asarray(c.frames[None, : 1 + 4 * 12], jnp.float32) / 127.5 - 1)[0])
              for c in pool.clips[:16]]
     scaling = float(1.0 / np.concatenate([m.ravel() for m in means]).std())
@@ -238,8 +254,8 @@ def _resume(work_dir: str, state: dict, record: dict, log) -> dict:
         return state
     with open(os.path.join(work_dir, "record.json")) as f:
         saved = json.load(f)
-    if {k: saved.get(k) for k in ("settings", "lengths", "vae", "size")} != {
-            k: json.loads(json.dumps(record[k])) for k in ("settings", "lengths", "vae", "size")}:
+    keys = ("settings", "lengths", "tiling", "vae", "size")
+    if {k: saved.get(k) for k in keys} != {k: json.loads(json.dumps(record[k])) for k in keys}:
         raise ValueError(f"{work_dir} holds a VAE run with other settings; remove it to start over "
                          f"(saved {saved.get('settings')}, asked {record['settings']})")
     with open(path, "rb") as f:
