@@ -302,7 +302,7 @@ class Pipeline:
         windows = None
         if self.model_config.audio_blocks:
             mask = np.asarray(mask_lat, np.float32)[None, :, None]  # [1, S, 1, h, w]
-            cond["audio_mask"] = np.ascontiguousarray(np.broadcast_to(mask, (1, len(tracks), scfg.window,
+            cond["speaker_masks"] = np.ascontiguousarray(np.broadcast_to(mask, (1, len(tracks), scfg.window,
                                                                              *mask_lat.shape[1:])))
             windows = _AudioWindows(self.enc, tracks, scfg, frames, float(p.fps))
         weights = controls.rest_weights(inp.active, scfg.generated_latents(num_windows))  # [S, 1 + L]

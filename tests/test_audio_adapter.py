@@ -14,7 +14,6 @@ from mi_jax.models import DiT, DiTConfig
 from mi_jax.models.audio import (
     AudioCrossAttention,
     AudioProjector,
-    align_to_video_frames,
     num_latent_frames,
 )
 
@@ -181,12 +180,3 @@ def test_audio_input_errors():
             jax.eval_shape(lambda p, kw: model.apply(p, **kw), params, {**inputs, **change})
     with pytest.raises(ValueError, match="audio_blocks"):
         DiTConfig(**TINY, audio_blocks=3)
-
-
-def test_align_to_video_frames_interpolates_linearly():
-    feats = np.arange(6, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
-    out = align_to_video_frames(feats, 11)
-    assert out.shape == (11, 2)
-    np.testing.assert_allclose(out[:, 0], np.linspace(0, 5, 11), atol=1e-6)
-    with pytest.raises(ValueError, match="empty"):
-        align_to_video_frames(np.zeros((0, 2)), 5)

@@ -141,8 +141,6 @@ def make_window_fn(model_config: DiTConfig, cfg: SamplerConfig):
         pos = jnp.arange(w)
         known_mask = ((pos >= 1) & (pos < 1 + o) & (k > 0))[None, :, None, None, None]
         known_noise = jax.random.normal(k_known, shape, jnp.float32)
-        if "audio_mask" in cond:  # pipeline.py's old name for speaker_masks, until it passes that name
-            cond = {("speaker_masks" if n == "audio_mask" else n): v for n, v in cond.items()}
         cond = dict(cond) if audio is None else dict(cond, audio_states=audio)
 
         ref = jnp.broadcast_to(cond["ref_latent"].astype(jnp.float32), shape)

@@ -4,7 +4,7 @@ masked audio cross-attention in the DiT's final blocks.
 Shapes (S = speakers, F = video frames = 1 + 4(K - 1), K = latent frames):
 
     audio_states [B, S, F, n_layers, C]     Wav2Vec2 hidden states of the chosen layers,
-                                            aligned to video frames (`align_to_video_frames`)
+                                            at video frames (`data.prepare.Encoders.audio_at_frames`)
     AudioProjector -> tokens [B, S, K, M, audio_token_dim]
     AudioCrossAttention: video token at latent frame k attends to the M tokens of frame k of
     each speaker; speaker s's result is kept only inside its mask, then summed.
@@ -39,20 +39,6 @@ def num_latent_frames(num_video_frames: int) -> int:
             "cut or pad the audio/video to such a length"
         )
     return 1 + (num_video_frames - 1) // VIDEO_FRAMES_PER_LATENT
-
-
-def align_to_video_frames(features: np.ndarray, num_video_frames: int) -> np.ndarray:
-    """Linear interpolation along time of Wav2Vec2 features `[Na, ...]` (50 Hz at 16 kHz) to
-    `[num_video_frames, ...]`, so that frame f's feature sits at f's timestamp."""
-    features = np.asarray(features, np.float32)
-    na = features.shape[0]
-    if na == 0:
-        raise ValueError("no audio features to align (empty audio?)")
-    src = np.linspace(0.0, na - 1, num_video_frames)
-    lo = np.floor(src).astype(int)
-    hi = np.minimum(lo + 1, na - 1)
-    w = (src - lo).reshape(-1, *([1] * (features.ndim - 1)))
-    return (features[lo] * (1 - w) + features[hi] * w).astype(np.float32)
 
 
 def frame_windows(num_frames: int, radius: int) -> np.ndarray:
