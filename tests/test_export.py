@@ -168,7 +168,7 @@ def _no_partial_output(parent, before):
 
 
 def test_import_report_and_training_compatible_layout(imported, loaded, sources):
-    from mi_jax.train.checkpoints import load_run_params
+    from mi_jax.convert.checkpoint import load_run_params
 
     out, report = imported
     assert report["dit"]["new"]["modules"] == [

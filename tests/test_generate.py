@@ -80,7 +80,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(tiny_run, inputs, tmp_path, c
 
 def test_fixable_inputs_are_converted_with_a_notice(tiny_run, inputs, tmp_path):
     from mi_jax.pipeline import check_inputs
-    from mi_jax.train.checkpoints import load_run_config
+    from mi_jax.convert.checkpoint import load_run_config
 
     config = load_run_config(tiny_run)
     cases, rgba = _bad_cases(inputs, tmp_path)

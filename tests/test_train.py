@@ -98,7 +98,8 @@ def test_lora_stage_runs_on_activations_with_factors_split_like_their_kernels(ti
     from flax import traverse_util
 
     from mi_jax.train.data import TrainData
-    from mi_jax.train.pretrain import make_loss_fn, model_params
+    from mi_jax.nn.lora import merge_run
+    from mi_jax.train.pretrain import make_loss_fn
 
     cfg = load_config(CONFIG, [f"data.store={tiny_store!r}", "mesh='fsdp=2'", "init.lora_rank=2"])
     mesh = make_mesh("fsdp=2", devices=jax.devices()[:2])
@@ -113,7 +114,7 @@ def test_lora_stage_runs_on_activations_with_factors_split_like_their_kernels(ti
     lora = jax.tree.map(lambda x: x + 0.2, params["lora"])  # b starts at 0: make the adapter act clearly
     batch, rng, loss_fn = next(iter(data)), jax.random.key(0), jax.jit(make_loss_fn(cfg))
     on_activations = float(loss_fn({"base": params["base"], "lora": lora}, batch, rng)[0])
-    merged = float(loss_fn(model_params({"base": params["base"], "lora": lora}), batch, rng)[0])
+    merged = float(loss_fn(merge_run({"base": params["base"], "lora": lora}), batch, rng)[0])
     base = float(loss_fn(params["base"], batch, rng)[0])
     assert abs(on_activations - merged) <= 1e-5 * abs(merged) and abs(merged - base) > 1e-3 * abs(base)
 
@@ -134,7 +135,7 @@ def _train_cmd(store, workdir, *overrides):
 
 
 def _final_params(workdir):
-    from mi_jax.train.checkpoints import latest_checkpoint
+    from mi_jax.convert.checkpoint import latest_checkpoint
 
     import orbax.checkpoint as ocp
 

@@ -32,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from mi_jax import atomic
 from mi_jax.data import faces as faces_lib
 from mi_jax.data.store import StoreWriter, done_clips
+from mi_jax.models.vae import SPATIAL_FACTOR, TEMPORAL_FACTOR
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv")
 
@@ -273,7 +275,7 @@ def windows(clip: RawClip, enc: Encoders, cfg) -> Iterator[dict]:
     """The training windows of one decoded clip."""
     n = len(clip.frames)
     t = cfg.latent_frames
-    f = 1 + 4 * (t - 1)
+    f = 1 + TEMPORAL_FACTOR * (t - 1)
     count = (n - 1) // (f - 1)
     if count < 1:
         raise ClipError(f"{n} frames at {cfg.fps} fps is shorter than one window of {f} frames "
@@ -298,8 +300,8 @@ def windows(clip: RawClip, enc: Encoders, cfg) -> Iterator[dict]:
     # one encode of the whole clip, windows cut from it: window k's latents are the clip's latents
     # k (T - 1) .. k (T - 1) + T - 1, what generation's stream of latents holds at those frames
     # (latent j > 0 codes frames 4j - 3 .. 4j; latent 0 of a window is replaced by the portrait)
-    clip_latents = enc.encode_video(clip.frames[: 1 + 4 * ((t - 1) * count)])
-    h, w = cfg.height // 8, cfg.width // 8
+    clip_latents = enc.encode_video(clip.frames[: 1 + TEMPORAL_FACTOR * ((t - 1) * count)])
+    h, w = cfg.height // SPATIAL_FACTOR, cfg.width // SPATIAL_FACTOR
     for k in range(count):
         s0 = k * (f - 1)
         masks = faces_lib.masks_from_boxes(boxes[s0 : s0 + f], f, cfg.height, cfg.width, margin=cfg.face_margin)
@@ -369,8 +371,4 @@ def prepare(config, clips_dir: str, out_dir: str, *, progress: bool = True) -> d
 
 
 def _write_report(out_dir: str, report: dict) -> None:
-    path = os.path.join(out_dir, "prepare_report.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    atomic.write_file(os.path.join(out_dir, "prepare_report.json"), json.dumps(report, indent=1).encode())

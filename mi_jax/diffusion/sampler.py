@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,8 +38,9 @@ from mi_jax.diffusion.flow import euler_step, interpolate, predict_x0, sampling_
 from mi_jax.diffusion.guidance import GuidanceSchedule, guided_velocity
 from mi_jax.models.dit import DiT
 from mi_jax.models.dit_config import DiTConfig
+from mi_jax.models.vae import TEMPORAL_FACTOR
 
-FRAMES_PER_LATENT = 4
+FRAMES_PER_LATENT = TEMPORAL_FACTOR  # video frames per latent after the first (the causal VAE's)
 
 
 @dataclasses.dataclass(frozen=True)

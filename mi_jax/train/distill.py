@@ -83,22 +83,6 @@ def to_dmd2_batch(batch: dict) -> dict:
     return {"x0": batch["latents"].astype(jnp.float32), "cond": conditions(batch)}
 
 
-def load_student(run_dir: str, config):
-    """The distilled generator's parameter tree (base + its LoRA, merged) of a distill run."""
-    from flax import linen as nn
-
-    from mi_jax.convert.hunyuan import abstract_dit_params
-    from mi_jax.train.checkpoints import load_run_tree
-
-    cfg = dmd2_config(config)
-    base = nn.unbox(abstract_dit_params(DiTConfig.coerce(config.model)))
-    adapter = jax.eval_shape(lambda b: dmd2.adapter_init(b, jax.random.key(0), cfg), base)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"base": base, "gen": {"params": adapter}}
-    tree = load_run_tree(run_dir, target, jax.tree.map(lambda _: device, target))
-    return dmd2.merged(tree["base"], tree["gen"]["params"], cfg)
-
-
 def make_distill_job(config, data, mesh=None, *, rules=None, need_teacher: bool = True):
     """The loop's Job for DMD2 distillation of the teacher at `config.init.checkpoint`.
     `need_teacher=False` (`mi-jax plan`): no teacher is named; everything but `init_state` works
@@ -109,7 +93,7 @@ def make_distill_job(config, data, mesh=None, *, rules=None, need_teacher: bool 
     from mi_jax.data.loader import batch_sharding
     from mi_jax.nn.lora import lora_shardings
     from mi_jax.parallel.mesh import DEFAULT_RULES, logical_shardings, make_mesh
-    from mi_jax.train.checkpoints import load_run_params
+    from mi_jax.convert.checkpoint import load_run_params
     from mi_jax.train.loop import Job
     from mi_jax.train.state import make_optimizer, state_shardings, trainable_labels
 

@@ -21,19 +21,9 @@ import jax.numpy as jnp
 from mi_jax.diffusion.conditions import conditions, dit_inputs, random_drop
 from mi_jax.diffusion.flow import interpolate, sample_time, velocity_target
 from mi_jax.models.dit import DiT
-from mi_jax.nn.lora import activation_lora, lora_apply, lora_params
+from mi_jax.nn.lora import activation_lora, is_lora_run, lora_params, lora_run_layout, lora_trainable
 from mi_jax.train.losses import LossWeights, flow_matching_loss
 from mi_jax.train.state import TrainState, freeze, guarded_update
-
-
-def _is_lora(params) -> bool:
-    return isinstance(params, dict) and set(params) == {"base", "lora"}
-
-
-def model_params(params):
-    """The DiT parameter tree: LoRA factors (when training LoRA) merged into the frozen base
-    (for sampling and export; the train step keeps them apart, see `step_params`)."""
-    return lora_apply(params["base"], params["lora"], 1.0) if _is_lora(params) else params
 
 
 def step_params(params):
@@ -42,7 +32,7 @@ def step_params(params):
     adapted kernel (nor its gradient) is formed at full size inside the step, and the factors
     keep their kernels' sharding (`lora_shardings`). Merging there cost 1.64x a fine-tuning
     step's memory on the 13B shapes, 3.5x with replicated factors (benchmarks/dmd2_memory.py)."""
-    return lora_params(params["base"], params["lora"], 1.0) if _is_lora(params) else params
+    return lora_params(params["base"], params["lora"], 1.0) if is_lora_run(params) else params
 
 
 def sample_keys(rng, batch) -> jax.Array:
@@ -137,7 +127,7 @@ def initial_params(config, mesh, param_shardings, abstract_params):
     from mi_jax.models.dit import example_inputs
     from mi_jax.models.dit_config import DIFFUSERS_FIELDS, DiTConfig
     from mi_jax.parallel.mesh import with_rules
-    from mi_jax.train.checkpoints import load_run_params
+    from mi_jax.convert.checkpoint import load_run_params
 
     mcfg = DiTConfig.coerce(config.model)
     init = config.init
@@ -168,7 +158,7 @@ def make_job(config, data, mesh=None):
     from mi_jax.data.loader import batch_sharding
     from mi_jax.models.dit import example_inputs
     from mi_jax.models.dit_config import DiTConfig
-    from mi_jax.nn.lora import lora_init, lora_shardings
+    from mi_jax.nn.lora import lora_init
     from mi_jax.parallel.mesh import logical_shardings, make_mesh
     from mi_jax.train.loop import Job
     from mi_jax.train.state import init_state, make_optimizer, state_shardings, trainable_labels
@@ -189,10 +179,8 @@ def make_job(config, data, mesh=None):
 
     # labels from shapes only (no allocation); with LoRA the factors and the audio modules train
     if rank:
-        lora_shape = jax.eval_shape(lambda p: lora_init(p, jax.random.key(0), rank), abstract_params)
-        abstract_all = {"base": abstract_params, "lora": lora_shape}
-        patterns = [r"^lora/"] + [r"^base/" + p.lstrip("^") for p in config.stage.trainable if "audio" in p]
-        all_param_sh = {"base": param_sh, "lora": lora_shardings(lora_shape, param_sh)}  # split like their kernels
+        abstract_all, all_param_sh = lora_run_layout(abstract_params, param_sh, rank)  # factors split like kernels
+        patterns = lora_trainable(config.stage.trainable)
     else:
         abstract_all, patterns, all_param_sh = abstract_params, list(config.stage.trainable), param_sh
     labels = trainable_labels(abstract_all, patterns)
