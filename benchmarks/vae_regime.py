@@ -1,11 +1,12 @@
 """The VAE alone, through the pipeline's own path, on held-out ground-truth clips.
 
-    python benchmarks/vae_regime.py [--vae demo/vae] [--clips 6] [--seconds 4]
+    python benchmarks/vae_regime.py [--vae demo/vae] [--clips 6] [--seconds 4] [--variant demo]
 
 Per held-out synthetic clip (seeds from 1,000,000, never trained on): the portrait (frame 0)
 and the whole clip are encoded as `prepare` encodes them (`Encoders.encode_video`: one
 `VAEStream` pass), the latents [portrait, clip latents 1..] are decoded by the pipeline's
-streaming decoder (`_FrameDecoder`, the tiles generation decodes with), and the frames are
+streaming decoder (`_FrameDecoder`, the tiles generation decodes with: the config variant's
+`prepare.vae_tiling`), and the frames are
 scored against the renderer's own frames of the same clip:
 
 * lip sync: Pearson correlation of the voice envelope with the mouth opening measured from
@@ -39,19 +40,22 @@ def main(argv=None) -> int:
     ap.add_argument("--clips", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--json", default="", help="also write the figures here")
+    ap.add_argument("--variant", default="demo", help="configs/magicinfinite.py variant whose prepare.vae_tiling "
+                    "the pipeline path uses (demo: 5-frame tiles; tiny: diffusers' 17)")
     args = ap.parse_args(argv)
-    print(json.dumps(measure(args.vae, args.clips, args.seconds, args.json), indent=1))
+    print(json.dumps(measure(args.vae, args.clips, args.seconds, args.json, args.variant), indent=1))
     return 0
 
 
-def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "") -> dict:
+def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "", variant: str = "demo") -> dict:
     from mi_jax.config_utils import load_config
     from mi_jax.data import synthetic
     from mi_jax.data.prepare import Encoders
     from mi_jax.eval.metrics import best_offset_correlation, eye_detail
     from mi_jax.pipeline import _to_uint8, vae_round_trip
 
-    cfg = load_config(os.path.join(ROOT, "configs", "magicinfinite.py:tiny,stage1"), [f"prepare.vae={vae!r}"])
+    # the demo config: its VAE tiling (prepare.vae_tiling) is the stream the pipeline runs
+    cfg = load_config(os.path.join(ROOT, "configs", f"magicinfinite.py:{variant},stage1"), [f"prepare.vae={vae!r}"])
     cfg.model.in_channels = cfg.model.out_channels = _latent_channels(vae)
     enc = Encoders(cfg)
     vae_model, params = enc.vae_stream.vae, enc.vae_params
