@@ -42,8 +42,13 @@ import os
 import sys
 import time
 
+import jax
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from mi_jax.config_utils import load_config, parse_args  # noqa: E402
+from mi_jax.parallel import plan  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "magicinfinite.py") + ":full,distill"
 DEFAULT_OVERRIDES = ["data.global_batch=8", "prepare.latent_frames=9"]
@@ -52,8 +57,6 @@ DEFAULT_OVERRIDES = ["data.global_batch=8", "prepare.latent_frames=9"]
 def measure(config, mesh: str, log=print, merged: bool = False) -> dict:
     """{name: plan entry} for the train step, the DMD2 step with LoRA and with full copies (and,
     with `merged`, with LoRA merged into the kernels inside the step)."""
-    from mi_jax.parallel import plan
-
     lora = plan.plan(config, mesh, steps=("train", "distill"), suggest=False, log=log)["steps"]
     full = copy.deepcopy(config)
     full.distill.lora_rank = 0
@@ -91,19 +94,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", default="fsdp=8")
     ap.add_argument("--merged", action="store_true",
                     help="also the DMD2 step with LoRA merged into full kernels (distill.lora_activations=False)")
-    args, rest = ap.parse_known_args(argv)
-    overrides = [r[len("--config."):] for r in rest if r.startswith("--config.")]
-    if len(overrides) != len(rest):
-        ap.error(f"unrecognised arguments: {[r for r in rest if not r.startswith('--config.')]}")
-    import jax
-
-    from mi_jax.parallel import plan
-
+    args, overrides = parse_args(ap, argv)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         jax.config.update("jax_platforms", "cpu")  # as `mi-jax plan`: forced host devices, nothing allocated
         jax.config.update("jax_num_cpu_devices", plan._named_devices(args.mesh) or 8)
-    from mi_jax.config_utils import load_config
-
     config = load_config(args.config, (DEFAULT_OVERRIDES if args.config == DEFAULT_CONFIG else []) + overrides)
     t0 = time.time()
     rows = measure(config, args.mesh, log=lambda s: print(s, flush=True), merged=args.merged)

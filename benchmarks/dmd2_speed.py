@@ -38,17 +38,26 @@ import statistics
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from mi_jax.config_utils import load_config, parse_args  # noqa: E402
+from mi_jax.diffusion.conditions import dit_inputs  # noqa: E402
+from mi_jax.diffusion.flow import euler_step, sampling_times  # noqa: E402
+from mi_jax.diffusion.guidance import GuidanceSchedule, combine, drop_for_branch  # noqa: E402
+from mi_jax.diffusion.sampler import SamplerConfig, initial_carry, make_window_fn  # noqa: E402
+from mi_jax.models.dit import DiT, example_inputs  # noqa: E402
+from mi_jax.models.dit_config import DiTConfig  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "magicinfinite.py") + ":tiny,distill"
 
 
 def window_inputs(config, mcfg, seed: int = 0):
     """Random conditions `(cond, audio)` of one window for batch 1, shaped as the pipeline's."""
-    import jax
-    import jax.numpy as jnp
-
     p, s = config.prepare, config.sample
     h, w = p.height // 8, p.width // 8
     keys = jax.random.split(jax.random.key(seed), 4)
@@ -67,9 +76,6 @@ def window_inputs(config, mcfg, seed: int = 0):
 
 def samplers(config, base_steps: int):
     """{name: (SamplerConfig, NFE per sample, branches per call)} of the base and distilled samplers."""
-    from mi_jax.diffusion.guidance import GuidanceSchedule
-    from mi_jax.diffusion.sampler import SamplerConfig
-
     s, d = config.sample, config.distill
     cfg_guidance = GuidanceSchedule(text=d.teacher_cfg_text, audio=d.teacher_cfg_audio)
     # the time shift moves the grid, not the cost: both samplers take the distill config's
@@ -88,14 +94,6 @@ def sequential_window_fn(mcfg, scfg):
     """The base window (window 0: no motion latents carried) with the CFG branches as separate
     DiT calls of batch 1: the maths of `make_window_fn`'s batched velocity and Euler steps, with
     its noise, in three passes per step instead of one (`measure` checks the outputs agree)."""
-    import jax
-    import jax.numpy as jnp
-
-    from mi_jax.diffusion.conditions import dit_inputs
-    from mi_jax.diffusion.flow import euler_step, sampling_times
-    from mi_jax.diffusion.guidance import combine, drop_for_branch
-    from mi_jax.models.dit import DiT
-
     model, branches = DiT(mcfg), scfg.guidance.branches
     times = sampling_times(scfg.steps, scfg.shift)
 
@@ -120,14 +118,6 @@ def sequential_window_fn(mcfg, scfg):
 
 def measure(config, *, base_steps: int = 50, repeats: int = 5, sequential: bool = True, log=print) -> dict:
     """{name: {"nfe", "seconds" (median), "all" (every repeat), "compile_s"}} for each sampler."""
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    from mi_jax.diffusion.sampler import initial_carry, make_window_fn
-    from mi_jax.models.dit import DiT, example_inputs
-    from mi_jax.models.dit_config import DiTConfig
-
     mcfg = DiTConfig.coerce(config.model)
     params = jax.jit(lambda k: nn.unbox(DiT(mcfg).init(k, **example_inputs(mcfg)))["params"])(jax.random.key(0))
     cond, audio = window_inputs(config, mcfg)
@@ -158,8 +148,6 @@ def measure(config, *, base_steps: int = 50, repeats: int = 5, sequential: bool 
 
 
 def report(rows: dict, config) -> str:
-    import jax
-
     m, p, s = config.model, config.prepare, config.sample
     d = rows["distilled"]
     lines = [f"device {jax.devices()[0].device_kind}; model {m.num_layers} dual + {m.num_single_layers} single "
@@ -184,12 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base-steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-sequential", action="store_true", help="skip the unbatched-CFG base sampler")
-    args, rest = ap.parse_known_args(argv)
-    overrides = [r[len("--config."):] for r in rest if r.startswith("--config.")]
-    if len(overrides) != len(rest):
-        ap.error(f"unrecognised arguments: {[r for r in rest if not r.startswith('--config.')]}")
-    from mi_jax.config_utils import load_config
-
+    args, overrides = parse_args(ap, argv)
     config = load_config(args.config, overrides)
     if "distill" not in config:
         ap.error(f"{args.config}: not a distill config (use e.g. configs/magicinfinite.py:tiny,distill)")

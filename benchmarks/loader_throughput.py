@@ -32,7 +32,8 @@ from mi_jax.config_utils import load_config  # noqa: E402
 from mi_jax.data.loader import Loader, LoaderConfig, to_global  # noqa: E402
 from mi_jax.data.store import StoreWriter  # noqa: E402
 from mi_jax.diffusion import flow  # noqa: E402
-from mi_jax.models import DiT, DiTConfig, image_condition_input  # noqa: E402
+from mi_jax.diffusion.conditions import conditions, dit_inputs  # noqa: E402
+from mi_jax.models import DiT, DiTConfig  # noqa: E402
 from mi_jax.parallel.mesh import make_mesh  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "hunyuan_video_i2v.py")
@@ -72,17 +73,7 @@ def make_train_step(cfg: DiTConfig):
         t = flow.sample_time(t_rng, b)
         noise = jax.random.normal(n_rng, batch["latents"].shape)
         x_t = flow.interpolate(batch["latents"], noise, t)
-        v = model.apply(
-            {"params": params},
-            image_condition_input(x_t, batch["ref_latent"], cfg.image_condition_type),
-            t * flow.TIMESTEP_SCALE,
-            batch["text_embeds"].astype(jnp.float32),
-            batch["text_mask"],
-            batch["pooled"],
-            guidance=jnp.full((b,), 6000.0),
-            audio_states=batch["audio_states"].astype(jnp.float32)[:, None],
-            audio_mask=batch["speaker_masks"],
-        )
+        v = model.apply({"params": params}, **dit_inputs(cfg, x_t, t, conditions(batch), guidance=6.0))
         return jnp.mean((v - flow.velocity_target(batch["latents"], noise)) ** 2)
 
     @jax.jit
@@ -133,13 +124,9 @@ def main() -> None:
             loader_rate = args.batches * args.batch / timed(load, args.batches)
 
         model, step = make_train_step(cfg)
-        batch = {k: first[k] for k in ("latents", "ref_latent", "audio_states", "text_embeds", "text_mask",
-                                        "pooled", "speaker_masks")}
-        params = jax.jit(model.init)(jax.random.key(0), first["latents"], jnp.zeros((args.batch,)),
-                                     batch["text_embeds"].astype(jnp.float32), batch["text_mask"], batch["pooled"],
-                                     guidance=jnp.zeros((args.batch,)),
-                                     audio_states=batch["audio_states"].astype(jnp.float32)[:, None],
-                                     audio_mask=batch["speaker_masks"])["params"]
+        batch = {"latents": first["latents"], **conditions(first)}
+        params = jax.jit(lambda k: model.init(k, **dit_inputs(cfg, batch["latents"], 0.0, conditions(batch))))(
+            jax.random.key(0))["params"]
         params = nn.unbox(params)
         rng = jax.random.key(1)
         state = {"params": params}

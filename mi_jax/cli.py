@@ -30,15 +30,6 @@ import json
 import sys
 
 
-def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    overrides, unknown = [], []
-    for item in rest:
-        (overrides if item.startswith("--config.") else unknown).append(item)
-    if unknown:
-        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
-    return [o[len("--config."):] for o in overrides]
-
-
 def cmd_synth(args) -> int:
     from mi_jax.data import synthetic
 
@@ -367,7 +358,9 @@ def main(argv=None) -> int:
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
         return plain[args.command](args)
-    overrides = _split_overrides(rest, parser)
+    from mi_jax.config_utils import split_overrides
+
+    overrides = split_overrides(rest, parser)
     configured = {"prepare": cmd_prepare, "train": cmd_train, "distill": cmd_distill, "import-weights": cmd_import_weights,
                   "train-vae": cmd_train_vae}
     return configured[args.command](args, overrides)

@@ -1,8 +1,9 @@
 """Load `configs/FILE.py:ARG` config files (ml_collections `get_config(arg)`) and apply
-command-line style overrides (`model.num_layers=4`)."""
+command-line style overrides (`model.num_layers=4`, given as `--config.model.num_layers=4`)."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib.util
 import os
@@ -25,6 +26,21 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     for item in overrides:
         apply_override(config, item)
     return config
+
+
+def split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """The `--config.FIELD=VALUE` arguments of `rest` (what `parse_known_args` left) as
+    `FIELD=VALUE`; any other leftover argument is a usage error of `parser`."""
+    unknown = [r for r in rest if not r.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return [r[len("--config."):] for r in rest]
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """`parser`'s arguments and the `--config.FIELD=VALUE` overrides after them (as `FIELD=VALUE`)."""
+    args, rest = parser.parse_known_args(argv)
+    return args, split_overrides(rest, parser)
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:

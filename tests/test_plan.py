@@ -180,3 +180,19 @@ def test_plan_distill_step(tmp_path, capsys):
     assert entry["flops_per_step"] > 0 and entry["shape"]["grad_accum"] == 1
     with pytest.raises(ValueError, match="no `distill` section"):
         plan.plan(_config(), MESH, steps=("distill",))
+
+
+def test_plan_takes_config_overrides_and_refuses_other_arguments(capsys):
+    """`mi-jax plan`, the CLI and the benchmarks read arguments through config_utils.parse_args:
+    `--config.FIELD=VALUE` become overrides, anything else unknown is a usage error."""
+    import argparse
+
+    from mi_jax.config_utils import parse_args
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config")
+    args, overrides = parse_args(ap, ["--config", CONFIG, "--config.model.num_layers=3", "--config.mesh=fsdp=1"])
+    assert args.config == CONFIG and overrides == ["model.num_layers=3", "mesh=fsdp=1"]
+    with pytest.raises(SystemExit):
+        plan.main(["--config", CONFIG, "--frobnicate", "--config.model.num_layers=3"])
+    assert "unrecognised arguments: --frobnicate" in capsys.readouterr().err

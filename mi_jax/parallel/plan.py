@@ -25,8 +25,10 @@ by default for a config with a `distill` section), `generate` (one sampler windo
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
+import json
 import math
 import os
 import time
@@ -39,6 +41,7 @@ import numpy as np
 from flax import linen as nn
 
 import mi_jax.nn.context_parallel  # noqa: F401  (registers the blockwise / ulysses / ring attention)
+from mi_jax.config_utils import load_config, parse_args
 from mi_jax.parallel.mesh import DEFAULT_RULES, MESH_AXES, logical_shardings, make_mesh, with_rules
 
 GB = 1e9  # budgets and reports in GB (10^9 bytes), as GPU memory is sold
@@ -578,9 +581,6 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    import argparse
-    import json
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--mesh", default="fsdp=-1")
@@ -596,11 +596,7 @@ def main(argv=None) -> int:
     ap.add_argument("--embed-axes", default=None,
                     help="shard parameters' embed dimension over these mesh axes, e.g. fsdp,context (default: fsdp)")
     ap.add_argument("--json", default=None, help="also write the report here")
-    args, rest = ap.parse_known_args(argv)
-    overrides = [r[len("--config."):] for r in rest if r.startswith("--config.")]
-    if len(overrides) != len(rest):
-        ap.error(f"unrecognised arguments: {[r for r in rest if not r.startswith('--config.')]}")
-    from mi_jax.config_utils import load_config
+    args, overrides = parse_args(ap, argv)
 
     n = max(_named_devices(args.mesh) or 8, _named_devices(args.generate_mesh) or 0)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
