@@ -1,7 +1,7 @@
 """Per-device memory of a DMD2 step against a plain fine-tuning step, compiled ahead of time.
 
 Three steps of one config, compiled on abstract shapes over forced host devices exactly as
-`mi-jax plan` compiles them (mi_jax/parallel/plan.py; nothing is allocated):
+`mi-jax plan` compiles them (mi_jax/plan.py; nothing is allocated):
 
     train           the stage-2 fine-tuning step: every weight trained (AdamW moments, EMA)
     dmd2 LoRA       the DMD2 step (mi_jax/train/dmd2.py) with the generator and the critic as
@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mi_jax.config_utils import load_config, parse_args  # noqa: E402
-from mi_jax.parallel import plan  # noqa: E402
+from mi_jax import plan  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "magicinfinite.py") + ":full,distill"
 DEFAULT_OVERRIDES = ["data.global_batch=8", "prepare.latent_frames=9"]

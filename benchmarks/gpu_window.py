@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from mi_jax.config_utils import load_config  # noqa: E402
-from mi_jax.parallel import plan  # noqa: E402
+from mi_jax import plan  # noqa: E402
 from mi_jax.parallel.mesh import make_mesh, with_rules  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:  # sets the host device count itself, before JAX starts
-        from mi_jax.parallel.plan import main as plan_main
+        from mi_jax.plan import main as plan_main
 
         return plan_main(argv[1:]) or 0
     parser = build_parser()

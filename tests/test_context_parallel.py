@@ -18,7 +18,7 @@ from mi_jax.models import DiT
 from mi_jax.models.dit import example_inputs
 from mi_jax.nn.attention import attention
 from mi_jax.parallel.mesh import logical_shardings, make_mesh, with_rules
-from mi_jax.parallel.plan import abstract_batch
+from mi_jax.plan import abstract_batch
 from mi_jax.train.pretrain import make_loss_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

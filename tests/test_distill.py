@@ -106,7 +106,7 @@ def test_lora_factors_shard_like_their_kernels():
     """The distill job places each LoRA factor of the generator and the critic, and its Adam
     moments, as its kernel on a 2-device FSDP mesh (not replicated on every device); shapes
     only: nothing is compiled or allocated."""
-    from mi_jax.parallel.plan import AbstractData, abstract_batch
+    from mi_jax.plan import AbstractData, abstract_batch
 
     cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,distill"))
     mesh = make_mesh("fsdp=2", devices=jax.devices()[:2])

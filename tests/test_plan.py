@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from mi_jax.config_utils import load_config
-from mi_jax.parallel import plan
+from mi_jax import plan
 from mi_jax.parallel.mesh import make_mesh, with_rules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,7 +3,7 @@ generate steps, from an ahead-of-time compile on abstract shapes. Nothing is all
 optimiser state and batches are `jax.eval_shape` results carrying their shardings, and each step
 is `jit(...).lower(abstract).compile()`d for the mesh over (forced host) devices.
 
-    python -m mi_jax.parallel.plan --config configs/magicinfinite.py:full,stage2 --mesh fsdp=8 \
+    mi-jax plan --config configs/magicinfinite.py:full,stage2 --mesh fsdp=8 \
         --budget 80 --gpu h100 [--config.prepare.latent_frames=9 ...]
 
 Where the numbers come from:
@@ -21,6 +21,9 @@ Where the numbers come from:
 
 Steps are registered with `register_step(name)`: `train` (stage 1/2), `distill` (DMD2, planned
 by default for a config with a `distill` section), `generate` (one sampler window).
+
+A tool over the whole stack (it builds the train and distill jobs), so it sits beside cli.py
+at the top of the import order, not in parallel/ (which nn/ imports).
 """
 
 from __future__ import annotations
@@ -42,7 +45,15 @@ from flax import linen as nn
 
 import mi_jax.nn.context_parallel  # noqa: F401  (registers the blockwise / ulysses / ring attention)
 from mi_jax.config_utils import load_config, parse_args
+from mi_jax.data.loader import batch_sharding
+from mi_jax.diffusion.guidance import GuidanceSchedule
+from mi_jax.models.dit import DiT, example_inputs
+from mi_jax.models.dit_config import DiTConfig
+from mi_jax.models.vae import SPATIAL_FACTOR, TEMPORAL_FACTOR
 from mi_jax.parallel.mesh import DEFAULT_RULES, MESH_AXES, logical_shardings, make_mesh, with_rules
+from mi_jax.train.distill import make_distill_job
+from mi_jax.train.pretrain import make_job
+from mi_jax.train.state import state_shardings
 
 GB = 1e9  # budgets and reports in GB (10^9 bytes), as GPU memory is sold
 
@@ -64,7 +75,6 @@ GPUS = {
 DEFAULT_MFU = 0.4
 # cheapest recomputation first; each saves more memory than the one before
 REMAT_ORDER = ("none", "dots", "dots_no_batch", "offload_dots", "full")
-LATENT_STRIDE = (4, 8)  # the HunyuanVideo VAE: 4x in time (1 + 4(T-1) frames), 8x in space
 
 
 # ------------------------------------------------------------------ steps
@@ -98,16 +108,22 @@ def register_step(name: str):
     return deco
 
 
+def _video_frames(latent_frames: int) -> int:
+    """Video frames the causal VAE encodes into `latent_frames` latents: 1 + TEMPORAL_FACTOR (T - 1)."""
+    return 1 + TEMPORAL_FACTOR * (latent_frames - 1)
+
+
 def abstract_batch(config, batch: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """The training batch `{field: ShapeDtypeStruct [B, ...]}` that `mi-jax prepare` would write
     for `config.prepare` (see mi_jax/data/store.py), plus the loader's `index`."""
     p, m = config.prepare, config.model
     b = batch or config.data.global_batch
-    if p.height % 16 or p.width % 16:
-        raise ValueError(f"prepare.height/width {p.height}x{p.width} must be multiples of 16 (VAE 8 x patch 2); "
-                         "e.g. 540 -> 544")
-    t, h, w, c = p.latent_frames, p.height // LATENT_STRIDE[1], p.width // LATENT_STRIDE[1], m.out_channels
-    f, s = 1 + LATENT_STRIDE[0] * (t - 1), p.speakers
+    grid = SPATIAL_FACTOR * m.patch_size
+    if p.height % grid or p.width % grid:
+        raise ValueError(f"prepare.height/width {p.height}x{p.width} must be multiples of {grid} (VAE "
+                         f"{SPATIAL_FACTOR} x patch {m.patch_size}); e.g. 540 -> 544")
+    t, h, w, c = p.latent_frames, p.height // SPATIAL_FACTOR, p.width // SPATIAL_FACTOR, m.out_channels
+    f, s = _video_frames(t), p.speakers
     sds = jax.ShapeDtypeStruct
     spec = dict(
         latents=sds((b, t, h, w, c), jnp.float32),
@@ -136,7 +152,8 @@ class AbstractData:
 
 def _tokens(config, latent_frames: int) -> dict:
     p, m = config.prepare, config.model
-    video = latent_frames // m.patch_size_t * (p.height // 8 // m.patch_size) * (p.width // 8 // m.patch_size)
+    h, w = p.height // SPATIAL_FACTOR // m.patch_size, p.width // SPATIAL_FACTOR // m.patch_size
+    video = latent_frames // m.patch_size_t * h * w
     return dict(video_tokens=video, text_tokens=p.text_len, tokens=video + p.text_len)
 
 
@@ -147,7 +164,7 @@ def job_step(job, rules=DEFAULT_RULES) -> StepSpec:
     state = jax.tree.map(place, job.abstract_state, job.state_shardings)
     batch = jax.tree.map(place, job.data.element_spec, job.batch_shardings)
     p, t = config.prepare, config.prepare.latent_frames
-    shape = dict(batch=config.data.global_batch, grad_accum=config.train.grad_accum, frames=1 + 4 * (t - 1),
+    shape = dict(batch=config.data.global_batch, grad_accum=config.train.grad_accum, frames=_video_frames(t),
                  latent_frames=t, size=f"{p.height}x{p.width}", **_tokens(config, t))
     return StepSpec(job.step_fn, (state, batch), job.mesh,
                     dict(out_shardings=(job.state_shardings, None), donate_argnums=0),
@@ -157,11 +174,6 @@ def job_step(job, rules=DEFAULT_RULES) -> StepSpec:
 def _reshard(job, mesh, rules):
     """`job` with its state and batch placed by `rules` instead of the default table (what-if
     plans: e.g. the optimiser state sharded over context as well as fsdp)."""
-    from mi_jax.models.dit import DiT, example_inputs
-    from mi_jax.models.dit_config import DiTConfig
-    from mi_jax.data.loader import batch_sharding
-    from mi_jax.train.state import state_shardings
-
     mcfg = DiTConfig.coerce(job.config.model)
     boxed = jax.eval_shape(lambda: DiT(mcfg).init(jax.random.key(0), **example_inputs(mcfg))["params"])
     param_sh = logical_shardings(boxed, mesh, rules)
@@ -176,8 +188,6 @@ def _reshard(job, mesh, rules):
 @register_step("train")
 def train_step(config, mesh, *, rules=None, **_) -> StepSpec:
     """The stage-1/2 train step exactly as `loop.compile_step` compiles it (donated state)."""
-    from mi_jax.train.pretrain import make_job
-
     micro, split = config.data.global_batch // config.train.grad_accum, mesh.shape["data"] * mesh.shape["fsdp"]
     if micro % split:
         raise ValueError(f"train: the micro-batch of {micro} (data.global_batch / train.grad_accum) does not split "
@@ -194,8 +204,6 @@ def distill_step(config, mesh, *, rules=None, **_) -> StepSpec:
     state): generator and critic (LoRA factors over the one frozen base, or full copies with
     `distill.lora_rank=0`), the real score with its CFG branches, backward simulation, TTUR's
     generator update under `lax.cond` (the plan counts its larger branch)."""
-    from mi_jax.train.distill import make_distill_job
-
     if "distill" not in config:
         raise ValueError("distill: the config has no `distill` section; use e.g. configs/magicinfinite.py:tiny,distill")
     batch, split = config.data.global_batch, mesh.shape["data"] * mesh.shape["fsdp"]
@@ -215,17 +223,13 @@ def generate_window(config, mesh, *, latent_frames: int | None = None, branches:
     """One DiT evaluation of a generation window: batch = `branches` CFG branches (text / audio /
     reference unconditional + conditional), `latent_frames` (default config.prepare's) at
     config.prepare's size; params and compute in `dtype` (None: the config's)."""
-    from mi_jax.models.dit import DiT, example_inputs
-    from mi_jax.models.dit_config import DiTConfig
-    from mi_jax.data.loader import batch_sharding
-
     mcfg = DiTConfig.coerce(config.model)
     if dtype:
         mcfg = mcfg.replace(dtype=dtype, param_dtype=dtype)
     t = latent_frames or config.prepare.latent_frames
     p = config.prepare
-    inputs = jax.eval_shape(lambda: example_inputs(mcfg, batch=branches, frames=t, height=p.height // 8,
-                                                   width=p.width // 8, text_len=p.text_len))
+    inputs = jax.eval_shape(lambda: example_inputs(mcfg, batch=branches, frames=t, height=p.height // SPATIAL_FACTOR,
+                                                   width=p.width // SPATIAL_FACTOR, text_len=p.text_len))
     model = DiT(mcfg)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **example_inputs(mcfg))["params"])
     rules = tuple(rules or DEFAULT_RULES)
@@ -239,7 +243,7 @@ def generate_window(config, mesh, *, latent_frames: int | None = None, branches:
     def forward(params, inputs):
         return model.apply({"params": params}, **inputs)
 
-    shape = dict(batch=branches, frames=1 + 4 * (t - 1), latent_frames=t, size=f"{p.height}x{p.width}",
+    shape = dict(batch=branches, frames=_video_frames(t), latent_frames=t, size=f"{p.height}x{p.width}",
                  dtype=mcfg.dtype, **_tokens(config, t))
     return StepSpec(forward, (params, inputs), mesh, {}, branches, shape, rules)
 
@@ -448,8 +452,6 @@ def default_steps(config) -> tuple[str, ...]:
 def sampling_branches(config) -> int:
     """DiT passes per sampling step of `config.sample`: the batched CFG branches (1 when the
     scales are all 1, as for a distilled model)."""
-    from mi_jax.diffusion.guidance import GuidanceSchedule
-
     s = config.sample
     return len(GuidanceSchedule(text=s.cfg_text, audio=s.cfg_audio, reference=s.cfg_reference).branches)
 
