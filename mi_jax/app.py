@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import queue
 import shutil
@@ -35,6 +36,18 @@ import threading
 import time
 
 import numpy as np
+from PIL import Image
+
+from mi_jax.convert.checkpoint import load_run_config
+from mi_jax.data import faces, synthetic
+from mi_jax.data.audio_io import AudioError
+from mi_jax.data.controls import prompt_schedule
+from mi_jax.data.inputs import InputError, load_portrait, prompt_notices
+from mi_jax.data.text_encoder import prompt_words
+from mi_jax.demo import HELDOUT_SEED, demo_inputs
+from mi_jax.eval.metrics import best_offset_correlation
+from mi_jax.eval.report import plot_lip_sync
+from mi_jax.pipeline import Pipeline, check_inputs
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -64,10 +77,6 @@ def bundled_inputs(checkpoint: str, folder: str, size: tuple[int, int]) -> Bundl
     reads them) copied, or, when the checkpoint has none beside it, the same held-out identity and
     voice written there (`demo.demo_inputs`); plus two more held-out identities of the synthetic
     world at the model's size."""
-    from PIL import Image
-
-    from mi_jax.data import synthetic
-    from mi_jax.demo import HELDOUT_SEED, demo_inputs
 
     beside = os.path.dirname(os.path.abspath(checkpoint).rstrip("/"))
     os.makedirs(folder, exist_ok=True)
@@ -88,8 +97,6 @@ def bundled_inputs(checkpoint: str, folder: str, size: tuple[int, int]) -> Bundl
 def known_prompts(config) -> list[str]:
     """The neutral prompt and one per action of the synthetic world whose words the model saw in
     training (config `prepare.text_vocabulary`; every action when there is no vocabulary)."""
-    from mi_jax.data import synthetic
-    from mi_jax.data.text_encoder import prompt_words
 
     vocabulary = {w.lower() for w in config.prepare.get("text_vocabulary", ())}
     prompts = [synthetic.prompt_for(a) for a in ("",) + tuple(synthetic.ACTIONS)]
@@ -100,7 +107,6 @@ def masks_from_drawing(value) -> list[np.ndarray]:
     """The mask painter's value (Gradio ImageEditor, numpy) -> one uint8 mask per speaker
     (255 = that speaker): red strokes are speaker 1, blue strokes speaker 2. [] when nothing
     is painted."""
-    from mi_jax.data.inputs import InputError
 
     layers = [np.asarray(x) for x in ((value or {}).get("layers") or []) if x is not None]
     layers = [x for x in layers if x.ndim == 3 and x.shape[-1] == 4]
@@ -120,7 +126,6 @@ def mouth_box(portrait: np.ndarray) -> tuple[np.ndarray, str]:
     portrait (`faces.detect_faces`, `faces.mouth_boxes`), else the lower face of a centred
     portrait (where the synthetic world's mouths are). Returns the box (x0, y0, x1, y1) in
     pixels and how it was found."""
-    from mi_jax.data import faces
 
     try:
         box = faces.mouth_boxes(faces.detect_faces(portrait[None], num_speakers=1))[0, 0]
@@ -172,8 +177,6 @@ class Studio:
     """The loaded model and the page's jobs. `workdir`: a temporary folder of the app's own."""
 
     def __init__(self, checkpoint: str, workdir: str, *, log=print):
-        from mi_jax.pipeline import Pipeline
-        from mi_jax.convert.checkpoint import load_run_config
 
         self.checkpoint = checkpoint
         self.config = load_run_config(checkpoint)
@@ -199,8 +202,6 @@ class Studio:
               mask_drawing=None, timeline=None, colour_anchor=None, rest=True) -> Checked:
         """Every input checked as `mi-jax generate` checks it, nothing computed; raises the CLI's
         `InputError` / `AudioError`."""
-        from mi_jax.data.inputs import InputError, prompt_notices
-        from mi_jax.pipeline import check_inputs
 
         if not portrait:
             raise InputError("portrait: upload an image or pick one of the bundled portraits")
@@ -216,7 +217,6 @@ class Studio:
         masks = list(mask_files or []) or masks_from_drawing(mask_drawing) or None
         image, _, _, frames, notices = check_inputs(self.config, portrait, audio, seconds=seconds, masks=masks,
                                                     prompt=prompt, timeline=timeline or None)
-        from mi_jax.data.controls import prompt_schedule
 
         vocabulary = self.config.prepare.get("text_vocabulary", ())
         notices = notices + [n for _, text in prompt_schedule(prompt) for n in prompt_notices(text, vocabulary)]
@@ -229,9 +229,6 @@ class Studio:
         thread). The job's folder is removed when the generator ends: copy the files before asking
         for more; closing it early (a cancelled job) or an error removes it at once.
         `on_window(done, total)`: progress after every window."""
-        from mi_jax.data.synthetic import measure_mouth_open, mouth_envelope
-        from mi_jax.eval.metrics import best_offset_correlation
-        from mi_jax.eval.report import plot_lip_sync
 
         folder = tempfile.mkdtemp(prefix="job-", dir=self.runs)
         video_path, plot_path = os.path.join(folder, "talk.mp4"), os.path.join(folder, "lip_sync.png")
@@ -259,7 +256,7 @@ class Studio:
                 mouth, frames = [], 0
                 for chunk in _chain(first, chunks):
                     feed.put(chunk)
-                    mouth.append(measure_mouth_open(chunk, boxes(len(chunk))))
+                    mouth.append(synthetic.measure_mouth_open(chunk, boxes(len(chunk))))
                     frames += len(chunk)
                     yield "frames", chunk
                 feed.put(_END)
@@ -268,7 +265,7 @@ class Studio:
                     raise written["error"]
                 audio = self.pipe.last_audio
                 mouth = np.concatenate(mouth)
-                envelope = mouth_envelope(audio, frames, self.fps, self.sample_rate)
+                envelope = synthetic.mouth_envelope(audio, frames, self.fps, self.sample_rate)
                 plot = corr = None
                 if frames >= 3:
                     corr, _ = best_offset_correlation(envelope, mouth, min(5, frames - 3))
@@ -333,10 +330,7 @@ def _eta(times: list[float], start: float, done: int, total: int) -> str:
 
 def build_page(studio: Studio):
     """The Gradio Blocks of the page (not launched)."""
-    import gradio as gr
-
-    from mi_jax.data.audio_io import AudioError
-    from mi_jax.data.inputs import InputError, load_portrait
+    import gradio as gr  # local: an optional extra (pip install -e ".[app]")
 
     steps_max = max(50, studio.default_steps)
     with gr.Blocks(title="mi_jax: talking portrait", analytics_enabled=False,
@@ -484,7 +478,6 @@ def _uploaded(portrait, voice, prompt, seconds, seed, steps, voice2, mask_files,
               colour_anchor=False, rest=True) -> tuple:
     """The page's inputs, sent without preprocessing, as `Studio.check` takes them: uploads as
     paths, the painted layers as RGBA arrays."""
-    from PIL import Image
 
     layers = []
     for layer in (mask_drawing or {}).get("layers") or []:
@@ -536,8 +529,6 @@ def _timing(item: dict, studio: Studio) -> str:
 def serve(checkpoint: str = "demo/model", *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log=print) -> int:
     """Loads the model and serves the page until interrupted (Ctrl-C or SIGTERM); every upload
     and output goes to a temporary folder removed on the way out."""
-    import importlib.util
-
     if importlib.util.find_spec("gradio") is None:
         raise InstallError("`mi-jax app` needs Gradio, an optional extra: pip install -e '.[app]' "
                            "(or pip install -c constraints.txt -e '.[app]')")
@@ -545,7 +536,7 @@ def serve(checkpoint: str = "demo/model", *, host: str = DEFAULT_HOST, port: int
         # before Gradio is imported: its uploads and cache go into this folder
         os.environ["GRADIO_TEMP_DIR"] = os.path.join(root, "gradio")
         os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-        import gradio as gr
+        import gradio as gr  # local: an optional extra, and read after GRADIO_TEMP_DIR is set
 
         studio = Studio(checkpoint, root, log=log)
         page = build_page(studio)

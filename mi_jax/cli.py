@@ -184,8 +184,6 @@ def cmd_train_vae(args, overrides) -> int:
 
 def cmd_eval(args) -> int:
     """Generates from held-out synthetic clips and scores the videos against their truth."""
-    import os
-
     from mi_jax.data import faces, synthetic
     from mi_jax.eval.metrics import evaluate
     from mi_jax.eval.report import check, write_report

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mi_jax.data.controls import dilate
+
 
 class ColourAnchor:
     """`anchor(chunk)`: uint8 `[n, H, W, 3]` -> the same frames held on the reference's colour.
@@ -48,7 +50,6 @@ class ColourAnchor:
 def mouth_pixels(mouths: np.ndarray, height: int, width: int) -> np.ndarray:
     """bool `[H, W]`: the union of the speakers' mouth regions `[S, h, w]` (latent resolution)
     at pixel resolution, one latent cell wider on every side (the decoder spreads each cell)."""
-    from mi_jax.data.controls import dilate
 
     any_mouth = np.asarray(mouths).max(0) > 0  # [h, w]
     grown = dilate(dilate(any_mouth, 1).T, 1).T

@@ -20,8 +20,19 @@ import shutil
 import time
 
 import numpy as np
+import soundfile as sf
+from PIL import Image
 
 from mi_jax import atomic
+from mi_jax.config_utils import load_config
+from mi_jax.data import faces, synthetic
+from mi_jax.data.prepare import prepare
+from mi_jax.data.video_io import write_video
+from mi_jax.eval.metrics import best_offset_correlation
+from mi_jax.eval.report import plot_lip_sync
+from mi_jax.pipeline import Pipeline
+from mi_jax.train.run import train
+from mi_jax.train.vae import train_vae
 
 DEMO = "demo"
 HELDOUT_SEED = 1_000_123
@@ -33,11 +44,6 @@ def demo_inputs(folder: str, seconds: float = 60.0) -> tuple[str, str, str]:
     missing; returns their paths. The mask is the portrait's face box grown by `prepare`'s
     default face margin: the region the model's audio acted on in training (the face detector
     misses these 64x64 faces, and without a mask audio would act on the whole frame)."""
-    import soundfile as sf
-    from PIL import Image
-
-    from mi_jax.data import faces, synthetic
-
     portrait, voice, mask = (os.path.join(folder, n) for n in ("portrait.png", "voice.wav", "mask.png"))
     if not all(map(os.path.exists, (portrait, voice, mask))) or sf.info(voice).duration < seconds - 1e-3:
         os.makedirs(folder, exist_ok=True)
@@ -54,12 +60,6 @@ def run_demo(model: str = os.path.join(DEMO, "model"), out: str = "out", seconds
              prompt: str = "a person talking", inputs: str | None = None) -> dict:
     """Generates `seconds` of the demo; `inputs`: where the portrait and voice are (written there
     if missing; default: beside the model, i.e. demo/)."""
-    from mi_jax.data.synthetic import measure_mouth_open, mouth_envelope
-    from mi_jax.data.video_io import write_video
-    from mi_jax.eval.metrics import best_offset_correlation
-    from mi_jax.eval.report import plot_lip_sync
-    from mi_jax.pipeline import Pipeline
-
     if not os.path.isdir(model):
         raise FileNotFoundError(f"{model}: no demo model; build it with `mi-jax demo-model` (see the README)")
     portrait, voice, mask = demo_inputs(inputs or os.path.dirname(model.rstrip("/")) or DEMO, seconds)
@@ -82,12 +82,10 @@ def run_demo(model: str = os.path.join(DEMO, "model"), out: str = "out", seconds
     wall = time.time() - t0
     # mouth box: the portrait's lower face (the synthetic world's mouth sits at a fixed place
     # relative to the face; measure in the portrait's ground-truth box)
-    from mi_jax.data import synthetic
-
     truth = synthetic.render_clip(HELDOUT_SEED, 0.2, size=video.shape[1:3])
     box = truth.mouth_boxes[0, 0]
-    mouth = measure_mouth_open(video, np.broadcast_to(box, (len(video), 4)))
-    env = mouth_envelope(pipe.last_audio, len(video), float(pipe.config.prepare.fps))
+    mouth = synthetic.measure_mouth_open(video, np.broadcast_to(box, (len(video), 4)))
+    env = synthetic.mouth_envelope(pipe.last_audio, len(video), float(pipe.config.prepare.fps))
     corr, offset = best_offset_correlation(env, mouth, 5)
     plot = plot_lip_sync(env, mouth, float(pipe.config.prepare.fps), os.path.join(out, "lip_sync.png"),
                          title="demo (the voice against the mouth measured from generated pixels)")
@@ -111,12 +109,6 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
     of the default order would train audio modules over a random frozen DiT; here stage 1
     teaches the backbone video (text + reference) and stage 2 adds audio jointly.
     """
-    from mi_jax.config_utils import load_config
-    from mi_jax.data import synthetic
-    from mi_jax.data.prepare import prepare
-    from mi_jax.train.run import train
-    from mi_jax.train.vae import train_vae
-
     os.makedirs(work, exist_ok=True)
     spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "magicinfinite.py")
     vae_out = os.path.join(os.path.dirname(out.rstrip("/")) or DEMO, "vae")

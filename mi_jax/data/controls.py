@@ -29,6 +29,7 @@ import re
 
 import numpy as np
 
+from mi_jax.data.audio_io import samples_for_frames
 from mi_jax.data.inputs import InputError
 
 _TIMED = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*:(.*)$", re.S)
@@ -101,7 +102,6 @@ def window_prompts(schedule: list[tuple[float, str]], window_starts: list[int], 
 
 def frame_rms(audio: np.ndarray, num_frames: int, fps: float, sample_rate: int) -> np.ndarray:
     """float64 [num_frames]: RMS of each video frame's samples (0 past the audio's end)."""
-    from mi_jax.data.audio_io import samples_for_frames
 
     bounds = np.minimum([samples_for_frames(i, fps, sample_rate) for i in range(num_frames + 1)], len(audio))
     energy = np.concatenate([[0.0], np.cumsum(np.square(np.asarray(audio, np.float64)))])
@@ -192,7 +192,6 @@ def timeline_activity(timeline: list[tuple[float, float, int]], speakers: int, n
 def mute_outside(audio: np.ndarray, active: np.ndarray, fps: float, sample_rate: int) -> np.ndarray:
     """`audio` with the samples of inactive frames (`active` bool [frames]) faded to silence
     over `FADE_S` (no click)."""
-    from mi_jax.data.audio_io import samples_for_frames
 
     gain = np.zeros(len(audio), np.float32)
     bounds = np.minimum([samples_for_frames(i, fps, sample_rate) for i in range(len(active) + 1)], len(audio))

@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mi_jax.data import faces, synthetic
+from mi_jax.data.text_encoder import prompt_words, unknown_words
 
 MIN_SIDE = 32
 GRID = 16  # VAE 8x times the DiT's 2x2 patch
@@ -21,7 +25,6 @@ class InputError(ValueError):
 
 
 def _open_image(image, what: str):
-    from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
         return image
@@ -52,7 +55,6 @@ def load_portrait(image, size: tuple[int, int] | None = None) -> tuple[np.ndarra
     size: (height, width) to produce (centre-cropped to its aspect ratio, then resized); None
     keeps the image's size rounded down to a multiple of 16 (the latent patch grid).
     """
-    from PIL import Image
 
     notices: list[str] = []
     img = _open_image(image, "portrait")
@@ -100,7 +102,6 @@ def speaker_regions(masks, speakers: int, height: int, width: int,
                     portrait: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """`speaker_masks`, and each speaker's mouth region at latent resolution `[S, H/8, W/8]`
     (float 0 / 1; all zero when no face was found)."""
-    from mi_jax.data import faces
 
     notices: list[str] = []
     if masks is None or len(masks) == 0:
@@ -130,8 +131,6 @@ def prompt_notices(prompt: str, vocabulary) -> list[str]:
     `vocabulary`, config `prepare.text_vocabulary`), which will have no effect, and the
     synthetic world's actions it does know; [] when every word is known or `vocabulary` is
     empty (no check: e.g. the real text encoder, which knows English)."""
-    from mi_jax.data import synthetic
-    from mi_jax.data.text_encoder import prompt_words, unknown_words
 
     if not isinstance(prompt, str):
         return []  # not a prompt at all: the text encoder raises, naming the fix
