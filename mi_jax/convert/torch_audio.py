@@ -26,6 +26,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 CLASS_NAME = "MagicInfiniteAudio"
@@ -37,8 +38,6 @@ EPS = 1e-6
 
 def load_safetensors_folder(path: str, weights_name: str = WEIGHTS_NAME, device="cpu") -> dict[str, torch.Tensor]:
     """All tensors of `<weights_name>.safetensors` or its sharded form (index json)."""
-    from safetensors.torch import load_file
-
     index = os.path.join(path, f"{weights_name}.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -229,8 +228,6 @@ def apply_lora(model: nn.Module, path: str, scale: float | None = None) -> list[
     """Merges an export's `out/lora` factors into `model` (a MagicInfiniteTransformer):
     `weight += scale * lora_B @ lora_A` (in float32) for every adapted Linear, the maths of
     mi_jax.nn.lora.lora_apply. scale: default the exported one. Returns the adapted modules."""
-    from safetensors.torch import load_file
-
     with open(os.path.join(path, "config.json")) as f:
         scale = json.load(f)["scale"] if scale is None else scale
     factors = load_file(os.path.join(path, LORA_WEIGHTS))
@@ -274,7 +271,7 @@ class MagicInfiniteTransformer(nn.Module):
                         lora: bool = True, lora_scale: float | None = None) -> MagicInfiniteTransformer:
         """Loads an export folder: `transformer/`, `audio/` (when present) and, with `lora`,
         merges `lora/` (when present) at `lora_scale` (default: the exported scale)."""
-        from diffusers import HunyuanVideoTransformer3DModel
+        from diffusers import HunyuanVideoTransformer3DModel  # local: diffusers takes seconds to import
 
         transformer = HunyuanVideoTransformer3DModel.from_pretrained(
             os.path.join(path, "transformer"), torch_dtype=torch_dtype

@@ -24,6 +24,8 @@ import warnings
 from fractions import Fraction
 
 import numpy as np
+import soundfile as sf
+import soxr
 
 SAMPLE_RATE = 16000
 FPS = 25.0
@@ -102,7 +104,6 @@ def resample(audio: np.ndarray, orig_rate: int, rate: int) -> np.ndarray:
     """Band-limited resampling (libsoxr HQ) of `audio: [samples]` or `[samples, channels]`."""
     if orig_rate == rate:
         return audio
-    import soxr
 
     return soxr.resample(audio, orig_rate, rate, quality="HQ")
 
@@ -152,7 +153,6 @@ def load_audio(
     if not os.path.isfile(path):
         what = "is a folder" if os.path.isdir(path) else "does not exist"
         raise AudioError(f"{path}: {what}. Pass the path of an audio file (wav, flac, mp3 or ogg).")
-    import soundfile as sf
 
     try:
         audio, orig_rate = sf.read(path, dtype="float32", always_2d=True)

@@ -29,7 +29,9 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
+import cv2
 import numpy as np
+from PIL import Image
 
 from mi_jax.models.vae import SPATIAL_FACTOR as SPATIAL
 from mi_jax.models.vae import TEMPORAL_FACTOR as TEMPORAL
@@ -81,8 +83,6 @@ def detect_faces(frames: np.ndarray, *, num_speakers: int = 1, min_face: float =
     Returns [T, S, 4] float32 boxes, NaN where a speaker was not found. Speakers are ordered left
     to right in the first frame showing S faces and followed by nearest centre.
     """
-    import cv2
-
     frames = np.asarray(frames)
     bad_shape = frames.ndim not in (3, 4) or (frames.ndim == 4 and frames.shape[-1] != 3) or len(frames) == 0
     if bad_shape or frames.dtype != np.uint8:
@@ -360,8 +360,6 @@ def masks_from_video(frames: np.ndarray, *, num_speakers: int = 1, detector_kwar
 
 def _load_mask(image, index: int, height: int, width: int) -> np.ndarray:
     """Path or array [h, w] / [h, w, C] -> bool [H, W] (resized when the aspect ratio matches)."""
-    from PIL import Image
-
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise ValueError(f"mask image {index}: no file {os.fspath(image)!r}.")

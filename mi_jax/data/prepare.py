@@ -30,12 +30,21 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
+from PIL import Image
 from tqdm import tqdm
 
 from mi_jax import atomic
+from mi_jax.convert.vae import load_diffusers_vae
+from mi_jax.convert.wav2vec2 import load_transformers_wav2vec2
 from mi_jax.data import faces as faces_lib
+from mi_jax.data import synthetic, video_io
+from mi_jax.data.audio_io import mean_std
 from mi_jax.data.store import StoreWriter, done_clips
-from mi_jax.models.vae import SPATIAL_FACTOR, TEMPORAL_FACTOR
+from mi_jax.data.text_encoder import HunyuanTextEncoder, TinyTextEncoder
+from mi_jax.models.dit_config import DiTConfig
+from mi_jax.models.vae import SPATIAL_FACTOR, TEMPORAL_FACTOR, CausalVAE, Tiling, VAEConfig, VAEStream
+from mi_jax.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, example_inputs
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv")
 
@@ -79,8 +88,6 @@ def find_clips(folder: str) -> list[tuple[str, str]]:
 def _fit(frames: np.ndarray, height: int, width: int) -> tuple[np.ndarray, float, float, float]:
     """Centre-crop to the target aspect ratio and resize (PIL, bilinear); returns the frames and
     the (scale, x offset, y offset) that maps source pixels to target pixels."""
-    from PIL import Image
-
     n, h, w, _ = frames.shape
     if (h, w) == (height, width):
         return frames, 1.0, 0.0, 0.0
@@ -94,8 +101,6 @@ def _fit(frames: np.ndarray, height: int, width: int) -> tuple[np.ndarray, float
 
 def load_clip(clip_id: str, path: str, cfg) -> RawClip:
     """Decodes one clip (video file or synthetic folder) at the prepare fps and size."""
-    from mi_jax.data import synthetic, video_io
-
     folder = path if os.path.isdir(path) else None
     video_path = os.path.join(folder, "clip.mp4") if folder else path
     try:
@@ -130,8 +135,6 @@ class Encoders:
     tiny models for tests and the synthetic world) and jitted once."""
 
     def __init__(self, config):
-        from mi_jax.models.dit_config import DiTConfig
-
         self.cfg = config.prepare
         self.model = DiTConfig.coerce(config.model)
         self._vae()
@@ -139,11 +142,6 @@ class Encoders:
         self._text()
 
     def _vae(self):
-        from flax import linen as nn
-
-        from mi_jax.convert.vae import load_diffusers_vae
-        from mi_jax.models.vae import CausalVAE, Tiling, VAEConfig, VAEStream
-
         spec = self.cfg.vae
         if spec.startswith("random"):
             vcfg = VAEConfig(**self.cfg.vae_random.to_dict())
@@ -181,11 +179,6 @@ class Encoders:
         return np.concatenate([np.asarray(m[0]) for m in means]) * self.vae_config.scaling_factor
 
     def _wav2vec2(self):
-        from flax import linen as nn
-
-        from mi_jax.convert.wav2vec2 import load_transformers_wav2vec2
-        from mi_jax.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, example_inputs
-
         spec = self.cfg.wav2vec2
         if spec.startswith("random"):
             wcfg = Wav2Vec2Config(**self.cfg.wav2vec2_random.to_dict())
@@ -220,8 +213,6 @@ class Encoders:
         being read is held. Feature j of a window sits at sample `j x window / Nf`; video
         frame f (time f / fps) takes the linear interpolation at its sample position.
         """
-        from mi_jax.data.audio_io import mean_std
-
         sr = int(self.cfg.sample_rate)
         chunk_frames = max(1, round(self.cfg.audio_chunk_seconds * fps))
         per_frame = sr / fps
@@ -253,8 +244,6 @@ class Encoders:
         return np.pad(feats, ((0, frames - len(feats)), (0, 0), (0, 0)))
 
     def _text(self):
-        from mi_jax.data.text_encoder import HunyuanTextEncoder, TinyTextEncoder
-
         spec = self.cfg.text_encoder
         if spec == "tiny":
             # runs saved before `text_vocabulary` existed lack it: no vocabulary, no unknown-word check

@@ -39,8 +39,10 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import soundfile as sf
 
 from mi_jax.data.audio_io import FPS, SAMPLE_RATE, samples_for_frames
+from mi_jax.data.video_io import write_video
 
 HELDOUT_SEED_START = 1_000_000
 STYLES = ("cartoon", "realistic")
@@ -486,10 +488,6 @@ class Clip:
         """Writes clip.mp4 (H.264 + the mixed audio as AAC), audio.wav (the mixed audio, 16-bit PCM),
         truth.npz (every array but the frames) and meta.json into `folder`; returns their paths.
         meta.json is written last, so its presence marks a complete folder."""
-        import soundfile as sf
-
-        from mi_jax.data.video_io import write_video
-
         os.makedirs(folder, exist_ok=True)
         paths = {name: os.path.join(folder, name) for name in ("clip.mp4", "audio.wav", "truth.npz", "meta.json")}
         write_video(paths["clip.mp4"], self.frames, self.fps, self.audio, self.sample_rate)

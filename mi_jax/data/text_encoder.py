@@ -139,7 +139,7 @@ class HunyuanTextEncoder:
         num_hidden_layers_to_skip: take hidden_states[-(skip + 1)]; image_embed_interleave: keep
         every k-th image token (2 for HunyuanVideo-I2V latent_concat, 4 for token_replace).
         """
-        import torch  # noqa: F401  (fail here, not mid-encode, without the torch extra)
+        import torch  # noqa: F401  (local: the torch extra; fail here, not mid-encode, without it)
 
         if template.count("{}") != 1 or template.count(IMAGE_TOKEN) != 1:
             raise ValueError("template must contain exactly one '{}' (the prompt) and one '<image>'.")
@@ -192,8 +192,9 @@ class HunyuanTextEncoder:
         dtype: torch dtype of the weights, default float32 (CPU); bfloat16 halves GPU memory.
         kwargs go to __init__.
         """
-        import torch
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPTextModel, LlavaForConditionalGeneration
+        import torch  # local: the torch extra, for the real encoder only
+        from transformers import (AutoImageProcessor, AutoTokenizer, CLIPTextModel,  # local: the torch extra
+                                  LlavaForConditionalGeneration)
 
         dirs = {"llava_dir": llava_dir, "clip_dir": clip_dir, "tokenizer_dir": tokenizer_dir or llava_dir,
                 "image_processor_dir": image_processor_dir or llava_dir,
@@ -290,7 +291,7 @@ class HunyuanTextEncoder:
         image_rows [B, n_img, ...]: the image-token rows to put first (every interleave-th kept).
         Returns (seq [B, L, ...], mask [B, L]).
         """
-        import torch
+        import torch  # local: the torch extra, for the real encoder only
 
         shift = seq.shape[1] - mask.shape[1]  # n_img - 1 for the expanded hidden states, else 0
         c = self.layout.crop_start
@@ -305,7 +306,7 @@ class HunyuanTextEncoder:
     def kept_token_ids(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """The token ids behind each row of `encode`'s prompt_embeds (image slots hold the image
         token id), with the mask: (ids [B, L] int64, mask [B, L] int32). For inspection and tests."""
-        import torch
+        import torch  # local: the torch extra, for the real encoder only
 
         ids, mask = self._tokenize(_as_prompts(prompts))
         image = torch.full((len(ids), self.num_image_tokens), self.image_token_id, dtype=ids.dtype)
@@ -313,7 +314,7 @@ class HunyuanTextEncoder:
         return kept.numpy(), kept_mask.numpy().astype(np.int32)
 
     def _encode_batch(self, prompts: list[str], ids, mask, images: list[np.ndarray]) -> TextConditioning:
-        import torch
+        import torch  # local: the torch extra, for the real encoder only
 
         device, p, n_img = self.llava.device, self.layout.image_pos, self.num_image_tokens
         # Each <image> becomes n_img slots that LLaVA fills with projected vision features.

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import NamedTuple
 
+import av
 import numpy as np
 
 from mi_jax.data.audio_io import FPS, SAMPLE_RATE, fit_to_frames, resample, samples_for_frames
@@ -86,8 +87,6 @@ def _rational(fps: float) -> Fraction:
 
 def _open(path: str | os.PathLike):
     """Opens `path` for reading; VideoError for a missing file or one FFmpeg cannot parse."""
-    import av
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         what = "is a folder" if os.path.isdir(path) else "does not exist"
@@ -137,8 +136,6 @@ def probe(path: str | os.PathLike) -> VideoInfo:
 
 def _decoded_frames(container, stream, path: str) -> Iterator[tuple[float | None, np.ndarray]]:
     """(presentation time in seconds or None, uint8 [H, W, 3] RGB) per decoded frame."""
-    import av
-
     count = 0
     try:
         for frame in container.decode(stream):
@@ -235,8 +232,6 @@ def read_audio(
 
     No audio track: VideoError, or None with `allow_missing=True`. Raises VideoError for a
     missing / corrupt file or an audio track with no samples."""
-    import av
-
     path = os.fspath(path)
     with _open(path) as container:
         if not container.streams.audio:
@@ -337,8 +332,6 @@ def write_video(
     the samples the frames span (`audio_io.fit_to_frames`). crf / preset: libx264 quality (lower
     crf = better; 18 is visually near-lossless) and speed.
     """
-    import av
-
     path = os.fspath(path)
     rate = _rational(fps)
     folder = os.path.dirname(os.path.abspath(path))
@@ -401,8 +394,6 @@ def write_video(
 
 
 def _encode_audio(container, stream, chunk: np.ndarray, begin: int, end: int, sample_rate: int) -> None:
-    import av
-
     if end <= begin:
         return
     chunk = np.pad(np.clip(chunk, -1.0, 1.0), (0, end - begin - len(chunk)))  # audio shorter than the video: silence

@@ -21,6 +21,7 @@ import numpy as np
 
 from mi_jax.data import faces, synthetic
 from mi_jax.eval import metrics
+from mi_jax.pipeline import Pipeline
 
 
 def face_masks(clip, height: int, width: int, margin: float = 0.15) -> list[np.ndarray]:
@@ -137,8 +138,6 @@ def check_anchor(pipe, seconds: float, seed: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from mi_jax.pipeline import Pipeline
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="demo/model")
     ap.add_argument("--check", choices=("schedule", "silence", "turns", "anchor"), required=True)

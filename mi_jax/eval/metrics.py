@@ -40,9 +40,11 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from mi_jax.data import synthetic
+from mi_jax.data.video_io import read_video
 
 CROP = 32  # identity crops are resampled to CROP x CROP pixels
 BOX_MODES = ("track", "truth")
@@ -80,8 +82,6 @@ class Truth:
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Truth:
         """A folder written by `synthetic.Clip.save` (frames decoded from its clip.mp4)."""
-        from mi_jax.data.video_io import read_video
-
         meta, arrays = synthetic.load_truth(folder)
         frames = read_video(os.path.join(folder, "clip.mp4"), meta["fps"]).frames
         return cls(frames, arrays["speaker_audio"], arrays["face_boxes"], arrays["mouth_boxes"],
@@ -228,8 +228,6 @@ def identity_similarity(frames: np.ndarray, reference: np.ndarray, face_boxes: n
 def _crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
     """float32 [CROP, CROP, 3]: the box (continuous coords, pixel j covering [j, j + 1)) resampled
     bilinearly, after a blur against aliasing when it shrinks; borders replicate."""
-    import cv2
-
     x0, y0, x1, y1 = (float(v) for v in box)
     sx, sy = (x1 - x0) / CROP, (y1 - y0) / CROP
     if sx <= 0 or sy <= 0:
@@ -423,8 +421,6 @@ def measure(frames: np.ndarray, truth: Truth, speaker_audio: np.ndarray | None =
     eye_boxes = None if truth.eye_boxes is None else truth.eye_boxes[:, :t] * scale
     reference = truth.frames[0]
     if reference.shape[:2] != (h, w):
-        import cv2
-
         reference = cv2.resize(reference, (w, h), interpolation=cv2.INTER_AREA)
     centres = head_centres(frames, truth.speakers)
 
@@ -522,8 +518,6 @@ def evaluate(videos: Sequence, truths: Sequence, *, boundaries: Sequence | None 
                                            _aligned(audios, len(videos), "audios")):
         truth = _as_truth(truth)
         if isinstance(video, (str, os.PathLike)):
-            from mi_jax.data.video_io import read_video
-
             video = read_video(video, truth.fps).frames
         kw = dict(max_offset=max_offset, box_mode=box_mode, box_margin=box_margin, drift_window_s=drift_window_s,
                   boundaries=bounds, syncnet=syncnet)

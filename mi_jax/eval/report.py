@@ -28,7 +28,7 @@ def _save_figure(fig, path: str) -> str:
 
 def _figure(width: float, height: float):
     # Figure without pyplot: no global state, no GUI backend, safe from any thread
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # local: matplotlib takes most of a second to import
 
     return Figure(figsize=(width, height), layout="constrained")
 

@@ -35,6 +35,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from mi_jax.nn.attention import attention, register
+from mi_jax.parallel.mesh import DEFAULT_RULES
 
 BLOCK = 512  # keys per block of the blockwise kernel: scores are [B, H, Lq, BLOCK] float32
 NEG = -1e30  # finite "minus infinity": keeps exp/logaddexp of fully masked rows free of NaN
@@ -163,8 +164,6 @@ def _layout(shape, mesh):
     Batch / head axes that do not divide the array are dropped (replicated) rather than failing."""
     rules = nn.get_logical_axis_rules()
     if not rules:
-        from mi_jax.parallel.mesh import DEFAULT_RULES
-
         rules = DEFAULT_RULES
     spec = list(nn.logical_to_mesh_axes(LOGICAL, rules))
     size = lambda axes: math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))  # noqa: E731

@@ -20,12 +20,20 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
+from mi_jax.convert.checkpoint import load_run_params
+from mi_jax.convert.hunyuan import abstract_dit_params
+from mi_jax.data.loader import batch_sharding
 from mi_jax.diffusion.conditions import conditions, dit_inputs
 from mi_jax.diffusion.guidance import guided_velocity
 from mi_jax.models.dit import DiT
 from mi_jax.models.dit_config import DiTConfig
+from mi_jax.nn.lora import lora_shardings
+from mi_jax.parallel.mesh import DEFAULT_RULES, logical_shardings, make_mesh
 from mi_jax.train import dmd2
+from mi_jax.train.loop import Job
+from mi_jax.train.state import make_optimizer, state_shardings, trainable_labels
 
 REAL_BRANCHES = ("full", "no_text", "no_audio")  # the teacher's CFG passes (guidance.py), batched as one
 ADAPTER_FIELDS = ("teacher_cfg_text", "teacher_cfg_audio", "student_guidance")  # read by make_adapters
@@ -87,16 +95,6 @@ def make_distill_job(config, data, mesh=None, *, rules=None, need_teacher: bool 
     """The loop's Job for DMD2 distillation of the teacher at `config.init.checkpoint`.
     `need_teacher=False` (`mi-jax plan`): no teacher is named; everything but `init_state` works
     on shapes alone. `rules`: a logical-axis rules table instead of mesh.DEFAULT_RULES."""
-    from flax import linen as nn
-
-    from mi_jax.convert.hunyuan import abstract_dit_params
-    from mi_jax.data.loader import batch_sharding
-    from mi_jax.nn.lora import lora_shardings
-    from mi_jax.parallel.mesh import DEFAULT_RULES, logical_shardings, make_mesh
-    from mi_jax.convert.checkpoint import load_run_params
-    from mi_jax.train.loop import Job
-    from mi_jax.train.state import make_optimizer, state_shardings, trainable_labels
-
     if need_teacher and not config.init.checkpoint:
         raise ValueError("distillation needs the teacher: set --config.init.checkpoint=RUN (a stage-2 run)")
     mesh = mesh or make_mesh(config.mesh)

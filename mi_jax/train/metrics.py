@@ -28,14 +28,14 @@ class MetricWriter:
             return
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # local: about 2 s to import, for a writing process only
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             self._tb = None
         if os.environ.get("WANDB_PROJECT"):
             try:
-                import wandb
+                import wandb  # local: optional, used when WANDB_PROJECT is set
 
                 self._wandb = wandb.init(config=json.loads(config.to_json()) if config is not None else None,
                                          dir=workdir, resume="allow")

@@ -13,17 +13,26 @@ and sampling.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
+from mi_jax.convert.checkpoint import load_run_params
+from mi_jax.convert.hunyuan import load_diffusers_transformer
+from mi_jax.data.loader import batch_sharding
 from mi_jax.diffusion.conditions import conditions, dit_inputs, random_drop
 from mi_jax.diffusion.flow import interpolate, sample_time, velocity_target
-from mi_jax.models.dit import DiT
-from mi_jax.nn.lora import activation_lora, is_lora_run, lora_params, lora_run_layout, lora_trainable
+from mi_jax.models.dit import DiT, example_inputs
+from mi_jax.models.dit_config import DIFFUSERS_FIELDS, DiTConfig
+from mi_jax.nn.lora import activation_lora, is_lora_run, lora_init, lora_params, lora_run_layout, lora_trainable
+from mi_jax.parallel.mesh import logical_shardings, make_mesh, with_rules
+from mi_jax.train.loop import Job
 from mi_jax.train.losses import LossWeights, flow_matching_loss
-from mi_jax.train.state import TrainState, freeze, guarded_update
+from mi_jax.train.state import (TrainState, freeze, guarded_update, init_state, make_optimizer, state_shardings,
+                                trainable_labels)
 
 
 def step_params(params):
@@ -119,22 +128,12 @@ def make_train_step(config, tx, labels, loss_fn: Callable | None = None) -> Call
 def initial_params(config, mesh, param_shardings, abstract_params):
     """The step-0 parameters: from a diffusers folder, from an earlier mi_jax run (stage 2
     after stage 1), or freshly initialised; always created directly in their shards."""
-    import dataclasses as dc
-
-    from flax import linen as nn
-
-    from mi_jax.convert.hunyuan import load_diffusers_transformer
-    from mi_jax.models.dit import example_inputs
-    from mi_jax.models.dit_config import DIFFUSERS_FIELDS, DiTConfig
-    from mi_jax.parallel.mesh import with_rules
-    from mi_jax.convert.checkpoint import load_run_params
-
     mcfg = DiTConfig.coerce(config.model)
     init = config.init
     if init.diffusers and init.checkpoint:
         raise ValueError("set init.diffusers or init.checkpoint, not both")
     if init.diffusers:
-        run_fields = {f.name: getattr(mcfg, f.name) for f in dc.fields(mcfg) if f.name not in DIFFUSERS_FIELDS}
+        run_fields = {f.name: getattr(mcfg, f.name) for f in dataclasses.fields(mcfg) if f.name not in DIFFUSERS_FIELDS}
         loaded_cfg, params = load_diffusers_transformer(init.diffusers, mesh=mesh, rng=jax.random.key(config.seed), **run_fields)
         if loaded_cfg != mcfg:
             diff = {k: (getattr(mcfg, k), getattr(loaded_cfg, k)) for k in DIFFUSERS_FIELDS
@@ -153,16 +152,6 @@ def initial_params(config, mesh, param_shardings, abstract_params):
 def make_job(config, data, mesh=None):
     """Everything `loop.run` needs for stage-1 / stage-2 training of `config` (on `mesh`, by
     default the one `config.mesh` describes)."""
-    from flax import linen as nn
-
-    from mi_jax.data.loader import batch_sharding
-    from mi_jax.models.dit import example_inputs
-    from mi_jax.models.dit_config import DiTConfig
-    from mi_jax.nn.lora import lora_init
-    from mi_jax.parallel.mesh import logical_shardings, make_mesh
-    from mi_jax.train.loop import Job
-    from mi_jax.train.state import init_state, make_optimizer, state_shardings, trainable_labels
-
     mesh = mesh or make_mesh(config.mesh)
     mcfg = DiTConfig.coerce(config.model)
     boxed = jax.eval_shape(lambda: DiT(mcfg).init(jax.random.key(0), **example_inputs(mcfg))["params"])
