@@ -17,8 +17,7 @@ Where the numbers come from: every architecture number equals the defaults of di
 blocks, 2 refiner blocks, mlp_ratio 4, patch 1x2x2, rms qk-norm, text_embed_dim 4096 from
 LLaVA-LLaMA-3-8B, pooled 768 from CLIP-L, rope_theta 256, rope_axes_dim (16, 56, 56)) and the
 `TRANSFORMER_CONFIGS` table of diffusers' scripts/convert_hunyuan_video_to_diffusers.py for the
-I2V variants (in_channels, guidance_embeds, image_condition_type). See
-../shared/references/distillation-long-video-hunyuan.md section 5.2.
+I2V variants (in_channels, guidance_embeds, image_condition_type).
 """
 
 import ml_collections

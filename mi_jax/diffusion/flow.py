@@ -1,7 +1,7 @@
 """Rectified flow, as HunyuanVideo(-I2V) trains and samples it.
 
 Source: Tencent-Hunyuan/HunyuanVideo-I2V hyvideo/diffusion/flow/transport.py and path.py with
-`--flow-reverse` (see ../shared/references/distillation-long-video-hunyuan.md section 5.1):
+`--flow-reverse`:
 
     x_t = (1 - t) * x0 + t * noise,       t in [0, 1], t = 1 is pure noise
     target velocity u = noise - x0        (the model predicts u; loss = mean (v - u)^2)

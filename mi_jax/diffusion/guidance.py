@@ -1,7 +1,8 @@
 """Multi-condition classifier-free guidance for talking heads, batched into one forward pass.
 
-Branches (conditions kept on / dropped), as MultiTalk / InfiniteTalk's three passes plus a
-reference-free branch (../shared/references/ section 3.2):
+Branches (conditions kept on / dropped), as MultiTalk / InfiniteTalk's three passes
+(MeiGen-AI/MultiTalk wan/multitalk.py: text + audio, audio only, neither) plus a reference-free
+branch:
 
     full      = (text, audio, reference)
     no_text   = (-, audio, reference)

@@ -9,8 +9,8 @@ Window layout (W latent frames; RoPE positions 0..W-1 in every window, as in tra
   repeating it in every window anchors identity (HunyuanVideo-Avatar, Wan-I2V do the same).
 - Motion latents: the last O latents of the previous window. At every denoising step they are
   replaced by themselves noised to the current time, and restored clean at the end
-  (MultiTalk's SDEdit-style replacement, InfiniteTalk's clean overwrite; ../shared/references/
-  section 4.1). Chosen over latent blending because it needs no training change (a noised
+  (MultiTalk's SDEdit-style replacement, InfiniteTalk's clean overwrite: MeiGen-AI/MultiTalk and
+  MeiGen-AI/InfiniteTalk, wan/multitalk.py). Chosen over latent blending because it needs no training change (a noised
   known frame is exactly what the model sees in training) and carries motion, not just
   appearance, across the seam; O is a config field (MultiTalk 7, InfiniteTalk 3).
 - Each window's audio is the audio of its own frames: window k starts at global latent

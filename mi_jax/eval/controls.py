@@ -8,8 +8,8 @@ masks are the truth's face boxes (as a user paints them), the metrics `mi_jax.ev
     python -m mi_jax.eval.controls --checkpoint demo/model --check turns --seconds 30
     python -m mi_jax.eval.controls --checkpoint demo/model --check anchor --seconds 180
 
-Each prints one JSON object (the figures the issue's goals name, next to the same run without
-the control where that comparison is the point).
+Each prints one JSON object (the control's figures, next to the same run without the control
+where that comparison is the point).
 """
 
 from __future__ import annotations

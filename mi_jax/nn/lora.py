@@ -6,11 +6,11 @@ at zero so the adapted model equals the base at step 0. The base tree is never c
 optimiser state, so a generator and a critic (DMD2) can share one base. Two ways to run it:
 
 - `lora_apply(params, lora, scale)`: the merged tree `W + scale * a @ b` (for export and
-  sampling; `merge_run` for a LoRA run's `{"base", "lora"}` tree). Inside a training step this materialises every adapted kernel at full
-  size (and its gradient); with replicated factors the product `a @ b` is replicated too, so
-  under FSDP each device holds whole-model temporaries. benchmarks/dmd2_memory.py, a DMD2 step
-  on the 13B shapes against a fine-tuning step: 3.5x merged with replicated factors, 1.64x
-  merged with factors sharded as their kernels (`lora_shardings`), 1.09x on activations.
+  sampling; `merge_run` for a LoRA run's `{"base", "lora"}` tree). Inside a training step this
+  materialises every adapted kernel at full size (and its gradient); with replicated factors
+  the product `a @ b` is replicated too, so under FSDP each device holds whole-model
+  temporaries (`lora_shardings` shards the factors as their kernels; benchmarks/dmd2_memory.py
+  measures both forms in a DMD2 step).
 - `lora_params(params, lora, scale)` + `activation_lora()`: the factors sit beside each kernel
   (`lora_a`, `lora_b`) and every layer called under `activation_lora()` computes
   `x @ W + (x @ a) @ (scale b)` (PEFT's form), one layer at a time inside the scanned stack;

@@ -8,8 +8,8 @@ and the DiT, and the job the one loop runs (`mi-jax distill`).
   and s_ref = `distill.real_guidance`.
 - every DiT call takes its arguments from `conditions.dit_inputs`, as pretraining and sampling.
 - LoRA (`distill.lora_rank`) runs on activations inside the step (`distill.lora_activations`,
-  mi_jax/nn/lora.py), its factors and their Adam moments sharded like their kernels: the step
-  then needs 1.09x a fine-tuning step's memory on the 13B shapes (benchmarks/dmd2_memory.py).
+  mi_jax/nn/lora.py), its factors and their Adam moments sharded like their kernels (the step's
+  memory against a fine-tuning step's: benchmarks/dmd2_memory.py).
 - token_replace: frame 0 is the portrait; its velocity is set so that its x0 prediction is
   exactly the portrait, so neither the DM gradient nor the critic loss act there.
 """

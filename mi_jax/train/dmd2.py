@@ -1,6 +1,6 @@
 """DMD2 step distillation and CFG distillation, model-agnostic (the 2-D toy and the DiT alike).
 
-Sources (see ../shared/references/distillation-long-video-hunyuan.md):
+Sources:
   DMD2     Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis",
            NeurIPS 2024, arXiv 2405.14867; repo tianweiy/DMD2 (main/sd_guidance.py,
            main/sd_unified_model.py, main/train_sd.py).
@@ -27,9 +27,9 @@ noise, velocity target noise - x0, x0 = x_t - t v. Every network is a callable; 
 State: one frozen `base` tree shared by the real score, the generator and the critic; the
 generator and the critic are LoRA factors over it (`lora_rank > 0`, `nn/lora.py`) or full
 copies (DMD2's and CausVid's choice). With `lora_activations` the step runs LoRA on activations
-(x W + (x a) b, PEFT's form) rather than on merged kernels: a DMD2 step on the 13B shapes then
-needs 1.09x a plain fine-tuning step's memory per device, against 1.64x merged and 2.23x with
-full copies (benchmarks/dmd2_memory.py). A step is `step(state, batch) -> (state, metrics)` with
+(x W + (x a) b, PEFT's form) rather than on merged kernels, which takes far less memory per
+device (benchmarks/dmd2_memory.py measures merged, on activations and full copies against a
+plain fine-tuning step). A step is `step(state, batch) -> (state, metrics)` with
 `batch = {"x0": real latents [B, ...], "cond": pytree}`, so it runs in train/loop.py.
 """
 
@@ -67,7 +67,7 @@ class DMD2Config:
     real_guidance: float = 1.0  # the teacher's sampling CFG weight g in v_u + g (v_c - v_u): DMD2
     #                             SDXL 8, SD1.5 1.75; HunyuanVideo-Avatar 7.5 (before attenuation)
     cfg_attenuation_high: float = 2.0  # MagicInfinite: 2x-3x attenuation of the real-score CFG;
-    cfg_attenuation_low: float = 3.0  # a review reads it as 2x for t >= 0.75 and 3x below
+    cfg_attenuation_low: float = 3.0  # one reading of the paper: 2x for t >= 0.75, 3x below
     cfg_attenuation_boundary: float = 0.75  # (unverified): set both equal for a constant factor
     ttur: int = 5  # critic updates per generator update: DMD2 SDXL 5, SD1.5 10, CausVid 5
     curriculum_steps: int = 0  # MagicInfinite: base loss -> DM loss linearly; 0 = DM from step 0
@@ -132,7 +132,7 @@ def curriculum_weight(step, curriculum_steps: int) -> jax.Array:
 
 def attenuated_guidance(t: jax.Array, cfg: DMD2Config) -> jax.Array:
     """`[B]` CFG weight for the real score: 1 + (g - 1) / a(t), a = 2 at high noise and 3 below
-    (MagicInfinite's "2x-3x CFG attenuation"; the split by t is a review's reading). We divide
+    (MagicInfinite's "2x-3x CFG attenuation"; the split by t is one reading of the paper). We divide
     the extrapolation beyond the conditional score, so the weight never drops below 1."""
     a = jnp.where(t >= cfg.cfg_attenuation_boundary, cfg.cfg_attenuation_high, cfg.cfg_attenuation_low)
     return 1.0 + (cfg.real_guidance - 1.0) / a
@@ -299,9 +299,8 @@ def adapted(base, adapter, cfg: DMD2Config):
     """The parameter tree a network runs with inside the step: `merged`, or with
     `cfg.lora_activations` the factors beside the base kernels (`lora_params`), applied on
     activations under `_lora_context`. Merging inside the step forms every adapted kernel (and
-    its gradient) at full size, replicated when the factors are: on the 13B shapes 1.64x a
-    fine-tuning step's memory (3.5x with replicated factors) against 1.09x on activations
-    (benchmarks/dmd2_memory.py)."""
+    its gradient) at full size, replicated when the factors are (benchmarks/dmd2_memory.py
+    measures the cost)."""
     if cfg.lora_rank > 0 and cfg.lora_activations:
         return lora_params(base, adapter, cfg.lora_scale)
     return merged(base, adapter, cfg)

@@ -39,8 +39,8 @@ def step_params(params):
     """The tree the train step runs the DiT with (under `activation_lora()`): with LoRA the
     factors sit beside their frozen kernels and act on activations, `x W + (x a) b`, so no
     adapted kernel (nor its gradient) is formed at full size inside the step, and the factors
-    keep their kernels' sharding (`lora_shardings`). Merging there cost 1.64x a fine-tuning
-    step's memory on the 13B shapes, 3.5x with replicated factors (benchmarks/dmd2_memory.py)."""
+    keep their kernels' sharding (`lora_shardings`); benchmarks/dmd2_memory.py measures what
+    merging there would cost."""
     return lora_params(params["base"], params["lora"], 1.0) if is_lora_run(params) else params
 
 
