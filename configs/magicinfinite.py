@@ -166,6 +166,8 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
         s.trainable = [r".*"]
         s.loss.update(face_weight=0.5, mouth_weight=1.0 if text_first else 0.5)
         s.dropout.update(text=0.1, audio=0.1, reference=0.05)
+    if stage == "distill":
+        _distill(c)
     if variant == "tiny":  # the CPU variant (tests, the demo model): the same config at toy sizes
         c.data.global_batch = 4
         p.update(height=64, width=64, latent_frames=3, text_len=12, vae="random:0", wav2vec2="random:0",
@@ -177,8 +179,11 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
         g.update(window=p.latent_frames, overlap=1, steps=20, shift=1.0, cfg_text=2.0, cfg_audio=2.0)
         c.train.update(steps=300, learning_rate=1e-3, warmup_steps=20, checkpoint_every=100)
         s.timestep_shift = 1.0
+        if stage == "distill":
+            c.distill.update(time_shift=1.0, curriculum_steps=100, lora_rank=8)
+            c.train.learning_rate = 1e-4
     if stage == "distill":
-        _distill(c, variant)
+        _distilled_sampler(c)
     if demo:
         # 8 latent channels (the demo VAE's): 2x the previous demo VAE's 4, whose latents lost the
         # mouth and the eyes, while a 2x2 patch's output (2 x 2 x 8 = 32 values) still fits the
@@ -194,21 +199,20 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     return c
 
 
-def _distill(c, variant: str) -> None:
+def _distill(c) -> None:
     """DMD2 to `num_steps` (mi_jax/train/dmd2.py): `mi-jax distill --config ...:tiny,distill
-    --config.init.checkpoint=STAGE2_RUN`. The result samples in K steps with no CFG passes."""
+    --config.init.checkpoint=STAGE2_RUN`. The result samples in K steps with no CFG passes
+    (`_distilled_sampler`)."""
     d = c.distill = ml_collections.ConfigDict()
     d.num_steps = 4
-    d.time_shift = 1.0 if variant == "tiny" else 5.0
+    d.time_shift = 5.0
     d.ttur = 5  # critic updates per generator update (DMD2)
-    d.curriculum_steps = 100 if variant == "tiny" else 2000  # base loss -> DM loss (MagicInfinite)
+    d.curriculum_steps = 2000  # base loss -> DM loss (MagicInfinite)
     d.real_guidance = 2.0  # the teacher's CFG weight before MagicInfinite's 2-3x attenuation
-    d.teacher_cfg_text = c.sample.cfg_text
-    d.teacher_cfg_audio = c.sample.cfg_audio
     d.student_guidance = 1.0  # embedded guidance fed to the student (guidance-embedding models)
-    d.lora_rank = 8 if variant == "tiny" else 64
-    d.lora_activations = True  # LoRA as x W + (x a) b in the step; False merges W + a b (13B shapes:
-    #                            1.64x a fine-tuning step's memory against 1.09x; benchmarks/dmd2_memory.py)
+    d.lora_rank = 64
+    d.lora_activations = True  # LoRA as x W + (x a) b in the step; False merges W + a b (more memory:
+    #                            benchmarks/dmd2_memory.py)
     d.cfg_distill_weight = 0.0  # > 0 adds CFG distillation (Meng et al.) to the generator loss
     # the rest of DMD2Config (mi_jax/train/dmd2.py says where each default comes from); not here:
     # gan_* (the DiT job has no GAN head), lora_targets (DMD2Config's: every attention and MLP
@@ -222,6 +226,13 @@ def _distill(c, variant: str) -> None:
     d.lora_scale = 1.0  # alpha / rank
     d.cfg_g_min, d.cfg_g_max = 1.0, 8.0  # CFG distillation's guidance range
     d.ema_decay = 0.0  # generator EMA (DMD2 / CausVid: none)
-    c.train.learning_rate = 1e-4 if variant == "tiny" else 1e-6
-    # the distilled model samples in K steps, one pass each (CFG is baked in)
+    c.train.learning_rate = 1e-6
+
+
+def _distilled_sampler(c) -> None:
+    """The teacher's CFG is the sampler's of the stage-2 config; the distilled model samples in K
+    steps, one pass each (CFG is baked in)."""
+    d = c.distill
+    d.teacher_cfg_text = c.sample.cfg_text
+    d.teacher_cfg_audio = c.sample.cfg_audio
     c.sample.update(kind="x0", steps=d.num_steps, shift=d.time_shift, cfg_text=1.0, cfg_audio=1.0)
