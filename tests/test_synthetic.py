@@ -14,6 +14,7 @@ from mi_jax.data.synthetic import (
     ACTIONS,
     HELDOUT_SEED_START,
     Identity,
+    box_pixels,
     load_truth,
     measure_mouth_open,
     mouth_envelope,
@@ -286,3 +287,15 @@ def test_save_writes_readable_files(tmp_path):
     assert meta["identities"][0]["skin"] == list(clip.identities[0].skin)
     for name in ("mouth_open", "eye_open", "face_boxes", "mouth_boxes", "face_masks", "speaker_audio", "audio"):
         assert np.array_equal(truth[name], getattr(clip, name)), name
+
+
+def test_box_pixels_clip_to_the_frame_and_never_wrap():
+    """The mouth and eye measurements read a box's pixels through box_pixels: a box
+    partly outside the frame is clipped, one wholly outside (even at negative coordinates,
+    which a plain slice would count from the end) is empty."""
+    frame = np.arange(8 * 10).reshape(8, 10)
+    assert box_pixels(frame, (2.5, 1.2, 4.1, 3.0)).tolist() == frame[1:3, 2:5].tolist()
+    assert box_pixels(frame, (-3.0, -2.0, 2.0, 1.5)).tolist() == frame[0:2, 0:2].tolist()
+    assert box_pixels(frame, (8.0, 6.0, 30.0, 20.0)).shape == (2, 2)
+    for outside in [(1.0, 1.0, 4.0, -2.5), (-5.0, 1.0, -1.5, 4.0), (11.0, 1.0, 14.0, 4.0)]:
+        assert box_pixels(frame, outside).size == 0

@@ -607,6 +607,18 @@ def write_clips(out: str, clips: int, seconds: float, *, seed_start: int = 0, si
 
 # ----------------------------------------------------------------------------- measurement
 
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601 luma weights of RGB
+
+
+def box_pixels(frame: np.ndarray, box) -> np.ndarray:
+    """The pixels of `frame [H, W, ...]` that `box` (x0, y0, x1, y1) overlaps (pixel j counts when
+    it overlaps [x0, x1)), clipped to the frame; empty when the box is outside it."""
+    height, width = frame.shape[:2]
+    x0, y0, x1, y1 = box
+    clip = lambda v, n: min(max(v, 0), n)  # noqa: E731  (a negative stop would count from the end)
+    return frame[clip(math.floor(y0), height):clip(math.ceil(y1), height),
+                 clip(math.floor(x0), width):clip(math.ceil(x1), width)]
+
 
 def measure_mouth_open(frames: np.ndarray, mouth_boxes: np.ndarray) -> np.ndarray:
     """Mouth opening measured from pixels: float32 [T], the fraction of each box's area covered by
@@ -620,15 +632,12 @@ def measure_mouth_open(frames: np.ndarray, mouth_boxes: np.ndarray) -> np.ndarra
     boxes = np.asarray(mouth_boxes, np.float64)
     if frames.ndim != 4 or boxes.shape != (len(frames), 4):
         raise ValueError(f"expected frames [T, H, W, 3] and boxes [T, 4], got {frames.shape} and {boxes.shape}.")
-    height, width = frames.shape[1:3]
-    luma_weights = np.array([0.299, 0.587, 0.114], np.float32) / 255
     out = np.zeros(len(frames), np.float32)
-    for t, (x0, y0, x1, y1) in enumerate(boxes):
-        c0, r0 = max(0, math.floor(x0)), max(0, math.floor(y0))
-        c1, r1 = min(width, math.ceil(x1)), min(height, math.ceil(y1))
-        if c1 <= c0 or r1 <= r0:
+    for t, box in enumerate(boxes):
+        pixels = box_pixels(frames[t], box)
+        if pixels.size == 0:
             continue
-        luma = frames[t, r0:r1, c0:c1].astype(np.float32) @ luma_weights
+        luma = pixels.astype(np.float32) @ (LUMA / 255)
         skin = max(float(np.percentile(luma, 90)), 1e-3)
         out[t] = np.clip((0.55 * skin - luma) / (0.3 * skin), 0, 1).mean()
     return out

@@ -256,9 +256,6 @@ def identity_drift(similarity: np.ndarray, fps: float, window_s: float = 60.0) -
     return {"first": first, "last": last, "drift": (first - last) / max(first, 1e-9), "window_frames": window}
 
 
-LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601, as `synthetic.measure_mouth_open`
-
-
 def eye_detail(frames: np.ndarray, eye_boxes: np.ndarray) -> np.ndarray:
     """float32 [T]: the mean gradient magnitude of luma (0-255 units per pixel) inside each frame's
     eye band box: forward differences along both axes, sqrt(dx^2 + dy^2), over the box's pixels
@@ -271,14 +268,12 @@ def eye_detail(frames: np.ndarray, eye_boxes: np.ndarray) -> np.ndarray:
     if boxes.shape != (len(frames), 4):
         raise ValueError(f"eye_boxes must be [T, 4] (x0, y0, x1, y1) for T = {len(frames)} frames, got shape "
                          f"{boxes.shape}.")
-    height, width = frames.shape[1:3]
     out = np.zeros(len(frames), np.float32)
-    for t, (x0, y0, x1, y1) in enumerate(boxes):
-        c0, r0 = max(0, math.floor(x0)), max(0, math.floor(y0))
-        c1, r1 = min(width, math.ceil(x1)), min(height, math.ceil(y1))
-        if c1 - c0 < 2 or r1 - r0 < 2:
+    for t, box in enumerate(boxes):
+        pixels = synthetic.box_pixels(frames[t], box)
+        if min(pixels.shape[:2]) < 2:
             continue
-        luma = frames[t, r0:r1, c0:c1].astype(np.float32) @ LUMA
+        luma = pixels.astype(np.float32) @ synthetic.LUMA
         dx, dy = np.diff(luma, axis=1)[:-1], np.diff(luma, axis=0)[:, :-1]
         out[t] = np.sqrt(dx * dx + dy * dy).mean()
     return out

@@ -19,6 +19,9 @@ Image conditions (diffusers' `image_condition_type`):
   (see `image_condition_input`); the model only sees more input channels.
 - `token_replace`: the first latent frame holds the clean image latent, and its tokens are
   modulated with the t = 0 embedding (`token_replace_emb`) instead of the current timestep's.
+
+One Flax module per diffusers module, under diffusers' names, so conversion is a name map
+(mi_jax/convert/hunyuan.py); the blocks' alike headers are that mirror, not logic to share.
 """
 
 from __future__ import annotations
