@@ -2,13 +2,15 @@
 here, and a random one cannot decode a face): `mi-jax train-vae --out DIR`.
 
 One regime with generation. HunyuanVideo's VAE normalises with GroupNorm statistics over the
-whole clip (T x H x W), so what it does to a frame depends on the clip length it is given: a
-VAE trained on 5-frame clips and run on `VAEStream`'s 17-frame tiles put the mouth half a
-second late (issue: lip sync 0.68 at 5 frames, 0.17 at 17). So the clips trained on are the
-lengths generation and `prepare` run it at (`vae_regime_lengths`):
+whole clip (T x H x W), so what it does to a frame depends on the clip length it is given, and
+`VAEStream`'s decode tiles begin with a 4-frame latent decoded as if it were a lone first frame.
+A VAE trained on single 5-frame passes and run on 17-frame stream tiles drew the mouth half a
+second late (lip sync 0.68 over 5-frame chunks, 0.17 over 17 frames). So every clip is encoded
+and decoded through the `VAEStream` of `prepare.vae_tiling` (`round_trip`), the one `prepare`
+and generation use, at the lengths of `vae_train.lengths` (default `vae_regime_lengths`):
 
-* mostly `VAEStream` tiles: 1 + `tile_sample_min_num_frames` frames (17 at diffusers' default),
-  what every encode / decode of a clip longer than one tile runs on;
+* mostly 1 + `tile_sample_min_num_frames` frames (17 at diffusers' default), or clips of several
+  tiles when the tiles are shorter (the demo's 5-frame tiles on 17-frame clips);
 * the shorter 1 + 4k frame counts (a clip's last tile, clips shorter than a tile);
 * the portrait: generation encodes the portrait alone (one frame) and decodes it as latent 0 of
   the first tile, followed by latents of a whole-clip encode; with probability
