@@ -398,7 +398,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """`[B, 1 + k, h, w, latent] -> [B, 1 + 4k, 8h, 8w, out]` (after `post_quant_conv`)."""
+    """`[B, 1 + k, h, w, latent] -> [B, 1 + 4k, 8h, 8w, out]` (after `post_quant_conv`). Its
+    opening mirrors `Encoder`'s as diffusers' `HunyuanVideoDecoder3D` mirrors its encoder (kept
+    apart, like theirs, so the parameter trees map one to one)."""
 
     config: VAEConfig
     attention: str = "auto"
