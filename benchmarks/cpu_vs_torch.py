@@ -17,8 +17,8 @@ same inputs; the first-step losses are printed to show they compute the same thi
 
 Timing: one compile / warm-up step per side, then jax, torch, jax, torch ... `--repeats` times;
 the median per side and torch_ms / jax_ms (mi_jax speed as a multiple of PyTorch eager; >= 1 is
-as fast or faster). torch runs `--threads` threads (default all cores) with OMP_WAIT_POLICY=PASSIVE
-unless it is set (spinning OpenMP threads crawl on a busy CPU); XLA uses its own pool of all cores.
+as fast or faster). torch runs `--threads` threads (default all cores) with libgomp's default wait
+policy (see the comment below on OMP_WAIT_POLICY); XLA uses its own pool of all cores.
 MFU: the step's FLOPs from XLA's cost analysis of the compiled step (the same count is used for
 torch; 3 x the forward's is printed too: the VAE's FFT kernel gradients make the step's count ~30%
 above it) over this machine's fp32 matmul peak (best of 2048^3 matmuls in jax and torch).
@@ -47,10 +47,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the comparison is on the CPU even where a GPU exists
-# torch's OpenMP threads spin at barriers by default: on a CPU shared with other work (or with XLA's
-# own pool) a descheduled spinner makes each op wait for a time slice (the tiny DiT's step: 1.5 s
-# instead of 20 ms on 2 busy cores). Passive waiting costs nothing measurable on an idle machine.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch's OpenMP (libgomp) runs with its default wait policy (a short spin, then sleep): the fair
+# setting on an idle machine. OMP_WAIT_POLICY=ACTIVE keeps torch's threads spinning into the JAX
+# steps that alternate with them (JAX 1.5x slower, torch 2x faster, here); PASSIVE halves torch's
+# DiT speed. On a CPU shared with other work the default spin crawls (the tiny DiT's step: 1.5 s
+# instead of 20 ms on 2 busy cores): there, set PASSIVE and say so. Measured on 2026-12-04:
+# default 0.86x / 0.41x (dit_medium / vae), PASSIVE 1.6x / 0.51x, ACTIVE 0.56x / 0.25x.
 
 CASES = ("dit_medium", "dit_tiny", "vae")
 CATEGORIES = ("attention", "matmul", "conv", "fft", "norm/reduce", "layout copies", "elementwise/other",
