@@ -36,7 +36,7 @@ from mi_jax.train.vae import train_vae
 
 DEMO = "demo"
 HELDOUT_SEED = 1_000_123
-FACE_MARGIN = 0.15  # configs/magicinfinite.py prepare.face_margin (the demo model's)
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "magicinfinite.py")
 
 
 def demo_inputs(folder: str, seconds: float = 60.0) -> tuple[str, str, str]:
@@ -49,7 +49,8 @@ def demo_inputs(folder: str, seconds: float = 60.0) -> tuple[str, str, str]:
         os.makedirs(folder, exist_ok=True)
         clip = synthetic.render_clip(HELDOUT_SEED, 0.2, size=(64, 64))
         Image.fromarray(clip.frames[0]).save(portrait)
-        Image.fromarray(faces.box_mask_images(clip.face_boxes[:, 0], 64, 64, margin=FACE_MARGIN)[0]).save(mask)
+        margin = float(load_config(CONFIG + ":demo").prepare.face_margin)  # the demo model's, as prepare grew it
+        Image.fromarray(faces.box_mask_images(clip.face_boxes[:, 0], 64, 64, margin=margin)[0]).save(mask)
         rng = np.random.default_rng(HELDOUT_SEED)
         turns = synthetic.speaking_turns(rng, seconds, 1)[0]
         sf.write(voice, synthetic.speech_audio(rng, int(seconds * 16000), 150.0, turns), 16000, subtype="PCM_16")
@@ -110,7 +111,7 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
     teaches the backbone video (text + reference) and stage 2 adds audio jointly.
     """
     os.makedirs(work, exist_ok=True)
-    spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "magicinfinite.py")
+    spec = CONFIG
     vae_out = os.path.join(os.path.dirname(out.rstrip("/")) or DEMO, "vae")
     # the pretrained start (as real video models start from HunyuanVideo's VAE): a small VAE of
     # this world trained from scratch on an H200 (`mi-jax train-vae`, 4000 steps at batch 8 x 5

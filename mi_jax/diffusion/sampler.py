@@ -40,9 +40,6 @@ from mi_jax.models.dit import DiT
 from mi_jax.models.dit_config import DiTConfig
 from mi_jax.models.vae import TEMPORAL_FACTOR
 
-FRAMES_PER_LATENT = TEMPORAL_FACTOR  # video frames per latent after the first (the causal VAE's)
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     window: int = 9  # W latent frames per window, reference included
@@ -68,7 +65,7 @@ class SamplerConfig:
 
     def num_windows(self, video_frames: int) -> int:
         """Windows needed for `video_frames` frames (the first is the portrait)."""
-        latents = max(1, math.ceil((video_frames - 1) / FRAMES_PER_LATENT))  # after the reference
+        latents = max(1, math.ceil((video_frames - 1) / TEMPORAL_FACTOR))  # after the reference
         return max(1, math.ceil(max(latents - self.overlap, 1) / self.new_per_window))
 
     def generated_latents(self, num_windows: int) -> int:
@@ -76,14 +73,14 @@ class SamplerConfig:
 
     def audio_frames(self, num_windows: int) -> int:
         """Video frames of audio the windows read (1 + 4 x all latents after the reference)."""
-        return 1 + FRAMES_PER_LATENT * self.generated_latents(num_windows)
+        return 1 + TEMPORAL_FACTOR * self.generated_latents(num_windows)
 
 
 def window_frames(cfg: SamplerConfig, k: int) -> tuple[int, int]:
     """Video frames `[start, stop)` whose audio window k reads: `1 + 4 (W - 1)` frames from
     `4 k (W - 1 - O)` (the module docstring's layout)."""
-    start = FRAMES_PER_LATENT * cfg.new_per_window * k
-    return start, start + 1 + FRAMES_PER_LATENT * (cfg.window - 1)
+    start = TEMPORAL_FACTOR * cfg.new_per_window * k
+    return start, start + 1 + TEMPORAL_FACTOR * (cfg.window - 1)
 
 
 def window_audio(audio_states: jax.Array, cfg: SamplerConfig, num_windows: int) -> jax.Array:

@@ -27,18 +27,18 @@ from flax import linen as nn
 
 from mi_jax.models.dit_config import DiTConfig
 from mi_jax.nn.attention import attention
-from mi_jax.models.vae import TEMPORAL_FACTOR as VIDEO_FRAMES_PER_LATENT
+from mi_jax.models.vae import TEMPORAL_FACTOR
 from mi_jax.nn.layers import Dense, LayerNorm, RMSNorm, layer_norm
 
 
 def num_latent_frames(num_video_frames: int) -> int:
-    if num_video_frames < 1 or (num_video_frames - 1) % VIDEO_FRAMES_PER_LATENT:
+    if num_video_frames < 1 or (num_video_frames - 1) % TEMPORAL_FACTOR:
         raise ValueError(
-            f"{num_video_frames} video frames: the causal VAE needs 1 + {VIDEO_FRAMES_PER_LATENT}k frames "
-            f"(1, {1 + VIDEO_FRAMES_PER_LATENT}, {1 + 2 * VIDEO_FRAMES_PER_LATENT}, ...); "
+            f"{num_video_frames} video frames: the causal VAE needs 1 + {TEMPORAL_FACTOR}k frames "
+            f"(1, {1 + TEMPORAL_FACTOR}, {1 + 2 * TEMPORAL_FACTOR}, ...); "
             "cut or pad the audio/video to such a length"
         )
-    return 1 + (num_video_frames - 1) // VIDEO_FRAMES_PER_LATENT
+    return 1 + (num_video_frames - 1) // TEMPORAL_FACTOR
 
 
 def frame_windows(num_frames: int, radius: int) -> np.ndarray:
@@ -67,8 +67,8 @@ class AudioProjector(nn.Module):
         h = Dense(cfg.audio_hidden, ("audio_in", "audio_hidden"), name="proj_frame", **kw)(win.reshape(b, s, f, -1))
         h = nn.silu(h)
         # latent frame 0 holds video frame 0 alone: repeat it to make a full group of 4
-        h = jnp.concatenate([jnp.repeat(h[:, :, :1], VIDEO_FRAMES_PER_LATENT - 1, axis=2), h], axis=2)
-        h = h.reshape(b, s, k, VIDEO_FRAMES_PER_LATENT * cfg.audio_hidden)
+        h = jnp.concatenate([jnp.repeat(h[:, :, :1], TEMPORAL_FACTOR - 1, axis=2), h], axis=2)
+        h = h.reshape(b, s, k, TEMPORAL_FACTOR * cfg.audio_hidden)
         h = Dense(cfg.audio_hidden, ("audio_in", "audio_hidden"), name="proj_group", **kw)(h)
         h = nn.silu(h)
         tokens = Dense(cfg.audio_tokens * cfg.audio_token_dim, ("audio_hidden", "audio_embed"), name="proj_tokens", **kw)(h)

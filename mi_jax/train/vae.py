@@ -147,18 +147,18 @@ def start_from(folder: str, vcfg: VAEConfig, fresh: dict) -> dict:
     return jax.tree.map(jnp.asarray, out)
 
 
-def round_trip(stream: VAEStream, p, x, portrait, noise):
+def round_trip(stream: VAEStream, p, x, portrait, key=None):
     """video [B, T, H, W, 3] -> (reconstruction, mean, logvar) through `stream`, the `VAEStream`
     that `prepare` encodes and generation decodes with (its temporal tiles; a clip shorter than
     a tile is one pass). `portrait` [B] bool: latent 0 is the first frame encoded alone, as
-    generation encodes a portrait. `noise` (like the latents) scales the posterior sample."""
+    generation encodes a portrait. `key`: draws the posterior sample (None: its mean)."""
     model = stream.vae
     mean, logvar = stream.encode(p, x)
     m1, lv1 = model.apply({"params": p}, x[:, :1], method="encode")
     first = portrait[:, None, None, None, None]
     mean = jnp.concatenate([jnp.where(first, m1, mean[:, :1]), mean[:, 1:]], axis=1)
     logvar = jnp.concatenate([jnp.where(first, lv1, logvar[:, :1]), logvar[:, 1:]], axis=1)
-    z = mean + jnp.exp(0.5 * logvar) * noise
+    z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
     return stream.decode(p, z), mean, logvar
 
 
@@ -168,10 +168,7 @@ def make_vae_step(model: CausalVAE, tx, beta: float, tiling: Tiling = Tiling()):
     stream = VAEStream(model, tiling)
 
     def loss_fn(p, x, w, portrait, key):
-        shape = (x.shape[0], (x.shape[1] - 1) // model.config.temporal_factor + 1,
-                 x.shape[2] // model.config.spatial_factor, x.shape[3] // model.config.spatial_factor,
-                 model.config.latent_channels)
-        y, mean, logvar = round_trip(stream, p, x, portrait, jax.random.normal(key, shape))
+        y, mean, logvar = round_trip(stream, p, x, portrait, key)
         err = jnp.abs(y - x)
         kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
         weighted = (err * w).sum() / (w.sum() * x.shape[-1])
