@@ -78,6 +78,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         param_dtype="bfloat16" if "bf16" in flags else "float32",
         attention="auto",  # cuDNN flash attention on GPU in bf16, `dense` on CPU, XLA elsewhere
         scan_layers=True,
+        scan_unroll="auto",  # every block unrolled on CPU (faster there), one per iteration elsewhere
         remat_policy="none" if variant == "tiny" else "dots_no_batch",
     )
     config.model = ml_collections.ConfigDict(model)

@@ -12,6 +12,8 @@ import pytest
 from conftest import max_abs
 from mi_jax.convert import CheckpointError, WeightMismatchError, load_diffusers_transformer
 from mi_jax.models import DiT, DiTConfig, image_condition_input
+from mi_jax.models.dit import scan_unroll
+from mi_jax.nn.layers import layer_norm, modulate, modulated_layer_norm
 
 TINY = dict(
     out_channels=4,
@@ -125,6 +127,39 @@ def test_unscanned_and_remat_paths_agree(saved_models, torch):
     g_remat = grad(cfg_remat)(params)
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), g_plain, g_remat))
     assert max(diffs) <= 1e-5
+
+
+def test_scan_unroll_changes_speed_not_values(saved_models, torch):
+    """`scan_unroll` (auto: every block unrolled on CPU) keeps the stacked weights and gives the
+    one-block-per-iteration scan's output and gradients."""
+    kwargs, shape = CASES["token_replace_guidance"]
+    _, path = saved_models["token_replace_guidance"]
+    inputs = _to_jax(_inputs(torch, kwargs, shape, seed=2))
+    config, params = load_diffusers_transformer(path)
+    assert config.scan_unroll == "auto" and scan_unroll("auto", 3) == 3  # the tests run on CPU
+    loss = lambda cfg: jax.jit(jax.value_and_grad(  # noqa: E731
+        lambda p: jnp.sum(DiT(cfg).apply({"params": p}, **inputs) ** 2)))
+    (l_auto, g_auto), (l_one, g_one) = loss(config)(params), loss(config.replace(scan_unroll=1))(params)
+    assert abs(float(l_auto - l_one)) <= 1e-5 * abs(float(l_one))
+    for a, b in zip(jax.tree.leaves(g_auto), jax.tree.leaves(g_one)):  # float32 round-off of sums
+        assert max_abs(a, b) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
+    with pytest.raises(ValueError, match="scan_unroll"):
+        config.replace(scan_unroll=0)
+
+
+def test_modulated_layer_norm_gradient_matches_autodiff():
+    """adaLN's hand-written backward equals autodiff of layer_norm + modulate, for per-sample
+    ([B, D]) and per-token ([B, L, D], token replace) shift and scale (relative 1e-5)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(2 + 3 * rng.standard_normal((2, 7, 16)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    for mod_shape in ((2, 16), (2, 7, 16)):
+        shift, scale = (jnp.asarray(rng.standard_normal(mod_shape), jnp.float32) for _ in range(2))
+        want_y, pull_want = jax.vjp(lambda *a: modulate(layer_norm(a[0], 1e-6), *a[1:]), x, shift, scale)
+        got_y, pull_got = jax.vjp(lambda *a: modulated_layer_norm(*a, 1e-6), x, shift, scale)
+        assert max_abs(got_y, want_y) <= 1e-5
+        for a, b in zip(pull_want(g), pull_got(g)):
+            assert a.shape == b.shape and max_abs(a, b) <= 1e-5 * float(jnp.abs(a).max())
 
 
 def test_bf16_runs_close_to_fp32(saved_models, torch):

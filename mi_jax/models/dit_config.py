@@ -52,6 +52,7 @@ class DiTConfig:
     param_dtype: str = "float32"
     attention: str = "auto"  # auto | xla | dense | cudnn | blockwise | ulysses | ring (mi_jax.nn.attention)
     scan_layers: bool = True  # nn.scan over blocks (False: a python loop, for debugging)
+    scan_unroll: str | int = "auto"  # blocks per scanned iteration: auto (all on CPU, 1 elsewhere) or N
     remat_policy: str = "none"  # see REMAT_POLICIES
 
     def __post_init__(self):
@@ -66,6 +67,10 @@ class DiTConfig:
             raise ValueError(
                 f"rope_axes_dim {self.rope_axes_dim} must sum to attention_head_dim={self.attention_head_dim}"
             )
+        if isinstance(self.scan_unroll, str) and self.scan_unroll.isdigit():  # "--config.model.scan_unroll=2"
+            object.__setattr__(self, "scan_unroll", int(self.scan_unroll))
+        if self.scan_unroll != "auto" and not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
+            raise ValueError(f"scan_unroll={self.scan_unroll!r}; 'auto' or a positive int (blocks per iteration)")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
         if self.image_condition_type == "latent_concat" and self.in_channels != 2 * self.out_channels + 1:

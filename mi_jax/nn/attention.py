@@ -64,6 +64,7 @@ def _dense_attention(q, k, v, bias):
     return _dense_fwd(q, k, v, bias)[0]
 
 
+@jax.named_scope("attention_dense")  # profiles (benchmarks/cpu_vs_torch.py) find the core by this name
 def _dense_fwd(q, k, v, bias):
     """Scores in float32 on the heads-major layout, probabilities kept for the backward."""
     qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
@@ -71,21 +72,24 @@ def _dense_fwd(q, k, v, bias):
     s = jnp.einsum("bhld,bhmd->bhlm", qt, kt, preferred_element_type=jnp.float32) * scale + bias
     e = jnp.exp(s - s.max(-1, keepdims=True))
     p = e / e.sum(-1, keepdims=True)
-    out = jnp.einsum("bhlm,bhmd->bhld", p.astype(v.dtype), vt).transpose(0, 2, 1, 3)
-    return out, (qt, kt, vt, p, bias)
+    out = jnp.einsum("bhlm,bhmd->bhld", p.astype(v.dtype), vt)
+    return out.transpose(0, 2, 1, 3), (qt, kt, vt, p, bias, out)
 
 
+@jax.named_scope("attention_dense")
 def _dense_bwd(res, g):
     """The softmax-attention gradient in its five matmuls (FlashAttention's backward, Dao et al.
-    2022, without the tiling): ds = p (dp - rowsum(dp p)). XLA's autodiff of the forward keeps
-    the scores and recomputes the softmax pieces in more passes (1.5x slower on CPU)."""
-    qt, kt, vt, p, bias = res
+    2022, without the tiling): ds = p (dp - delta), delta = rowsum(dp p) = rowsum(g out), the
+    latter over [L, D] instead of [L, L]. XLA's autodiff of the forward keeps the scores and
+    recomputes the softmax pieces in more passes (1.5x slower on CPU)."""
+    qt, kt, vt, p, bias, out = res
     scale = 1.0 / float(qt.shape[-1]) ** 0.5
     gt = g.transpose(0, 2, 1, 3)
     f32 = dict(preferred_element_type=jnp.float32)
     dv = jnp.einsum("bhlm,bhld->bhmd", p.astype(gt.dtype), gt, **f32)
     dp = jnp.einsum("bhld,bhmd->bhlm", gt, vt, **f32)
-    ds = (p * (dp - (dp * p).sum(-1, keepdims=True)) * scale).astype(qt.dtype)
+    delta = (gt.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True)
+    ds = (p * (dp - delta) * scale).astype(qt.dtype)
     dq = jnp.einsum("bhlm,bhmd->bhld", ds, kt, **f32)
     dk = jnp.einsum("bhlm,bhld->bhmd", ds, qt, **f32)
     back = lambda x, like: x.astype(like.dtype).transpose(0, 2, 1, 3)  # noqa: E731

@@ -236,5 +236,53 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale) + shift
 
 
+def modulated_layer_norm(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """`modulate(layer_norm(x, eps), shift, scale)` (adaLN) in one op with a hand-written
+    backward; shift/scale are [B, D] or per-token [B, L, D]. Same values as the two calls (the
+    product in float32, then cast to x's dtype)."""
+    if shift.ndim == 2:
+        shift, scale = shift[:, None], scale[:, None]
+    return _modulated_layer_norm(x, shift, scale, eps)
+
+
+def _ln_stats(xf: jax.Array, eps: float):
+    mean = xf.mean(-1, keepdims=True)
+    return mean, jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _modulated_layer_norm(x, shift, scale, eps):
+    return _modulated_layer_norm_fwd(x, shift, scale, eps)[0]
+
+
+def _modulated_layer_norm_fwd(x, shift, scale, eps):
+    xf = x.astype(jnp.float32)
+    mean, rstd = _ln_stats(xf, eps)
+    y = (xf - mean) * rstd * (1 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)
+    return y.astype(x.dtype), (x, mean, rstd, shift, scale)
+
+
+def _modulated_layer_norm_bwd(eps, res, g):
+    """The adaLN gradient as its textbook formulas: d_shift = sum g, d_scale = sum g * xhat over
+    the broadcast axes; dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with
+    dxhat = g (1 + scale). XLA:CPU's autodiff of the two calls fused each block's norm gradients
+    into few very wide fusions that recomputed the chain per output (benchmarks/cpu_vs_torch.py:
+    the DiT's backward ~1.3x faster with this)."""
+    x, mean, rstd, shift, scale = res
+    gf = g.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+
+    def reduce_to(t, like):  # sum the axes `like` was broadcast over
+        axes = tuple(i for i, (a, b) in enumerate(zip(t.shape, like.shape)) if b == 1 and a != 1)
+        return t.sum(axes, keepdims=True).astype(like.dtype)
+
+    dxhat = gf * (1 + scale.astype(jnp.float32))
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), reduce_to(gf, shift), reduce_to(gf * xhat, scale)
+
+
+_modulated_layer_norm.defvjp(_modulated_layer_norm_fwd, _modulated_layer_norm_bwd)
+
+
 def gate(x: jax.Array, g: jax.Array) -> jax.Array:
     return x * (g[:, None] if g.ndim == 2 else g)
