@@ -150,16 +150,24 @@ def test_group_norm_gradient_matches_autodiff():
         assert max_abs(a, b) <= 1e-5 * float(jnp.abs(a).max())
 
 
-@pytest.mark.parametrize("strides", [(1, 1, 1), (1, 2, 2), (2, 2, 2)])
-def test_cpu_convolution_and_its_gradients_match_xla(strides):
-    """On CPU `conv3d` runs as frame-wise 2-D convolutions with a custom gradient (the kernel's
-    through FFT cross-correlations): its output and both gradients equal XLA's 3-D convolution
-    (relative 1e-5), at the VAE's strides, with an uneven output gradient."""
+@pytest.mark.parametrize("shape, co, strides", [
+    ((2, 11, 18, 14, 8), 16, (1, 1, 1)),  # small frames: XLA's kernel gradient
+    ((2, 11, 18, 14, 8), 16, (1, 2, 2)),  # the VAE's strides
+    ((2, 11, 18, 14, 8), 16, (2, 2, 2)),
+    ((1, 5, 34, 36, 8), 16, (1, 1, 1)),  # frames of >= 32 x 32: the FFT kernel gradient
+    ((1, 5, 34, 36, 3), 8, (1, 1, 1)),  # RGB in: taps folded into the channels
+    ((1, 5, 34, 36, 8), 3, (1, 1, 1)),  # RGB out: the kernel widened to 8 outputs
+])
+def test_cpu_convolution_and_its_gradients_match_xla(shape, co, strides):
+    """On CPU `conv3d` runs as 2-D convolutions of the frames (the form picked by channel
+    counts) with a custom gradient (the kernel's through FFT cross-correlations on large
+    frames): its output and both gradients equal XLA's 3-D convolution (relative 1e-5) on every
+    path, at the VAE's strides, with an uneven output gradient."""
     from mi_jax.models.vae import conv3d
 
-    rng = np.random.default_rng(sum(strides))
-    x = jnp.asarray(rng.standard_normal((2, 11, 18, 14, 8)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 16)), jnp.float32)
+    rng = np.random.default_rng(sum(strides) + co)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, shape[-1], co)), jnp.float32)
     ref = lambda x, k: jax.lax.conv_general_dilated(x, k, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))  # noqa: E731
     want, pull_want = jax.vjp(ref, x, kernel)
     got, pull_got = jax.vjp(lambda x, k: conv3d(x, k, strides), x, kernel)
