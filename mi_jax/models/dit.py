@@ -44,8 +44,6 @@ from mi_jax.nn.layers import (
     Modulation,
     RMSNorm,
     gate,
-    layer_norm,
-    modulate,
     modulated_layer_norm,
     partitioned,
     timestep_embedding,
