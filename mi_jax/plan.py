@@ -12,7 +12,8 @@ Where the numbers come from:
   program: XLA:GPU fuses and schedules differently. On CPU the `auto` / `cudnn` / `xla`
   attention is planned as `blockwise` (O(L) memory, like cuDNN flash attention), host
   offloading (`offload_dots`) is not modelled, and CPU-only bf16 artefacts are switched off
-  (`CPU_COMPILER_OPTIONS`).
+  (`CPU_COMPILER_OPTIONS`); `scan_unroll="auto"` is planned as one block per iteration (what it
+  means off CPU).
 - FLOPs: counted on the step's jaxpr (matmuls and convolutions, scan trip counts and remat
   recomputation included). XLA's `cost_analysis()` counts a loop body once, so with scanned
   layers it undercounts by the layer count; it is reported as `xla_flops_per_device` only.
@@ -371,8 +372,11 @@ def plan_step(spec: StepSpec, gpu: GPU, mfu: float = DEFAULT_MFU) -> dict:
 
 
 def _with(config, train: dict | None = None, **model_fields):
-    """A copy of `config` with `model_fields` (and `train` fields) replaced."""
+    """A copy of `config` with `model_fields` (and `train` fields) replaced; `scan_unroll="auto"`
+    planned as an accelerator runs it (one block per iteration; "auto" unrolls on CPU only)."""
     c = copy.deepcopy(config)
+    if c.model.get("scan_unroll", "auto") == "auto":
+        model_fields.setdefault("scan_unroll", 1)
     with c.model.ignore_type():
         c.model.update(model_fields)
     if train:
