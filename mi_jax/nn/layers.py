@@ -271,14 +271,18 @@ def _modulated_layer_norm_bwd(eps, res, g):
     x, mean, rstd, shift, scale = res
     gf = g.astype(jnp.float32)
     xhat = (x.astype(jnp.float32) - mean) * rstd
+    per_token = shift.shape[1] != 1  # [B, L, D] (token replace) or [B, 1, D]
 
-    def reduce_to(t, like):  # sum the axes `like` was broadcast over
-        axes = tuple(i for i, (a, b) in enumerate(zip(t.shape, like.shape)) if b == 1 and a != 1)
-        return t.sum(axes, keepdims=True).astype(like.dtype)
+    # the sums as contractions (einsum): XLA:CPU runs them 3x faster than `sum` / `mean` here
+    def d_mod(t):  # sum over the tokens when the modulation is per sample
+        return t if per_token else jnp.einsum("bld,bld->bd", t, jnp.ones_like(t))[:, None]
 
     dxhat = gf * (1 + scale.astype(jnp.float32))
-    dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True))
-    return dx.astype(x.dtype), reduce_to(gf, shift), reduce_to(gf * xhat, scale)
+    d = x.shape[-1]
+    m1 = jnp.einsum("bld,bld->bl", dxhat, jnp.ones_like(dxhat))[..., None] / d
+    m2 = jnp.einsum("bld,bld->bl", dxhat, xhat)[..., None] / d
+    dx = rstd * (dxhat - m1 - xhat * m2)
+    return dx.astype(x.dtype), d_mod(gf).astype(shift.dtype), d_mod(gf * xhat).astype(scale.dtype)
 
 
 _modulated_layer_norm.defvjp(_modulated_layer_norm_fwd, _modulated_layer_norm_bwd)
