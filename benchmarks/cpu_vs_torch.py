@@ -20,8 +20,10 @@ the median per side and torch_ms / jax_ms (mi_jax speed as a multiple of PyTorch
 as fast or faster). torch runs `--threads` threads (default all cores) with libgomp's default wait
 policy (see the comment below on OMP_WAIT_POLICY); XLA uses its own pool of all cores.
 MFU: the step's FLOPs from XLA's cost analysis of the compiled step (the same count is used for
-torch; 3 x the forward's is printed too: the VAE's FFT kernel gradients make the step's count ~30%
-above it) over this machine's fp32 matmul peak (best of 2048^3 matmuls in jax and torch).
+torch; 3 x the forward's is printed too: the VAE's FFT kernel gradients make the step's count ~20%
+above it) over this machine's fp32 matmul peak (best of 2048^3 matmuls in jax and torch). The
+count is right only without `while` loops (XLA counts a loop body once): on CPU the DiT's scanned
+blocks are unrolled (`scan_unroll="auto"`), so it is.
 
 Profile (`--no-profile` skips it), ms per step by category: attention (QK^T, softmax, PV; not
 the projections), matmul, conv, fft, norm/reduce, layout copies, elementwise/other, framework
