@@ -198,10 +198,10 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
         c.vae_train.lengths = (17, 13, 9, 5, 1)
         # windows of 5 latents (17 frames, 0.7 s: about a nod's period), 2 carried, 2 new: a
         # window sees where the head was and where it was going. Measured against 3-latent
-        # windows (1 carried, 1 new; mi-jax eval, 3 x 180 s): lip sync 0.30 vs 0.25, shaking
-        # head's vertical / horizontal 0.98 vs 1.42, nodding 1.75 vs 2.60, generation ~1.2x
-        # faster per frame. The head still moves ~20x less than the renderer's (the VAE keeps the
-        # motion: the DiT, and more so its distilled student, damp it)
+        # windows (1 carried, 1 new; mi-jax eval, 3 x 180 s): lip sync 0.30 vs 0.25, generation
+        # 1.4x faster (make demo); text control within its noise. The head still moves ~20x less
+        # than the renderer's (the VAE keeps the motion: the DiT, and more so its distilled
+        # student, damp it)
         c.prepare.latent_frames = 5
         c.sample.update(window=5, overlap=2)
     return c
