@@ -147,9 +147,12 @@ def test_scan_unroll_changes_speed_not_values(saved_models, torch):
         config.replace(scan_unroll=0)
 
 
-def test_modulated_layer_norm_gradient_matches_autodiff():
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_modulated_layer_norm_gradient_matches_autodiff(backend, monkeypatch):
     """adaLN's hand-written backward equals autodiff of layer_norm + modulate, for per-sample
-    ([B, D]) and per-token ([B, L, D], token replace) shift and scale (relative 1e-5)."""
+    ([B, D]) and per-token ([B, L, D], token replace) shift and scale (relative 1e-5), in its
+    CPU form (sums as contractions) and its form elsewhere (reductions)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
     rng = np.random.default_rng(0)
     x = jnp.asarray(2 + 3 * rng.standard_normal((2, 7, 16)), jnp.float32)
     g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)

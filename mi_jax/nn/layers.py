@@ -273,14 +273,18 @@ def _modulated_layer_norm_bwd(eps, res, g):
     xhat = (x.astype(jnp.float32) - mean) * rstd
     per_token = shift.shape[1] != 1  # [B, L, D] (token replace) or [B, 1, D]
 
-    # the sums as contractions (einsum): XLA:CPU runs them 3x faster than `sum` / `mean` here
+    def dot_sum(a, b, out: str):  # sum of a * b over the axes not in `out` ("bd" or "bl")
+        if jax.default_backend() == "cpu":  # as a contraction: 3x faster than a reduce on XLA:CPU
+            return jnp.einsum(f"bld,bld->{out}", a, b)
+        return (a * b).sum(1 if out == "bd" else 2)  # a reduction fusion (no operand transposes)
+
     def d_mod(t):  # sum over the tokens when the modulation is per sample
-        return t if per_token else jnp.einsum("bld,bld->bd", t, jnp.ones_like(t))[:, None]
+        return t if per_token else dot_sum(t, jnp.ones_like(t), "bd")[:, None]
 
     dxhat = gf * (1 + scale.astype(jnp.float32))
     d = x.shape[-1]
-    m1 = jnp.einsum("bld,bld->bl", dxhat, jnp.ones_like(dxhat))[..., None] / d
-    m2 = jnp.einsum("bld,bld->bl", dxhat, xhat)[..., None] / d
+    m1 = dot_sum(dxhat, jnp.ones_like(dxhat), "bl")[..., None] / d
+    m2 = dot_sum(dxhat, xhat, "bl")[..., None] / d
     dx = rstd * (dxhat - m1 - xhat * m2)
     return dx.astype(x.dtype), d_mod(gf).astype(shift.dtype), d_mod(gf * xhat).astype(scale.dtype)
 
