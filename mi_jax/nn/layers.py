@@ -52,12 +52,17 @@ class Dense(nn.Module):
         return y
 
 
+def _ln_stats(xf: jax.Array, eps: float):
+    """Mean and 1 / std over the last axis (LayerNorm's statistics), two passes."""
+    mean = xf.mean(-1, keepdims=True)
+    return mean, jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
+
+
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     """LayerNorm without affine parameters, statistics in float32."""
     xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    mean, rstd = _ln_stats(xf, eps)
+    return ((xf - mean) * rstd).astype(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -243,11 +248,6 @@ def modulated_layer_norm(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: 
     if shift.ndim == 2:
         shift, scale = shift[:, None], scale[:, None]
     return _modulated_layer_norm(x, shift, scale, eps)
-
-
-def _ln_stats(xf: jax.Array, eps: float):
-    mean = xf.mean(-1, keepdims=True)
-    return mean, jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
