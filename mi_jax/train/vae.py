@@ -162,13 +162,51 @@ def round_trip(stream: VAEStream, p, x, portrait, key=None):
     return stream.decode(p, z), mean, logvar
 
 
+def tile_round_trip(stream: VAEStream, p, x, portrait, key=None):
+    """`round_trip` for tilings whose temporal tiles do not overlap (stride == min: the demo's
+    5-frame tiles), with all tiles of a clip coded as one batch instead of a `lax.scan` over
+    them: equal to `round_trip` (tests/test_vae_regime.py), ~1.5x faster to train here."""
+    t, cfg = stream.tiling, stream.config
+    m = t.tile_sample_min_num_frames
+    if t.tile_sample_stride_num_frames != m:
+        raise ValueError(f"tile_round_trip needs non-overlapping temporal tiles (stride == min), got min "
+                         f"{m} / stride {t.tile_sample_stride_num_frames}; use round_trip")
+    b, n = x.shape[:2]
+    if (n - 1) % cfg.temporal_factor:
+        raise ValueError(f"tile_round_trip: clips of 1 + {cfg.temporal_factor} k frames, got {n}")
+    k, rest = divmod(n - 1, m)
+    if k <= 1 or rest:  # one tile (one pass, as in the stream) or a shorter last tile: the scan
+        return round_trip(stream, p, x, portrait, key)
+    model = stream.vae
+
+    def tiles(seq, size):  # [B, n, ...] -> the k tiles of size + 1 starting every `size`, [B * k, size + 1, ...]
+        idx = (jnp.arange(k) * size)[:, None] + jnp.arange(size + 1)
+        out = seq[:, idx]
+        return out.reshape(b * k, *out.shape[2:])
+
+    def join(out):  # [B * k, L, ...] -> every tile's outputs but the first tile's dropped first one
+        out = out.reshape(b, k, *out.shape[1:])
+        return jnp.concatenate([out[:, 0], out[:, 1:, 1:].reshape(b, -1, *out.shape[3:])], axis=1)
+
+    mean, logvar = jnp.split(join(model.apply({"params": p}, tiles(x, m), method="moments")), 2, axis=-1)
+    m1, lv1 = model.apply({"params": p}, x[:, :1], method="encode")
+    first = portrait[:, None, None, None, None]
+    mean = jnp.concatenate([jnp.where(first, m1, mean[:, :1]), mean[:, 1:]], axis=1)
+    logvar = jnp.concatenate([jnp.where(first, lv1, logvar[:, :1]), logvar[:, 1:]], axis=1)
+    z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    y = join(model.apply({"params": p}, tiles(z, m // cfg.temporal_factor), method="decode"))
+    return y, mean, logvar
+
+
 def make_vae_step(model: CausalVAE, tx, beta: float, tiling: Tiling = Tiling()):
     """`step(params, opt, video, weight, portrait, key) -> (params, opt, metrics)`, jitted: the
-    weighted L1 of `round_trip` through the `VAEStream` of `tiling`."""
+    weighted L1 of `round_trip` through the `VAEStream` of `tiling` (as `tile_round_trip`, one
+    batch of tiles, when the tiles do not overlap)."""
     stream = VAEStream(model, tiling)
+    tiled = tiling.tile_sample_stride_num_frames == tiling.tile_sample_min_num_frames
 
     def loss_fn(p, x, w, portrait, key):
-        y, mean, logvar = round_trip(stream, p, x, portrait, key)
+        y, mean, logvar = (tile_round_trip if tiled else round_trip)(stream, p, x, portrait, key)
         err = jnp.abs(y - x)
         kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
         weighted = (err * w).sum() / (w.sum() * x.shape[-1])
