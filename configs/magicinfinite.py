@@ -98,6 +98,7 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     # `mi-jax train-vae` (mi_jax/train/vae.py): the small VAE of the synthetic world (tiny variant)
     v = c.vae_train = ml_collections.ConfigDict()
     v.init = ""  # a diffusers VAE folder to fine-tune (widened to more latent channels if needed)
+    v.temporal_init = False  # start from `train.vae.temporal_init` of it: each latent from its own frames
     v.steps = 1500
     v.batch = 2
     v.learning_rate = 2e-3
@@ -196,6 +197,9 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
         # up to 17 frames, so each tile pairs a 4-frame latent with the next, as in decoding
         c.prepare.vae_tiling.update(tile_sample_min_num_frames=4, tile_sample_stride_num_frames=4)
         c.vae_train.lengths = (17, 13, 9, 5, 1)
+        # vae_base's temporal taps read each tile's first frame (the mouth came out 5-6 frames
+        # late); start from kernels that read each latent's own frames (mi_jax/train/vae.py)
+        c.vae_train.temporal_init = True
         # windows of 5 latents (17 frames, 0.7 s: about a nod's period), 2 carried, 2 new: a
         # window sees where the head was and where it was going. Measured against 3-latent
         # windows (1 carried, 1 new; mi-jax eval, 3 x 180 s): lip sync 0.30 vs 0.25, generation

@@ -183,3 +183,45 @@ def test_tile_round_trip_is_the_streams_round_trip():
     overlapping = VAEStream(stream.vae, Tiling(tile_sample_min_num_frames=8, tile_sample_stride_num_frames=4))
     with pytest.raises(ValueError, match="non-overlapping"):
         tile_round_trip(overlapping, params, x, portrait)
+
+
+def test_temporal_init_keeps_stills_and_makes_each_latent_from_its_own_frames():
+    """`temporal_init`: a still clip encodes and decodes exactly as before (the taps' sum is
+    kept), while latent 1 of a 5-frame tile now depends on its own frames 1-4 more than on the
+    tile's context frame 0, and the decoder's frames 1-4 on latent 1 more than on latent 0 (the
+    random VAE, like the demo's `vae_base`, leans on frame 0 / latent 0 before)."""
+    from mi_jax.models.vae import CausalVAE, VAEConfig
+    from mi_jax.train.vae import temporal_init
+
+    config = load_config(os.path.join(CONFIGS, "magicinfinite.py:demo,stage1"))
+    assert config.vae_train.temporal_init
+    vcfg = VAEConfig(**config.prepare.vae_random.to_dict())
+    model = CausalVAE(vcfg)
+    before = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1, 64, 64, 3)))["params"]
+    import flax.linen as nn
+
+    before = nn.unbox(before)
+    after = temporal_init(before, vcfg)
+    clip = synthetic.render_clip(6, 0.4, size=(64, 64))
+    enc = lambda p, x: model.apply({"params": p}, x, method="encode")[0]  # noqa: E731
+    dec = lambda p, z: model.apply({"params": p}, z, method="decode")  # noqa: E731
+    still = jnp.repeat(jnp.asarray(clip.frames[None, :1], jnp.float32) / 127.5 - 1.0, 5, axis=1)
+    scale = float(jnp.abs(enc(before, still)).max())
+    assert max_abs(enc(before, still), enc(after, still)) <= 1e-4 * scale
+    z = enc(before, still)
+    assert max_abs(dec(before, z), dec(after, z)) <= 1e-4 * float(jnp.abs(dec(before, z)).max())
+
+    x = jnp.asarray(clip.frames[None, :5], jnp.float32) / 127.5 - 1.0
+    r = jax.random.normal(jax.random.key(1), z.shape)
+    ry = jax.random.normal(jax.random.key(2), x.shape)
+
+    def reads(p):
+        """(|d latent 1 / d frame t| for t = 0..4, |d frames 1-4 / d latent k| for k = 0, 1)"""
+        g = jax.grad(lambda x: (enc(p, x)[:, 1] * r[:, 1]).sum())(x)
+        gz = jax.grad(lambda z: (dec(p, z)[:, 1:] * ry[:, 1:]).sum())(enc(p, x))
+        return [float(jnp.linalg.norm(g[0, t])) for t in range(5)], [float(jnp.linalg.norm(gz[0, k])) for k in range(2)]
+
+    frames, latents = reads(before)
+    assert frames[0] > max(frames[1:]) and latents[0] > latents[1]  # the context dominates
+    frames, latents = reads(after)
+    assert frames[0] < min(frames[1:]) and latents[1] > 2 * latents[0]
