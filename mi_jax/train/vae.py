@@ -16,6 +16,11 @@ and generation use, at the lengths of `vae_train.lengths` (default `vae_regime_l
   the first tile, followed by latents of a whole-clip encode; with probability
   `portrait_fraction` a clip's latent 0 comes from encoding its first frame alone, as there.
 
+Start: `vae_train.init` (a VAE to fine-tune, widened if needed: `start_from`), then optionally
+`vae_train.temporal_init` (`temporal_init`: causal kernels that make each latent from its own
+frames; a VAE trained on short clips made latent k from the frame before them and came out a
+latent late).
+
 Loss: L1 weighted up on the regions the eval and a viewer look at (ground truth of the synthetic
 world): 1 + face x (face mask) + mouth x (mouth box) + eyes x (eye band), plus a small KL term
 (beta); AdamW with warm-up and cosine decay. A uniform L1 spent the old demo VAE's capacity on
