@@ -55,7 +55,7 @@ from mi_jax import atomic
 from mi_jax.convert.export import write_model
 from mi_jax.convert.vae import VAE_NAME_MAP, load_diffusers_vae
 from mi_jax.data import synthetic
-from mi_jax.models.vae import CausalVAE, Tiling, VAEConfig, VAEStream
+from mi_jax.models.vae import CausalVAE, Tiling, VAEConfig, VAEStream, split_moments
 
 
 def vae_regime_lengths(config: VAEConfig, tiling: Tiling = Tiling()) -> tuple[int, ...]:
@@ -190,14 +190,19 @@ def round_trip(stream: VAEStream, p, x, portrait, key=None):
     that `prepare` encodes and generation decodes with (its temporal tiles; a clip shorter than
     a tile is one pass). `portrait` [B] bool: latent 0 is the first frame encoded alone, as
     generation encodes a portrait. `key`: draws the posterior sample (None: its mean)."""
-    model = stream.vae
-    mean, logvar = stream.encode(p, x)
+    z, mean, logvar = _posterior(stream.vae, p, x, *stream.encode(p, x), portrait, key)
+    return stream.decode(p, z), mean, logvar
+
+
+def _posterior(model, p, x, mean, logvar, portrait, key):
+    """(z, mean, logvar) of a clip's encoding: latent 0 replaced by the first frame encoded alone
+    where `portrait`, z drawn with `key` (None: the mean)."""
     m1, lv1 = model.apply({"params": p}, x[:, :1], method="encode")
     first = portrait[:, None, None, None, None]
     mean = jnp.concatenate([jnp.where(first, m1, mean[:, :1]), mean[:, 1:]], axis=1)
     logvar = jnp.concatenate([jnp.where(first, lv1, logvar[:, :1]), logvar[:, 1:]], axis=1)
     z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-    return stream.decode(p, z), mean, logvar
+    return z, mean, logvar
 
 
 def tile_round_trip(stream: VAEStream, p, x, portrait, key=None):
@@ -226,12 +231,8 @@ def tile_round_trip(stream: VAEStream, p, x, portrait, key=None):
         out = out.reshape(b, k, *out.shape[1:])
         return jnp.concatenate([out[:, 0], out[:, 1:, 1:].reshape(b, -1, *out.shape[3:])], axis=1)
 
-    mean, logvar = jnp.split(join(model.apply({"params": p}, tiles(x, m), method="moments")), 2, axis=-1)
-    m1, lv1 = model.apply({"params": p}, x[:, :1], method="encode")
-    first = portrait[:, None, None, None, None]
-    mean = jnp.concatenate([jnp.where(first, m1, mean[:, :1]), mean[:, 1:]], axis=1)
-    logvar = jnp.concatenate([jnp.where(first, lv1, logvar[:, :1]), logvar[:, 1:]], axis=1)
-    z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    mean, logvar = split_moments(join(model.apply({"params": p}, tiles(x, m), method="moments")))
+    z, mean, logvar = _posterior(model, p, x, mean, logvar, portrait, key)
     y = join(model.apply({"params": p}, tiles(z, m // cfg.temporal_factor), method="decode"))
     return y, mean, logvar
 
