@@ -167,19 +167,21 @@ def test_tile_round_trip_is_the_streams_round_trip():
     from mi_jax.models.vae import Tiling, VAEStream
     from mi_jax.train.vae import round_trip, tile_round_trip
 
-    config = load_config(os.path.join(CONFIGS, "magicinfinite.py:demo,stage1"), ["prepare.vae=random:3"])
     from mi_jax.data.prepare import Encoders
 
-    enc = Encoders(config)
-    stream, params = enc.vae_stream, enc.vae_params
     clip = synthetic.render_clip(4, 0.8, size=(64, 64))
     video = jnp.asarray(clip.frames[:17], jnp.float32) / 127.5 - 1.0
     x = jnp.stack([video, video[::-1]])
     portrait = jnp.array([True, False])
-    for n in (17, 5, 1):
-        for a, b in zip(round_trip(stream, params, x[:, :n], portrait), tile_round_trip(stream, params, x[:, :n], portrait)):
-            assert a.shape == b.shape
-            assert max_abs(a, b) <= 1e-4 * max(1.0, float(jnp.abs(a).max()))  # float32 round-off of other batch shapes
+    # a random VAE, and the shipped one (its raw log-variances pass the stream's clamp at -30)
+    for vae in ("random:3", os.path.join(ROOT, "demo", "vae")):
+        enc = Encoders(load_config(os.path.join(CONFIGS, "magicinfinite.py:demo,stage1"), [f"prepare.vae={vae!r}"]))
+        stream, params = enc.vae_stream, enc.vae_params
+        for n in (17, 5, 1):
+            for a, b in zip(round_trip(stream, params, x[:, :n], portrait),
+                            tile_round_trip(stream, params, x[:, :n], portrait)):
+                assert a.shape == b.shape
+                assert max_abs(a, b) <= 1e-4 * max(1.0, float(jnp.abs(a).max()))  # float32 round-off of other batch shapes
     overlapping = VAEStream(stream.vae, Tiling(tile_sample_min_num_frames=8, tile_sample_stride_num_frames=4))
     with pytest.raises(ValueError, match="non-overlapping"):
         tile_round_trip(overlapping, params, x, portrait)
