@@ -208,7 +208,8 @@ def _posterior(model, p, x, mean, logvar, portrait, key):
 def tile_round_trip(stream: VAEStream, p, x, portrait, key=None):
     """`round_trip` for tilings whose temporal tiles do not overlap (stride == min: the demo's
     5-frame tiles), with all tiles of a clip coded as one batch instead of a `lax.scan` over
-    them: equal to `round_trip` (tests/test_vae_regime.py), ~1.5x faster to train here."""
+    them: equal to `round_trip` (tests/test_vae_regime.py); the demo VAE's 1500 steps take 955 s
+    here instead of 1960 s."""
     t, cfg = stream.tiling, stream.config
     m = t.tile_sample_min_num_frames
     if t.tile_sample_stride_num_frames != m:
