@@ -216,10 +216,8 @@ def tile_round_trip(stream: VAEStream, p, x, portrait, key=None):
         raise ValueError(f"tile_round_trip needs non-overlapping temporal tiles (stride == min), got min "
                          f"{m} / stride {t.tile_sample_stride_num_frames}; use round_trip")
     b, n = x.shape[:2]
-    if (n - 1) % cfg.temporal_factor:
-        raise ValueError(f"tile_round_trip: clips of 1 + {cfg.temporal_factor} k frames, got {n}")
     k, rest = divmod(n - 1, m)
-    if k <= 1 or rest:  # one tile (one pass, as in the stream) or a shorter last tile: the scan
+    if k <= 1 or rest:  # one tile (one pass), a shorter last tile or a bad length: the stream's scan (and errors)
         return round_trip(stream, p, x, portrait, key)
     model = stream.vae
 
