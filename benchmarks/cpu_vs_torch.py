@@ -1,6 +1,6 @@
 """mi_jax against diffusers' eager PyTorch on this CPU: the same train steps, side by side.
 
-    python benchmarks/cpu_vs_torch.py [--cases dit_medium,dit_tiny,vae] [--repeats 5] [--no-profile]
+    python benchmarks/cpu_vs_torch.py [--cases dit_medium,dit_tiny,dit_demo,vae] [--repeats 5] [--no-profile]
 
 A train step is forward + backward + AdamW update: `optax.adamw` inside one `jax.jit` with donated
 params and optimizer state, against `torch.optim.AdamW(foreach=True)`. Both sides start from the
@@ -9,8 +9,10 @@ same inputs; the first-step losses are printed to show they compute the same thi
 
   dit_medium  HunyuanVideoTransformer3DModel, hidden 256 (4 x 64), 2 dual + 4 single blocks,
               ~10.4 M parameters, 352 tokens (320 video after 2x2 patching + 32 text); batch 1.
-  dit_tiny    the demo DiT (configs/hunyuan_video_i2v.py:tiny with 8 latent channels, no audio
-              blocks: diffusers has none) on latents [4, 8, 3, 8, 8] and 12 text tokens.
+  dit_tiny    the tests' tiny DiT (configs/hunyuan_video_i2v.py:tiny with 8 latent channels, no
+              audio blocks: diffusers has none) on latents [4, 8, 3, 8, 8] and 12 text tokens.
+  dit_demo    the demo model's DiT (configs/magicinfinite.py:demo: hidden 128 = 4 x 32, no audio
+              blocks) on its training batch: latents [4, 8, 5, 8, 8] and 12 text tokens.
   vae         the demo VAE (latent 8, blocks (8, 8, 16, 16)) on 2 x 17 frames x 64 x 64:
               loss = mean |decode(encode mean(x)) - x|, single pass (no framewise / tiling).
   DiT losses: MSE of the model output against a fixed random target.
@@ -56,7 +58,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the comparison is on the CPU ev
 # instead of 20 ms on 2 busy cores): there, set PASSIVE and say so. Measured on 2026-12-04:
 # default 0.86x / 0.41x (dit_medium / vae), PASSIVE 1.6x / 0.51x, ACTIVE 0.56x / 0.25x.
 
-CASES = ("dit_medium", "dit_tiny", "vae")
+CASES = ("dit_medium", "dit_tiny", "dit_demo", "vae")
 CATEGORIES = ("attention", "matmul", "conv", "fft", "norm/reduce", "layout copies", "elementwise/other",
               "framework overhead")
 LR, WEIGHT_DECAY = 1e-4, 0.01
@@ -70,8 +72,11 @@ DIT_TINY = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_
                 num_single_layers=2, num_refiner_layers=1, mlp_ratio=4.0, patch_size=2, text_embed_dim=32,
                 pooled_projection_dim=16, rope_axes_dim=(4, 6, 6), guidance_embeds=True,
                 image_condition_type="token_replace")
+# configs/magicinfinite.py:demo's DiT (the tiny one 4x wider)
+DIT_DEMO = dict(DIT_TINY, num_attention_heads=4, attention_head_dim=32, rope_axes_dim=(8, 12, 12))
 # (kwargs, latents [B, C, T, H, W], text length)
-DIT_CASES = {"dit_medium": (DIT_MEDIUM, (1, 8, 5, 16, 16), 32), "dit_tiny": (DIT_TINY, (4, 8, 3, 8, 8), 12)}
+DIT_CASES = {"dit_medium": (DIT_MEDIUM, (1, 8, 5, 16, 16), 32), "dit_tiny": (DIT_TINY, (4, 8, 3, 8, 8), 12),
+             "dit_demo": (DIT_DEMO, (4, 8, 5, 8, 8), 12)}
 VAE_KWARGS = dict(latent_channels=8, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
 VAE_VIDEO = (2, 3, 17, 64, 64)  # [B, C, T, H, W]
 

@@ -24,3 +24,26 @@ def test_demo_windows_carry_position_and_velocity():
     c = load_config(os.path.join(CONFIGS, "magicinfinite.py:demo,distill"))
     assert c.sample.overlap >= 2
     assert 1 + 4 * (c.prepare.latent_frames - 1) >= 17
+
+
+def test_the_cpu_benchmark_measures_the_demo_models_dit():
+    """benchmarks/cpu_vs_torch.py's `dit_demo` case is the DiT `make demo-model` trains (diffusers
+    kwargs against the demo config), on the demo's training batch of latents."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("cpu_vs_torch", os.path.join(root, "benchmarks", "cpu_vs_torch.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:demo,stage2,text_first"))
+    kwargs, shape, text_len = bench.DIT_CASES["dit_demo"]
+    def plain(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else v
+
+    shared = [k for k in kwargs if k in cfg.model]
+    assert {"num_attention_heads", "attention_head_dim", "num_layers", "num_single_layers", "rope_axes_dim",
+            "in_channels", "mlp_ratio", "patch_size"} <= set(shared)
+    assert {k: plain(kwargs[k]) for k in shared} == {k: plain(cfg.model[k]) for k in shared}
+    assert shape == (cfg.data.global_batch, cfg.model.in_channels, cfg.prepare.latent_frames,
+                     cfg.prepare.height // 8, cfg.prepare.width // 8)
+    assert text_len == cfg.prepare.text_len
