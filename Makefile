@@ -3,9 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2 --dist loadfile
-# glibc's malloc asks for transparent huge pages: XLA:CPU's per-call temporaries stop faulting in
-# page by page (mi_jax/hostmem.py says why and what it measured; `mi-jax` sets it itself)
-export GLIBC_TUNABLES := $(if $(findstring glibc.malloc.hugetlb,$(GLIBC_TUNABLES)),$(GLIBC_TUNABLES),$(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1)
 
 .PHONY: venv test demo demo-model clean
 

@@ -106,12 +106,10 @@ def main(argv=None) -> int:
     peak = matmul_peak()
     print(f"torch {torch.__version__}: {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')}; jax {jax.__version__} "
-          f"({jax.default_backend()}): XLA uses its own pool of all {os.cpu_count()} cores; "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')} (both sides; mi_jax/hostmem.py)")
+          f"({jax.default_backend()}): XLA uses its own pool of all {os.cpu_count()} cores")
     print(f"fp32 matmul peak (2048^3, best of jax / torch): {peak:.1f} GFLOP/s")
     results = {"threads_torch": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-               "cpu_count": os.cpu_count(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-               "peak_gflops": peak, "cases": {}}
+               "cpu_count": os.cpu_count(), "peak_gflops": peak, "cases": {}}
     for name in cases:
         with tempfile.TemporaryDirectory() as folder:
             case = build_vae(folder) if name == "vae" else build_dit(name, folder)
@@ -460,7 +458,4 @@ def report(name: str, r: dict) -> None:
 
 
 if __name__ == "__main__":
-    from mi_jax.hostmem import reexec_with_tunable
-
-    reexec_with_tunable()  # the host-memory setting mi-jax and make run under (MI_JAX_HUGETLB=0: without)
     sys.exit(main())

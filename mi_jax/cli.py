@@ -364,14 +364,5 @@ def main(argv=None) -> int:
     return configured[args.command](args, overrides)
 
 
-def entry() -> None:
-    """The `mi-jax` console script: `main` under the project's host-memory setting
-    (mi_jax/hostmem.py: the process starts itself again with glibc's hugetlb tunable once)."""
-    from mi_jax.hostmem import reexec_with_tunable
-
-    reexec_with_tunable()
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    entry()
+    sys.exit(main())
