@@ -184,30 +184,18 @@ def cmd_train_vae(args, overrides) -> int:
 
 def cmd_eval(args) -> int:
     """Generates from held-out synthetic clips and scores the videos against their truth."""
-    from mi_jax.data import synthetic
-    from mi_jax.eval.controls import face_masks
+    from mi_jax.eval.controls import heldout_generation
     from mi_jax.eval.metrics import evaluate
     from mi_jax.eval.report import check, write_report
-    from mi_jax.models.vae import TEMPORAL_FACTOR
     from mi_jax.pipeline import Pipeline
 
     pipe = Pipeline.from_checkpoint(args.checkpoint)
-    actions = ["", "nodding", "shaking head"]
     videos, truths, bounds = [], [], []
-    scfg = pipe.config.sample
-    step = TEMPORAL_FACTOR * (scfg.window - 1 - scfg.overlap)
     for i in range(args.clips):
-        action = actions[i % len(actions)]
-        clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + i, args.seconds,
-                                     size=(pipe.config.prepare.height, pipe.config.prepare.width), prompt=action)
-        # the face region as training gated the audio (prepare's truth boxes, face_margin);
-        # without it the detector misses these 64x64 faces and audio would act on the whole frame
-        masks = face_masks(clip, *clip.frames.shape[1:3], float(pipe.config.prepare.face_margin))
-        video = pipe.generate(clip.frames[0], clip.audio, synthetic.prompt_for(action), seed=i, masks=masks)
-        videos.append(video.frames)
+        frames, clip, seams = heldout_generation(pipe, i, args.seconds)
+        videos.append(frames)
         truths.append(clip)
-        first = 1 + TEMPORAL_FACTOR * (scfg.window - 1)  # the first window's frames, then one window every `step`
-        bounds.append(list(range(first, len(video.frames), step)))
+        bounds.append(seams)
     results = evaluate(videos, truths, boundaries=bounds)
     path = write_report(results, args.out)
     rows = check(results)

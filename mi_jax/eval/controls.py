@@ -21,6 +21,7 @@ import numpy as np
 
 from mi_jax.data import faces, synthetic
 from mi_jax.eval import metrics
+from mi_jax.models.vae import TEMPORAL_FACTOR
 from mi_jax.pipeline import Pipeline
 
 
@@ -36,8 +37,26 @@ def _mouth(frames, clip, s=0, margin=0.1):
 
 
 def _windows_starts(scfg, frames):
-    step = 4 * (scfg.window - 1 - scfg.overlap)
-    return list(range(1 + 4 * (scfg.window - 1), frames, step))
+    """The first frame of every sampler window after the first (the seams), for `frames` frames."""
+    step = TEMPORAL_FACTOR * (scfg.window - 1 - scfg.overlap)
+    return list(range(1 + TEMPORAL_FACTOR * (scfg.window - 1), frames, step))
+
+
+EVAL_ACTIONS = ("", "nodding", "shaking head")  # `mi-jax eval`'s clips cycle through these prompts
+
+
+def heldout_generation(pipe: Pipeline, index: int, seconds: float):
+    """`mi-jax eval`'s video number `index`: the held-out clip `HELDOUT_SEED_START + index`
+    prompted with `EVAL_ACTIONS[index % 3]` as a user phrases it, generated from its first frame and
+    voice with the face region as the audio mask (as training gated the audio: prepare's truth
+    boxes grown by `prepare.face_margin`; the face detector misses these 64x64 faces).
+    -> (frames uint8 [T, H, W, 3], the clip (its truth), window-seam frame indices)."""
+    action = EVAL_ACTIONS[index % len(EVAL_ACTIONS)]
+    clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + index, seconds,
+                                 size=(pipe.config.prepare.height, pipe.config.prepare.width), prompt=action)
+    masks = face_masks(clip, *clip.frames.shape[1:3], float(pipe.config.prepare.face_margin))
+    video = pipe.generate(clip.frames[0], clip.audio, synthetic.prompt_for(action), seed=index, masks=masks)
+    return video.frames, clip, _windows_starts(pipe.config.sample, len(video.frames))
 
 
 def check_schedule(pipe, seconds: float, switch: float, seed: int) -> dict:
