@@ -31,12 +31,15 @@ def test_the_cpu_benchmark_measures_the_demo_models_dit():
     kwargs against the demo config), on the demo's training batch of latents."""
     import importlib.util
 
+    from mi_jax.models.vae import SPATIAL_FACTOR
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("cpu_vs_torch", os.path.join(root, "benchmarks", "cpu_vs_torch.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:demo,stage2,text_first"))
     kwargs, shape, text_len = bench.DIT_CASES["dit_demo"]
+
     def plain(v):
         return tuple(v) if isinstance(v, (tuple, list)) else v
 
@@ -44,6 +47,7 @@ def test_the_cpu_benchmark_measures_the_demo_models_dit():
     assert {"num_attention_heads", "attention_head_dim", "num_layers", "num_single_layers", "rope_axes_dim",
             "in_channels", "mlp_ratio", "patch_size"} <= set(shared)
     assert {k: plain(kwargs[k]) for k in shared} == {k: plain(cfg.model[k]) for k in shared}
+    f = SPATIAL_FACTOR
     assert shape == (cfg.data.global_batch, cfg.model.in_channels, cfg.prepare.latent_frames,
-                     cfg.prepare.height // 8, cfg.prepare.width // 8)
+                     cfg.prepare.height // f, cfg.prepare.width // f)
     assert text_len == cfg.prepare.text_len
