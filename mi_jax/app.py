@@ -16,13 +16,20 @@ time: the page's queue runs one job and shows every other user their place in it
 * at the end: the video, the lip-sync plot (the voice's envelope against the mouth opening
   measured from the generated pixels, `mi_jax.eval.report.plot_lip_sync`) and the timing.
 
+Stop: the job itself ends on it. Stop marks the session's job (`Stops`); the job sees the mark
+after its next window, closes the stream (its files are removed) and sends "Stopped" as its last
+update, so that message cannot be overtaken by an update the job sent before (a cancelled
+job's updates already on their way did overwrite it). A job still waiting in the queue is told
+at once and ends without compute when its turn comes.
+
 Files: uploads, outputs and Gradio's cache live in one temporary folder, removed when the app
-stops; a failed or cancelled job removes what it wrote. The server listens on 127.0.0.1 only
+stops; a failed or stopped job removes what it wrote. The server listens on 127.0.0.1 only
 unless `--host` says otherwise; no analytics, no share link, no web fonts.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import importlib.util
@@ -171,6 +178,60 @@ def _shown(message: str, paths) -> str:
 
 
 # ----------------------------------------------------------------------------- the model
+
+
+STOPPED = "Stopped: the job was cancelled and its files removed."
+
+
+class Stops:
+    """The page's jobs per session and the stops asked of them, shared by the server's threads.
+
+    Keyed by session and kept on the server: a job learns which request it is by order (the
+    queue runs a session's jobs in the order their checks passed), not from a `gr.State`, which a
+    queued job reads when its turn comes (by then the session may have asked again).
+    `queued(session)` when a request passes its checks; `start(session)` when the next job
+    begins -> its handle, or None if it was stopped while it waited; `stop(session)` marks the
+    session's running job and its waiting ones -> "running" (the job ends itself after its
+    window and says so), "queued" (only waiting ones: they end without compute) or None;
+    `stopped(job)` is asked by the job after every window; `end(session, job)` when it ends."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self._running: dict[str, dict] = {}
+
+    def queued(self, session: str) -> None:
+        with self._lock:
+            self._waiting[session].append({"stopped": False})
+
+    def start(self, session: str) -> dict | None:
+        with self._lock:
+            waiting = self._waiting[session]
+            job = waiting.popleft() if waiting else {"stopped": False}
+            if not waiting:
+                del self._waiting[session]
+            if job["stopped"]:
+                return None
+            self._running[session] = job
+            return job
+
+    def stop(self, session: str) -> str | None:
+        with self._lock:
+            was = None
+            for job in self._waiting.get(session, ()):
+                job["stopped"], was = True, "queued"
+            if session in self._running:
+                self._running[session]["stopped"], was = True, "running"
+            return was
+
+    def stopped(self, job: dict) -> bool:
+        with self._lock:
+            return job["stopped"]
+
+    def end(self, session: str, job: dict) -> None:
+        with self._lock:
+            if self._running.get(session) is job:
+                del self._running[session]
 
 
 class Studio:
@@ -388,21 +449,33 @@ def build_page(studio: Studio):
         inputs = [portrait, voice, prompt, seconds, seed, steps, voice2, mask_files, mask_drawing, timeline,
                   colour_anchor, rest]
         ticket = gr.State(0)  # a new value (a checked request) starts a job
+        stops = Stops()
 
         def problem(e: Exception, values) -> str:
             return _shown(f"error: {e}", _paths(values))
 
-        def check(*values):
+        def check(request: gr.Request, *values):
             """Outside the queue, before any compute: the CLI's checks and messages."""
             values = _uploaded(*values)
             try:
                 req = studio.check(*values)
             except (InputError, AudioError, FileNotFoundError) as e:
                 return problem(e, values), gr.skip()
+            stops.queued(request.session_hash)
             return (f"Inputs checked: {req.frames} frames ({req.frames / studio.fps:.1f} s). Waiting for a turn…"
                     + _notes(req, values)), time.monotonic_ns()
 
-        def run(*values, progress=gr.Progress()):
+        def run(request: gr.Request, *values):
+            handle = stops.start(request.session_hash)
+            if handle is None:  # stopped while it waited (Stop said so): no compute, nothing shown
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                return
+            try:
+                yield from job(handle, values)
+            finally:
+                stops.end(request.session_hash, handle)
+
+        def job(handle, values):
             values = _uploaded(*values)
             try:
                 req = studio.check(*values)  # again: the job runs on what the page holds now
@@ -417,7 +490,6 @@ def build_page(studio: Studio):
             def on_window(done, total):
                 times.append(time.monotonic())
                 state.update(done=done, total=total)
-                progress((done, total), desc=f"window {done}/{total}", unit="windows")
 
             def line():
                 if not state["total"]:
@@ -426,9 +498,13 @@ def build_page(studio: Studio):
                 return f"window {done}/{total}, {_eta(times, start, done, total)}"
 
             yield line() + notes, None, None, None, ""
+            stopped = False
             try:
-                with contextlib.closing(studio.run(req, on_window)) as work:  # a stopped job: closed at once
+                with contextlib.closing(studio.run(req, on_window)) as work:  # closing removes its files
                     for kind, item in work:
+                        if stops.stopped(handle):
+                            stopped = True
+                            break
                         if kind == "frames":
                             frame = gr.skip()
                             if time.monotonic() - state["shown"] >= PREVIEW_EVERY:  # each one is a file to send
@@ -440,16 +516,26 @@ def build_page(studio: Studio):
                                    gr.skip(), item["video"], item["plot"], _timing(item, studio))
             except (InputError, AudioError) as e:
                 yield problem(e, values), None, None, None, ""
+            if stopped:  # after the files went; the job's last update, so nothing overtakes it
+                yield STOPPED, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+
+        def stop_job(request: gr.Request):
+            """A running job ends itself after its window and says so; a waiting one is told here."""
+            return STOPPED if stops.stop(request.session_hash) == "queued" else gr.skip()
+
+        # Gradio hands the request to a parameter annotated gr.Request; this module's annotations
+        # are strings (postponed) naming `gr`, which is imported here, not where Gradio resolves them
+        for fn in (check, run, stop_job):
+            fn.__annotations__["request"] = gr.Request
 
         # queued, but never behind a job (no concurrency limit): a bad input is told at once
         # preprocess=False: the uploads reach the CLI's checks as the files they are (Gradio's own
         # preprocessing opens images itself and fails on a broken one with a bare "Error")
         generate.click(check, inputs, [status, ticket], concurrency_limit=None, concurrency_id="check",
                        show_progress="hidden", preprocess=False)
-        job = ticket.change(run, inputs, [status, preview, video, plot, timing], show_progress_on=[status],
-                            concurrency_limit=1, preprocess=False)
-        stop.click(lambda: "Stopped: the job was cancelled and its files removed.", None, [status], cancels=[job],
-                   queue=False)
+        ticket.change(run, inputs, [status, preview, video, plot, timing], show_progress_on=[status],
+                      concurrency_limit=1, preprocess=False)
+        stop.click(stop_job, None, [status], queue=False, show_progress="hidden")
 
         def paint_on(value):
             """The mask painter shows the portrait as the model sees it, enlarged."""

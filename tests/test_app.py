@@ -194,8 +194,10 @@ def test_a_broken_image_is_told_in_the_page_as_by_the_cli_and_leaves_nothing(app
 
 
 def test_users_queue_and_a_stopped_job_leaves_nothing(app, browser, page, inputs):
-    """Two users: the second sees its place in the queue while the first generates; Stop ends the
-    first job (its partial files removed) and the second starts; stopping it leaves nothing."""
+    """Two users: the second sees its place in the queue while the first generates, stops that
+    waiting job (told at once) and asks again; Stop ends the first job (its partial files
+    removed), the second user's new job starts (the stopped one did nothing), and stopping it
+    leaves nothing. "Stopped" is the job's own last update: it stays (no update overtakes it)."""
     other = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
     try:
         other.goto(app.url)
@@ -207,15 +209,20 @@ def test_users_queue_and_a_stopped_job_leaves_nothing(app, browser, page, inputs
         other.locator("#generate").click()
         queued = _wait_status(other, r"queue", 60)
         assert re.search(r"queue:?\s*1\s*/\s*1", queued), queued  # its place in the queue
+        other.locator("#stop").click()  # stopped while it waits: told at once, its turn does nothing
+        _wait_status(other, "Stopped", 10)
+        other.locator("#generate").click()
+        _wait_status(other, "Waiting for a turn", 60)  # checked again, queued behind the running job
         assert list((app.folder / "runs").iterdir()), "the running job has its folder"
         page.locator("#stop").click()
         _wait_status(page, "Stopped", 30)
         _wait_status(other, r"window \d+/\d+", 120)  # the next user's turn
         other.locator("#stop").click()
         _wait_status(other, "Stopped", 30)
-        before = _status(page)
-        time.sleep(1.0)
-        assert _status(page) == before and page.locator("#video video").count() == 0
+        before = [_status(page), _status(other)]
+        time.sleep(2.0)  # both stay stopped: no update overtakes "Stopped", no stopped request starts later
+        assert [_status(page), _status(other)] == before, before
+        assert page.locator("#video video").count() == 0 and other.locator("#video video").count() == 0
         deadline = time.monotonic() + 30
         while _leftovers(app.folder) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -349,3 +356,25 @@ def test_page_helpers():
         "0:a person talking", "30:a person talking, nodding"]
     assert _uploaded("p.png", "v.wav", "x", 0, 0, 2, None, None, None, {"path": "t.txt"}, False, True)[-3:] == (
         "t.txt", False, True)
+
+
+def test_stops_a_waiting_job_before_it_starts_and_a_running_one_after_its_window():
+    """The page's stop book (without a browser): jobs start in the order their checks passed; a job
+    stopped while it waits never starts; a running one is told after its window; other sessions
+    are untouched."""
+    from mi_jax.app import Stops
+
+    stops = Stops()
+    stops.queued("a")
+    stops.queued("b")
+    first = stops.start("a")
+    assert first is not None and not stops.stopped(first)
+    assert stops.stop("b") == "queued" and stops.start("b") is None  # its turn: it ends without compute
+    stops.queued("a")  # a asks again while its first job runs
+    assert stops.stop("a") == "running" and stops.stopped(first)  # the running one ends itself, saying so
+    assert stops.start("a") is None  # and the one waiting behind it never starts
+    stops.end("a", first)
+    stops.queued("a")
+    second = stops.start("a")
+    assert second is not None and not stops.stopped(second)  # a new request after the stop runs
+    assert stops.stop("c") is None  # nothing of that session to stop
