@@ -1,6 +1,6 @@
 """The VAE alone, through the pipeline's own path, on held-out ground-truth clips.
 
-    python benchmarks/vae_regime.py [--vae demo/vae] [--clips 6] [--seconds 4] [--variant demo]
+    python benchmarks/vae_regime.py [--vae demo/vae] [--clips 6] [--seconds 4] [--variant demo] [--speakers 2]
 
 Per held-out synthetic clip (seeds from 1,000,000, never trained on): the portrait (frame 0)
 and the whole clip are encoded as `prepare` encodes them (`Encoders.encode_video`: one
@@ -14,7 +14,9 @@ scored against the renderer's own frames of the same clip:
 * face detail: edge energy of the eye band (`eval.metrics.eye_detail`), reconstructed / renderer.
 
 For contrast the same clips are also run through the regimes the old demo mixed: the VAE on
-5-frame chunks and on one single pass over the clip. Prints a table and the pass / fail of the
+5-frame chunks and on one single pass over the clip. `--speakers 2`: two-speaker clips (each face
+in its half of the frame, taking turns), every figure per speaker against that speaker's own
+voice and boxes: what a two-speaker model could at best draw through this VAE. Prints a table and the pass / fail of the
 goals (lip sync >= 0.65 at |offset| <= 2, face detail >= 0.8 x the renderer's).
 """
 
@@ -40,14 +42,16 @@ def main(argv=None) -> int:
     ap.add_argument("--clips", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--json", default="", help="also write the figures here")
+    ap.add_argument("--speakers", type=int, default=1, choices=(1, 2), help="faces per clip (2: turns)")
     ap.add_argument("--variant", default="demo", help="configs/magicinfinite.py variant whose prepare.vae_tiling "
                     "the pipeline path uses (demo: 5-frame tiles; tiny: diffusers' 17)")
     args = ap.parse_args(argv)
-    print(json.dumps(measure(args.vae, args.clips, args.seconds, args.json, args.variant), indent=1))
+    print(json.dumps(measure(args.vae, args.clips, args.seconds, args.json, args.variant, args.speakers), indent=1))
     return 0
 
 
-def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "", variant: str = "demo") -> dict:
+def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "", variant: str = "demo",
+            speakers: int = 1) -> dict:
     from mi_jax.config_utils import load_config
     from mi_jax.data import synthetic
     from mi_jax.data.prepare import Encoders
@@ -75,17 +79,20 @@ def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "", varia
     t0 = time.time()
     for i in range(clips):
         clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + i, seconds, size=size,
-                                     prompt=synthetic.TRAINING_PROMPTS[i % len(synthetic.TRAINING_PROMPTS)])
+                                     prompt=synthetic.TRAINING_PROMPTS[i % len(synthetic.TRAINING_PROMPTS)],
+                                     speakers=speakers)
         n = 1 + 4 * ((len(clip.frames) - 1) // 4)
         truth = clip.frames[:n]
-        env = synthetic.mouth_envelope(clip.audio, n, clip.fps)
-        base = float(eye_detail(truth, clip.eye_boxes[0, :n]).mean())
-        for name, fn in [("renderer", lambda f: f), *regimes.items()]:
-            video = fn(truth)[:n]
-            mouth = synthetic.measure_mouth_open(video, clip.mouth_boxes[0, :n])
-            corr, offset = best_offset_correlation(env, mouth, 5)
-            detail = float(eye_detail(video, clip.eye_boxes[0, :n]).mean()) / base
-            rows[name].append((float(corr), int(offset), detail))
+        voices = clip.audio[None] if speakers == 1 else clip.speaker_audio
+        videos = {name: fn(truth)[:n] for name, fn in [("renderer", lambda f: f), *regimes.items()]}
+        for s in range(speakers):
+            env = synthetic.mouth_envelope(voices[s], n, clip.fps)
+            base = float(eye_detail(truth, clip.eye_boxes[s, :n]).mean())
+            for name, video in videos.items():
+                mouth = synthetic.measure_mouth_open(video, clip.mouth_boxes[s, :n])
+                corr, offset = best_offset_correlation(env, mouth, 5)
+                detail = float(eye_detail(video, clip.eye_boxes[s, :n]).mean()) / base
+                rows[name].append((float(corr), int(offset), detail))
     summary = {}
     for name, r in rows.items():
         corr, off, det = (np.array(v) for v in zip(*r))
@@ -96,7 +103,7 @@ def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "", varia
         "lip_sync >= 0.65 at |offset| <= 2": bool(p["lip_sync"] >= 0.65 and max(map(abs, p["offsets"])) <= 2),
         "face_detail >= 0.8 x renderer": bool(p["face_detail"] >= 0.8),
     }
-    summary["vae"], summary["clips"], summary["seconds"] = vae, clips, seconds
+    summary["vae"], summary["clips"], summary["seconds"], summary["speakers"] = vae, clips, seconds, speakers
     summary["wall_seconds"] = round(time.time() - t0, 1)
     if out:
         with open(out, "w") as f:
