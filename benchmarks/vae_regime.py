@@ -11,7 +11,11 @@ scored against the renderer's own frames of the same clip:
 
 * lip sync: Pearson correlation of the voice envelope with the mouth opening measured from
   pixels, best offset within +-5 frames (the offset is printed: > 0 the mouth lags);
-* face detail: edge energy of the eye band (`eval.metrics.eye_detail`), reconstructed / renderer.
+* face detail: edge energy of the eye band (`eval.metrics.eye_detail`), reconstructed / renderer;
+* latent steps: `eval.metrics.seam_score` at the first frame of every latent (frames 5, 9, ...):
+  the change into a new latent over the change inside one. The renderer's is about 1; a VAE that
+  holds each latent's 4 frames and jumps to the next scores high, and every window seam of
+  generation falls on such a boundary.
 
 For contrast the same clips are also run through the regimes the old demo mixed: the VAE on
 5-frame chunks and on one single pass over the clip. `--speakers 2`: two-speaker clips (each face
@@ -55,7 +59,8 @@ def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "", varia
     from mi_jax.config_utils import load_config
     from mi_jax.data import synthetic
     from mi_jax.data.prepare import Encoders
-    from mi_jax.eval.metrics import best_offset_correlation, eye_detail
+    from mi_jax.eval.metrics import best_offset_correlation, eye_detail, seam_score
+    from mi_jax.models.vae import TEMPORAL_FACTOR
     from mi_jax.pipeline import _to_uint8, vae_round_trip
 
     # the demo config: its VAE tiling (prepare.vae_tiling) is the stream the pipeline runs
@@ -76,6 +81,7 @@ def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "", varia
     regimes = {"pipeline (VAEStream tiles)": lambda f: vae_round_trip(enc, f), "5-frame chunks": lambda f: chunks_of(f, 5),
                "single pass": lambda f: np.asarray(_to_uint8(single(params, _unit(f))))}
     rows = {name: [] for name in ["renderer", *regimes]}
+    steps = {name: [] for name in rows}
     t0 = time.time()
     for i in range(clips):
         clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + i, seconds, size=size,
@@ -85,6 +91,8 @@ def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "", varia
         truth = clip.frames[:n]
         voices = clip.audio[None] if speakers == 1 else clip.speaker_audio
         videos = {name: fn(truth)[:n] for name, fn in [("renderer", lambda f: f), *regimes.items()]}
+        for name, video in videos.items():
+            steps[name].append(seam_score(video, range(1 + TEMPORAL_FACTOR, n, TEMPORAL_FACTOR)))
         for s in range(speakers):
             env = synthetic.mouth_envelope(voices[s], n, clip.fps)
             base = float(eye_detail(truth, clip.eye_boxes[s, :n]).mean())
@@ -97,7 +105,7 @@ def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "", varia
     for name, r in rows.items():
         corr, off, det = (np.array(v) for v in zip(*r))
         summary[name] = {"lip_sync": round(float(corr.mean()), 3), "offsets": off.tolist(),
-                         "face_detail": round(float(det.mean()), 3)}
+                         "face_detail": round(float(det.mean()), 3), "latent_steps": round(float(np.mean(steps[name])), 2)}
     p = summary["pipeline (VAEStream tiles)"]
     summary["goals"] = {
         "lip_sync >= 0.65 at |offset| <= 2": bool(p["lip_sync"] >= 0.65 and max(map(abs, p["offsets"])) <= 2),
