@@ -196,7 +196,7 @@ def cmd_eval(args) -> int:
         videos.append(frames)
         truths.append(clip)
         bounds.append(seams)
-    results = evaluate(videos, truths, boundaries=bounds)
+    results = evaluate(videos, truths, boundaries=bounds, frames_per_latent=pipe.vae_stream.config.temporal_factor)
     path = write_report(results, args.out)
     rows = check(results)
     print(f"wrote {path}")

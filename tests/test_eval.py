@@ -198,6 +198,25 @@ def test_seam_score_is_one_on_a_continuous_rendering_and_high_on_hard_cuts(clip)
     assert seam_score(windows_from(clip.frames, boundaries, jump=12), boundaries) > 3.0
 
 
+def test_seam_over_latents_tells_a_sampler_seam_from_a_decoder_that_holds_each_latent(clip):
+    """A video held still over each 4-frame latent (a decoder that jumps from latent to latent) scores
+    high on the seam score at window starts that are latent boundaries, but about 1 against the
+    other latent boundaries; windows that add a jump of their own score high on both."""
+    from mi_jax.eval.metrics import seam_over_latents
+
+    frames = clip.frames[: 1 + 4 * 40]
+    held = frames.copy()
+    for k in range(40):  # every latent's 4 frames show its last one
+        held[1 + 4 * k : 5 + 4 * k] = frames[4 + 4 * k]
+    windows = list(range(1 + 4 * 4, len(frames), 4 * 3))  # windows of 5 latents, 2 carried
+    assert seam_score(held, windows) > 2.5
+    assert 0.75 < seam_over_latents(held, windows, 4) < 1.25
+    assert 0.75 < seam_over_latents(frames, windows, 4) < 1.25  # the renderer
+    jumpy = windows_from(held, windows, jump=12)
+    assert seam_over_latents(jumpy, windows, 4) > 2.0
+    assert seam_over_latents(frames, list(range(1, len(frames), 4)), 4) is None  # every latent is a seam
+
+
 # ----------------------------------------------------------------------------- text control, routing
 
 
@@ -222,8 +241,9 @@ def test_evaluate_and_report(tmp_path, clip, actions, duo):
     rng = np.random.default_rng(1)
     clips = [clip, *actions.values(), duo]
     boundaries = [list(range(24, len(c.frames), 24)) for c in clips]
-    results = evaluate([c.frames for c in clips], clips, boundaries=boundaries)
+    results = evaluate([c.frames for c in clips], clips, boundaries=boundaries, frames_per_latent=4)
     summary = results["summary"]
+    assert 0.75 < summary["seam_over_latents"]["value"] < 1.25
     assert summary["lip_sync"]["value"] > 0.95 and summary["lip_sync"]["ratio"] == pytest.approx(1.0)
     assert summary["identity_drift"]["worst"] < 0.02 and 0.8 < summary["seam"]["value"] < 1.2
     assert summary["routing"]["value"] > 0.5
@@ -243,6 +263,7 @@ def test_evaluate_and_report(tmp_path, clip, actions, duo):
     assert "| lip-sync correlation |" in text and "**FAIL**" not in text and "Two-speaker routing" in text
     assert "offsets +0, +0, +0, +0, +0, +0 frames" in text and "every \\|offset\\| <= 2 frames" in text
     assert "| face detail (eye band edge energy) |" in text and "## Face detail" in text
+    assert "| window seams / other latent boundaries |" in text and "vs latents" in text
     assert "| colour shift, first to last window (dE76, worst video) |" in text and "## Colour shift" in text
     assert json.load(open(tmp_path / "report" / "results.json"))["summary"]["lip_sync"] == summary["lip_sync"]
     pngs = sorted(p for p in os.listdir(tmp_path / "report") if p.endswith(".png"))

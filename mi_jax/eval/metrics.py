@@ -371,6 +371,25 @@ def seam_score(frames: np.ndarray, boundaries: Sequence[int]) -> float:
     return seam / elsewhere
 
 
+def seam_over_latents(frames: np.ndarray, boundaries: Sequence[int], frames_per_latent: int) -> float | None:
+    """The window seams against the VAE's own latent boundaries: mean |frame b - frame b-1| over
+    the window boundaries b divided by the same over the other latent boundaries (frames 1 +
+    k x frames_per_latent of a causal VAE: frame 0 alone, then frames_per_latent per latent).
+    About 1: the windows join as well as the latents inside one window do, so what `seam_score`
+    still sees is the decoder's change from latent to latent, not the sampler's; above 1: the
+    windows add a jump of their own. None when no other latent boundary is in the video."""
+    frames = _check_frames(frames)
+    seams = {int(b) for b in boundaries if 1 <= b < len(frames)}
+    others = [b for b in range(1 + frames_per_latent, len(frames), frames_per_latent) if b not in seams]
+    if not seams or not others:
+        return None
+    diff = lambda t: float(np.abs(frames[t].astype(np.int16) - frames[t - 1]).mean())  # noqa: E731
+    seam, other = np.mean([diff(b) for b in sorted(seams)]), np.mean([diff(b) for b in others])
+    if other == 0:
+        return 1.0 if seam == 0 else math.inf
+    return float(seam / other)
+
+
 def routing(mouths: np.ndarray, envelopes: np.ndarray, max_offset: int = 5) -> dict:
     """Two-speaker routing from mouths [S, T] (measured) and envelopes [S, T] (each speaker's own
     stream): correlations [S, S] (mouth s vs stream r, best offset) and margins [S] = own - other."""
@@ -388,7 +407,7 @@ def routing(mouths: np.ndarray, envelopes: np.ndarray, max_offset: int = 5) -> d
 def measure(frames: np.ndarray, truth: Truth, speaker_audio: np.ndarray | None = None, *,
             max_offset: int = 5, box_mode: str = "track", box_margin: float = 0.1,
             drift_window_s: float = 60.0, boundaries: Sequence[int] | None = None,
-            syncnet: SyncNetFn | None = None) -> dict:
+            syncnet: SyncNetFn | None = None, frames_per_latent: int | None = None) -> dict:
     """Every metric of one video, frames uint8 [T, H, W, 3] at truth.fps (T may differ from the
     truth's: the shorter length is used). speaker_audio float [S, N] or [N]: the driving audio,
     default the truth's. Boxes are rescaled when the video's size differs from the truth's, and
@@ -451,6 +470,8 @@ def measure(frames: np.ndarray, truth: Truth, speaker_audio: np.ndarray | None =
     out["motion"] = head_motion(centres)
     out["routing"] = routing(np.stack(mouths), np.stack(envelopes), max_offset) if truth.speakers == 2 else None
     out["seam"] = None if boundaries is None else seam_score(frames, [b for b in boundaries if b < t])
+    out["seam_over_latents"] = (None if boundaries is None or not frames_per_latent
+                                else seam_over_latents(frames[:t], boundaries, frames_per_latent))
     out["envelope_series"] = [e.tolist() for e in envelopes]
     out["mouth_series"] = [m.tolist() for m in mouths]
     out["identity_series"] = similarity.tolist()
@@ -482,7 +503,8 @@ def _aligned(values, n: int, what: str) -> list:
 
 def evaluate(videos: Sequence, truths: Sequence, *, boundaries: Sequence | None = None,
              audios: Sequence | None = None, max_offset: int = 5, box_mode: str = "track",
-             box_margin: float = 0.1, drift_window_s: float = 60.0, syncnet: SyncNetFn | None = None) -> dict:
+             box_margin: float = 0.1, drift_window_s: float = 60.0, syncnet: SyncNetFn | None = None,
+             frames_per_latent: int | None = None) -> dict:
     """Measures generated videos against the truths that drove them, and the truths' own renderings.
 
     videos: per video, uint8 frames [T, H, W, 3] at the truth's fps, or a video file (decoded and
@@ -490,6 +512,7 @@ def evaluate(videos: Sequence, truths: Sequence, *, boundaries: Sequence | None 
       folder written by `Clip.save`.
     boundaries: per video, the first frame index of every sampler window after the first (the
       caller computes them from the sampler's layout), or None for no seam score.
+    frames_per_latent: the VAE's frames per latent; with boundaries it adds `seam_over_latents`.
     audios: per video, the driving audio float [S, N] (or [N] for one speaker), default the
       truth's speaker_audio; e.g. to check that unrelated audio scores low.
     max_offset: lip-sync offsets searched, +- frames. box_mode / box_margin: see the module
@@ -515,7 +538,7 @@ def evaluate(videos: Sequence, truths: Sequence, *, boundaries: Sequence | None 
         if isinstance(video, (str, os.PathLike)):
             video = read_video(video, truth.fps).frames
         kw = dict(max_offset=max_offset, box_mode=box_mode, box_margin=box_margin, drift_window_s=drift_window_s,
-                  boundaries=bounds, syncnet=syncnet)
+                  boundaries=bounds, syncnet=syncnet, frames_per_latent=frames_per_latent)
         records.append({
             "name": truth.name, "seed": truth.seed, "prompt": truth.prompt, "actions": list(truth.actions),
             "speakers": truth.speakers, "fps": truth.fps,
@@ -535,7 +558,7 @@ def summarize(records: list[dict]) -> dict:
     lip_sync (correlation; "offsets": every video's and speaker's best offset), syncnet (when
     measured), face_detail (eye band edge energy; videos whose truth has eye boxes),
     identity_drift and colour_shift (dE76) (mean; "worst" = max, "truth_worst" the renderer's),
-    seam (videos with boundaries), text_control (per group "nodding" / "shaking head" / "neutral":
+    seam (videos with boundaries), seam_over_latents (when measured), text_control (per group "nodding" / "shaking head" / "neutral":
     the geometric mean of vertical / horizontal motion variance), routing (smallest margin)."""
     def mean_of(side, get):
         values = [v for r in records for v in get(r[side])]
@@ -546,7 +569,9 @@ def summarize(records: list[dict]) -> dict:
                      ("syncnet", lambda m: [s["syncnet_confidence"] for s in m["lip_sync"]
                                             if "syncnet_confidence" in s]),
                      ("face_detail", lambda m: [m["face_detail"]] if m["face_detail"] is not None else []),
-                     ("seam", lambda m: [m["seam"]] if m["seam"] is not None else [])):
+                     ("seam", lambda m: [m["seam"]] if m["seam"] is not None else []),
+                     ("seam_over_latents", lambda m: [m["seam_over_latents"]]
+                      if m.get("seam_over_latents") is not None else [])):
         value, truth = mean_of("video", get), mean_of("truth", get)
         out[key] = None if value is None else {"value": value, "truth": truth, "ratio": _ratio(value, truth)}
     if out["lip_sync"] is not None:

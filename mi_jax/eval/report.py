@@ -123,6 +123,8 @@ def check(results: dict, *, min_lip_sync_fraction: float = 0.6, max_lip_sync_off
         f"<= {max_colour_shift:g} dE", entry["worst"] <= max_colour_shift)
     if summary["seam"]:
         row("window-seam score", summary["seam"], f"<= {max_seam}", summary["seam"]["value"] <= max_seam)
+    if summary.get("seam_over_latents"):  # a diagnosis, not a goal: is the seam the sampler's or the decoder's?
+        row("window seams / other latent boundaries", summary["seam_over_latents"], "", None)
     control = summary["text_control"]
     neutral = control.get("neutral")
     if neutral:
@@ -242,10 +244,14 @@ def write_report(results: dict, out_dir: str | os.PathLike, *, min_lip_sync_frac
     seams = [v for v in videos if v["video"]["seam"] is not None]
     if seams:
         lines += ["## Window seams", "",
-                  "Mean |frame difference| at window boundaries / elsewhere (1.0 = seamless).", ""]
-        lines += _table(["video", "score", "renderer", "ratio"],
+                  "Mean |frame difference| at window boundaries / elsewhere (1.0 = seamless). Every window "
+                  "boundary is also a latent boundary: 'vs latents' divides by the change at the other latent "
+                  "boundaries instead (about 1: the windows join as well as the latents inside a window, and "
+                  "the score above is the decoder's change from latent to latent).", ""]
+        lines += _table(["video", "score", "renderer", "ratio", "vs latents", "renderer vs latents"],
                         [[v["name"], _fmt(v["video"]["seam"]), _fmt(v["truth"]["seam"]),
-                          _fmt(v["video"]["seam"] / v["truth"]["seam"] if v["truth"]["seam"] else None)]
+                          _fmt(v["video"]["seam"] / v["truth"]["seam"] if v["truth"]["seam"] else None),
+                          _fmt(v["video"].get("seam_over_latents")), _fmt(v["truth"].get("seam_over_latents"))]
                          for v in seams])
 
     lines += ["## Text control", "", "Variance (px²) of the head silhouette's centre of mass; nodding should move "
