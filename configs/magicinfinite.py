@@ -103,7 +103,6 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     v.batch = 2
     v.learning_rate = 2e-3
     v.beta = 1e-6  # KL weight
-    v.temporal_weight = 0.0  # x the weighted L1 of frame-to-frame changes (motion inside a latent)
     v.lengths = ()  # clip lengths in frames; () = VAEStream's regime (17, 13, 9, 5, 1 at 4x time)
     v.tile_fraction = 0.7  # share of steps at the first length (the tile)
     v.portrait_fraction = 0.5  # share of clips whose latent 0 encodes the first frame alone

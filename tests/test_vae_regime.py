@@ -248,35 +248,3 @@ def test_shipped_demo_vae_keeps_the_mouth_in_time_through_the_pipelines_path():
         mouth = synthetic.measure_mouth_open(video, clip.mouth_boxes[0, :n])
         corr, offset = best_offset_correlation(synthetic.mouth_envelope(clip.audio, n, clip.fps), mouth, 5)
         assert abs(offset) <= 2 and corr >= 0.65, (i, corr, offset)
-
-
-def test_the_temporal_term_weighs_the_reconstructions_frame_changes_against_the_clips():
-    """`vae_train.temporal_weight`: the step adds the weighted L1 of frame-to-frame changes
-    (reconstruction's minus the clip's) to its loss, so a VAE that holds a latent's frames
-    still and jumps at the next latent pays for it; at 0 the step is the plain weighted L1."""
-    import optax
-    from flax import linen as nn
-
-    from mi_jax.models.vae import CausalVAE, Tiling, VAEConfig, VAEStream
-    from mi_jax.train.vae import make_vae_step, region_weights, round_trip
-
-    cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1"))
-    vae = CausalVAE(VAEConfig(**cfg.prepare.vae_random.to_dict()))
-    params = nn.unbox(jax.jit(vae.init)(jax.random.key(0), jnp.zeros((1, 1, 64, 64, 3))))["params"]
-    clip = synthetic.render_clip(5, 0.4, size=(64, 64), prompt="nodding")
-    x = jnp.asarray(clip.frames[:9], jnp.float32)[None] / 127.5 - 1.0
-    w = jnp.asarray(region_weights(clip, (2.0, 10.0, 10.0), slice(0, 9)))[None, ..., None]
-    portrait, key, tx = jnp.array([True]), jax.random.key(3), optax.sgd(1e-3)
-    run = lambda temporal: make_vae_step(vae, tx, 1e-6, Tiling(), temporal)(  # noqa: E731
-        params, tx.init(params), x, w, portrait, key)
-    p0, _, plain = run(0.0)
-    p1, _, both = run(0.5)
-
-    y, _, _ = round_trip(VAEStream(vae, Tiling()), params, x, portrait, key)  # the step's reconstruction
-    change = np.abs(np.diff(np.asarray(y), axis=1) - np.diff(np.asarray(x), axis=1))
-    wt = np.maximum(np.asarray(w)[:, 1:], np.asarray(w)[:, :-1])
-    expected = (change * wt).sum() / (wt.sum() * 3)
-    assert "temporal_l1" not in plain and abs(float(both["temporal_l1"]) - expected) <= 1e-5 * expected
-    assert float(both["weighted_l1"]) == float(plain["weighted_l1"])  # same reconstruction, one more term
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), p0, p1))
-    assert max(moved) > 0  # the term changes the update

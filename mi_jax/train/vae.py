@@ -236,11 +236,10 @@ def tile_round_trip(stream: VAEStream, p, x, portrait, key=None):
     return y, mean, logvar
 
 
-def make_vae_step(model: CausalVAE, tx, beta: float, tiling: Tiling = Tiling(), temporal: float = 0.0):
+def make_vae_step(model: CausalVAE, tx, beta: float, tiling: Tiling = Tiling()):
     """`step(params, opt, video, weight, portrait, key) -> (params, opt, metrics)`, jitted: the
     weighted L1 of `round_trip` through the `VAEStream` of `tiling` (as `tile_round_trip`, one
-    batch of tiles, when the tiles do not overlap), plus `temporal` x the weighted L1 of the
-    frame-to-frame changes (reconstruction's against the clip's: `temporal_l1`)."""
+    batch of tiles, when the tiles do not overlap)."""
     stream = VAEStream(model, tiling)
     tiled = tiling.tile_sample_stride_num_frames == tiling.tile_sample_min_num_frames
 
@@ -249,14 +248,7 @@ def make_vae_step(model: CausalVAE, tx, beta: float, tiling: Tiling = Tiling(), 
         err = jnp.abs(y - x)
         kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
         weighted = (err * w).sum() / (w.sum() * x.shape[-1])
-        metrics = {"weighted_l1": weighted, "l1": err.mean(), "kl": kl}
-        loss = weighted + beta * kl
-        if temporal and x.shape[1] > 1:
-            change = jnp.abs(jnp.diff(y, axis=1) - jnp.diff(x, axis=1))
-            wt = jnp.maximum(w[:, 1:], w[:, :-1])
-            metrics["temporal_l1"] = (change * wt).sum() / (wt.sum() * x.shape[-1])
-            loss = loss + temporal * metrics["temporal_l1"]
-        return loss, metrics
+        return weighted + beta * kl, {"weighted_l1": weighted, "l1": err.mean(), "kl": kl}
 
     @jax.jit
     def step(p, o, x, w, portrait, key):
@@ -300,7 +292,7 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
     record = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in t.items()},
               "lengths": list(lengths), "tiling": dataclasses.asdict(tiling), "vae": vcfg.to_diffusers(), "size": list(size)}
     state = _resume(work_dir, state, record, log)
-    step = make_vae_step(model, tx, float(t["beta"]), tiling, float(t["temporal_weight"]))
+    step = make_vae_step(model, tx, float(t["beta"]), tiling)
     every, batch = int(t["checkpoint_every"]), int(t["batch"])
     t0, start, metrics, before = time.time(), state["step"], {}, float(state["seconds"])  # earlier runs' time
     params, opt = state["params"], state["opt"]
