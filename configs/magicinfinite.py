@@ -99,8 +99,6 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     v = c.vae_train = ml_collections.ConfigDict()
     v.init = ""  # a diffusers VAE folder to fine-tune (widened to more latent channels if needed)
     v.temporal_init = False  # start from `train.vae.temporal_init` of it: each latent from its own frames
-    v.upsampler_interpolation = 0.0  # > 0: `train.vae.interpolating_upsamplers` of the start, this weight
-    v.decoder_only = False  # train the decoder alone (the encoder, hence stored latents, unchanged)
     v.steps = 1500
     v.batch = 2
     v.learning_rate = 2e-3

@@ -94,15 +94,11 @@ def run_demo(model: str = os.path.join(DEMO, "model"), out: str = "out", seconds
             "wall_seconds": round(wall, 1), "lip_sync_correlation": round(float(corr), 3), "offset": int(offset)}
 
 
-DECODER_STEPS = 400  # decoder-only steps after the VAE's own (build_demo_model)
-
-
 def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/demo", *, clips: int = 128,
                      vae_steps: int | None = None, stage1_steps: int = 4000, stage2_steps: int = 12000,
                      distill_steps: int = 600, seed: int = 0, log=print) -> str:
     """The demo model from nothing, seeded: synthetic clips -> the demo VAE (`train_vae`, in the
-    regime generation runs it, then its decoder alone) -> prepare -> stage 1 -> stage 2 -> DMD2
-    (4 steps, LoRA); writes
+    regime generation runs it) -> prepare -> stage 1 -> stage 2 -> DMD2 (4 steps, LoRA); writes
     the VAE to `<out>/../vae` and the final run (weights + config) to `out`, with `build.json`
     (seed, steps, wall time per part) beside the model.
 
@@ -147,15 +143,7 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
         part("vae", lambda: log(train_vae(vae_cfg, vae_dir, work_dir=os.path.join(work, "vae.train"), log=log,
                                           steps=vae_steps, seed=seed, init=vae_base, learning_rate=1e-3)))
-    # then the decoder alone, from upsamplers that ramp each latent's frames from the previous
-    # latent's (`interpolating_upsamplers`): smoother motion, the same encoder and latents
-    shipped_vae = os.path.join(work, "vae_decoder")
-    if not os.path.exists(os.path.join(shipped_vae, "config.json")):
-        part("vae_decoder", lambda: log(train_vae(
-            vae_cfg, shipped_vae, work_dir=os.path.join(work, "vae_decoder.train"), log=log, steps=DECODER_STEPS,
-            seed=seed, init=vae_dir, temporal_init=False, upsampler_interpolation=0.25, decoder_only=True,
-            learning_rate=1e-3)))
-    part("prepare", lambda: prepare(load_config(spec + ":demo,stage1", [f"prepare.vae={shipped_vae}", f"seed={seed}"]),
+    part("prepare", lambda: prepare(load_config(spec + ":demo,stage1", [f"prepare.vae={vae_dir}", f"seed={seed}"]),
                                     data, store))
     stages = [("stage1", "demo,stage1,text_first", stage1_steps, None),
               ("stage2", "demo,stage2,text_first", stage2_steps, "stage1"),
@@ -165,10 +153,10 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
             extra = [f"init.checkpoint={os.path.join(work, init)}"] if init else []
             config = load_config(f"{spec}:{variant}", [f"train.steps={steps}", *extra, *common])
             part(name, lambda: train(config, os.path.join(work, name), distill=name == "distill"))
-    record.update(steps={"vae": vae_steps, "vae_decoder": DECODER_STEPS, "stage1": stage1_steps, "stage2": stage2_steps,
+    record.update(steps={"vae": vae_steps, "stage1": stage1_steps, "stage2": stage2_steps,
                          "distill": distill_steps}, wall_seconds=round(sum(record["parts"].values()), 1))
     _write_json(log_path, record)
-    for src, dst, ignore in ((shipped_vae, vae_out, None), (os.path.join(work, "distill"), out, ("tensorboard",))):
+    for src, dst, ignore in ((vae_dir, vae_out, None), (os.path.join(work, "distill"), out, ("tensorboard",))):
         with atomic.folder(dst) as tmp:
             shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*ignore) if ignore else None, dirs_exist_ok=True)
             if dst == out:  # the final checkpoint only (the run keeps the last few)

@@ -19,9 +19,7 @@ and generation use, at the lengths of `vae_train.lengths` (default `vae_regime_l
 Start: `vae_train.init` (a VAE to fine-tune, widened if needed: `start_from`), then optionally
 `vae_train.temporal_init` (`temporal_init`: causal kernels that make each latent from its own
 frames; a VAE trained on short clips made latent k from the frame before them and came out a
-latent late) and `vae_train.upsampler_interpolation` (`interpolating_upsamplers`: a latent's
-frames ramp from the previous latent's instead of copying their own). `vae_train.decoder_only`
-trains the decoder alone: the latents, and a DiT trained on them, stay valid.
+latent late).
 
 Loss: L1 weighted up on the regions the eval and a viewer look at (ground truth of the synthetic
 world): 1 + face x (face mask) + mouth x (mouth box) + eyes x (eye band), plus a small KL term
@@ -187,39 +185,6 @@ def temporal_init(params, config: VAEConfig) -> dict:
     return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(fix, params))
 
 
-def interpolating_upsamplers(params, previous: float = 0.25) -> dict:
-    """`params` with the 3 temporal taps of every decoder upsampler's convolution replaced by
-    (0, previous, 1 - previous) x their sum: a still clip decodes exactly as before, while each
-    frame after a (nearest-neighbour) upsampling now blends in the frame before it, so a latent's
-    frames ramp from the previous latent instead of all copying their own.
-
-    Why: `temporal_init` puts every decoder tap on the current frame, and the upsamplers repeat
-    each latent's frames, so the decoder draws a latent's 4 frames nearly alike and jumps at the
-    next latent (the shipped demo VAE: change into a new latent / change inside one 8.07, the
-    renderer's 1.01; the window-seam score is this). Measured on that VAE
-    (benchmarks/vae_regime.py, 3 held-out 4 s clips): these taps alone give 5.55, and 400
-    decoder-only steps from them 5.11 with lip sync 0.764 at offsets 0-1 (0.775 before)."""
-
-    def fix(path, v):
-        v = np.asarray(v)
-        keys = [str(getattr(k, "key", k)) for k in path]
-        if keys[0] != "decoder" or "upsamplers_0" not in keys or v.ndim != 5 or v.shape[0] != 3:
-            return v
-        out = np.zeros_like(v)
-        out[1], out[2] = previous * v.sum(0), (1.0 - previous) * v.sum(0)
-        return out
-
-    return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(fix, params))
-
-
-def decoder_only(tx, params):
-    """`tx` on the decoder's parameters (and `post_quant_conv`), the rest frozen: the encoder,
-    hence the latents `prepare` stores and a DiT trained on them, stay exactly as they are."""
-    labels = {k: jax.tree.map(lambda _, k=k: "train" if k in ("decoder", "post_quant_conv") else "freeze", v)
-              for k, v in params.items()}
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-
-
 def round_trip(stream: VAEStream, p, x, portrait, key=None):
     """video [B, T, H, W, 3] -> (reconstruction, mean, logvar) through `stream`, the `VAEStream`
     that `prepare` encodes and generation decodes with (its temporal tiles; a clip shorter than
@@ -319,14 +284,10 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
         params = start_from(t["init"], vcfg, params)
     if t["temporal_init"]:
         params = temporal_init(params, vcfg)
-    if t["upsampler_interpolation"]:
-        params = interpolating_upsamplers(params, float(t["upsampler_interpolation"]))
     warmup = min(100, steps // 2 + 1)
     lr = float(t["learning_rate"])
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, warmup, max(steps, 2 * warmup), lr * 0.05)))
-    if t["decoder_only"]:
-        tx = decoder_only(tx, params)
     state = {"params": params, "opt": tx.init(params), "step": 0, "seconds": 0.0}
     record = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in t.items()},
               "lengths": list(lengths), "tiling": dataclasses.asdict(tiling), "vae": vcfg.to_diffusers(), "size": list(size)}
