@@ -18,10 +18,12 @@ scored against the renderer's own frames of the same clip:
   generation falls on such a boundary.
 
 For contrast the same clips are also run through the regimes the old demo mixed: the VAE on
-5-frame chunks and on one single pass over the clip. `--speakers 2`: two-speaker clips (each face
-in its half of the frame, taking turns), every figure per speaker against that speaker's own
-voice and boxes: what a two-speaker model could at best draw through this VAE. Prints a table and the pass / fail of the
+5-frame chunks and on one single pass over the clip. Prints a table and the pass / fail of the
 goals (lip sync >= 0.65 at |offset| <= 2, face detail >= 0.8 x the renderer's).
+
+`--speakers 2`: two-speaker clips (each face in its half of the frame, taking turns), every
+figure per speaker against that speaker's own voice and boxes: what a two-speaker model could at
+best draw through this VAE.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "", varia
         clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + i, seconds, size=size,
                                      prompt=synthetic.TRAINING_PROMPTS[i % len(synthetic.TRAINING_PROMPTS)],
                                      speakers=speakers)
-        n = 1 + 4 * ((len(clip.frames) - 1) // 4)
+        n = 1 + TEMPORAL_FACTOR * ((len(clip.frames) - 1) // TEMPORAL_FACTOR)  # whole latents
         truth = clip.frames[:n]
         voices = clip.audio[None] if speakers == 1 else clip.speaker_audio
         videos = {name: fn(truth)[:n] for name, fn in [("renderer", lambda f: f), *regimes.items()]}

@@ -362,13 +362,18 @@ def seam_score(frames: np.ndarray, boundaries: Sequence[int]) -> float:
     if b.size == 0 or b.min() < 1 or b.max() > len(frames) - 1 or b.size >= len(frames) - 1:
         raise ValueError(f"boundaries must be frame indices in [1, T - 1] = [1, {len(frames) - 1}] (the first "
                          f"frame of each new window), not all of them; got {list(boundaries)[:10]}.")
-    diff = np.array([np.abs(frames[t].astype(np.int16) - frames[t - 1]).mean() for t in range(1, len(frames))])
+    diff = _frame_changes(frames)
     at = np.zeros(len(diff), bool)
     at[b - 1] = True  # diff[t - 1] compares frames t and t - 1
     seam, elsewhere = float(diff[at].mean()), float(diff[~at].mean())
     if elsewhere == 0:
         return 1.0 if seam == 0 else math.inf
     return seam / elsewhere
+
+
+def _frame_changes(frames: np.ndarray) -> np.ndarray:
+    """float [T - 1]: mean |frame t - frame t-1| for t = 1 .. T - 1 (uint8 frames [T, H, W, 3])."""
+    return np.array([np.abs(frames[t].astype(np.int16) - frames[t - 1]).mean() for t in range(1, len(frames))])
 
 
 def seam_over_latents(frames: np.ndarray, boundaries: Sequence[int], frames_per_latent: int) -> float | None:
@@ -383,8 +388,8 @@ def seam_over_latents(frames: np.ndarray, boundaries: Sequence[int], frames_per_
     others = [b for b in range(1 + frames_per_latent, len(frames), frames_per_latent) if b not in seams]
     if not seams or not others:
         return None
-    diff = lambda t: float(np.abs(frames[t].astype(np.int16) - frames[t - 1]).mean())  # noqa: E731
-    seam, other = np.mean([diff(b) for b in sorted(seams)]), np.mean([diff(b) for b in others])
+    diff = _frame_changes(frames)  # diff[b - 1]: the change into frame b
+    seam, other = diff[sorted(b - 1 for b in seams)].mean(), diff[[b - 1 for b in others]].mean()
     if other == 0:
         return 1.0 if seam == 0 else math.inf
     return float(seam / other)
@@ -471,7 +476,7 @@ def measure(frames: np.ndarray, truth: Truth, speaker_audio: np.ndarray | None =
     out["routing"] = routing(np.stack(mouths), np.stack(envelopes), max_offset) if truth.speakers == 2 else None
     out["seam"] = None if boundaries is None else seam_score(frames, [b for b in boundaries if b < t])
     out["seam_over_latents"] = (None if boundaries is None or not frames_per_latent
-                                else seam_over_latents(frames[:t], boundaries, frames_per_latent))
+                                else seam_over_latents(frames, boundaries, frames_per_latent))
     out["envelope_series"] = [e.tolist() for e in envelopes]
     out["mouth_series"] = [m.tolist() for m in mouths]
     out["identity_series"] = similarity.tolist()
