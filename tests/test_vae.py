@@ -150,31 +150,69 @@ def test_group_norm_gradient_matches_autodiff():
         assert max_abs(a, b) <= 1e-5 * float(jnp.abs(a).max())
 
 
-@pytest.mark.parametrize("shape, co, strides", [
+CONV_CASES = [
     ((2, 11, 18, 14, 8), 16, (1, 1, 1)),  # small frames: XLA's kernel gradient
     ((2, 11, 18, 14, 8), 16, (1, 2, 2)),  # the VAE's strides
     ((2, 11, 18, 14, 8), 16, (2, 2, 2)),
     ((1, 5, 34, 36, 8), 16, (1, 1, 1)),  # frames of >= 32 x 32: the FFT kernel gradient
     ((1, 5, 34, 36, 3), 8, (1, 1, 1)),  # RGB in: taps folded into the channels
     ((1, 5, 34, 36, 8), 3, (1, 1, 1)),  # RGB out: the kernel widened to 8 outputs
-])
-def test_cpu_convolution_and_its_gradients_match_xla(shape, co, strides):
-    """On CPU `conv3d` runs as 2-D convolutions of the frames (the form picked by channel
-    counts) with a custom gradient (the kernel's through FFT cross-correlations on large
-    frames): its output and both gradients equal XLA's 3-D convolution (relative 1e-5) on every
-    path, at the VAE's strides, with an uneven output gradient."""
-    from mi_jax.models.vae import conv3d
+    ((1, 6, 13, 21, 5), 12, (2, 1, 2)),  # uneven: strides that leave input unread, 12 = 8 + 4 outputs
+]
 
+
+@pytest.mark.parametrize("impl", ["native", "xla_forms"])
+@pytest.mark.parametrize("shape, co, strides", CONV_CASES)
+def test_cpu_convolution_and_its_gradients_match_xla(shape, co, strides, impl):
+    """On CPU `conv3d` runs on the native kernels (mi_jax/nn/cpu_conv.cc) or, without a C++
+    compiler, as 2-D convolutions of the frames (the form picked by channel counts) with a custom
+    gradient (the kernel's through FFT cross-correlations on large frames). Either way its output
+    and both gradients equal XLA's 3-D convolution (relative 1e-5), at the VAE's strides, with an
+    uneven output gradient; the comments name the path of the XLA forms."""
+    from mi_jax.models import vae
+    from mi_jax.nn import cpu_kernels
+
+    if impl == "native":
+        assert cpu_kernels.available(), "the native CPU kernels did not build (see the log)"
+        conv = cpu_kernels.conv3d
+    else:
+        conv = vae._cpu_conv3d
     rng = np.random.default_rng(sum(strides) + co)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 3, shape[-1], co)), jnp.float32)
     ref = lambda x, k: jax.lax.conv_general_dilated(x, k, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))  # noqa: E731
     want, pull_want = jax.vjp(ref, x, kernel)
-    got, pull_got = jax.vjp(lambda x, k: conv3d(x, k, strides), x, kernel)
+    got, pull_got = jax.vjp(lambda x, k: conv(x, k, strides), x, kernel)
     g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
     for a, b in zip((want, *pull_want(g)), (got, *pull_got(g))):
         assert a.shape == b.shape
         assert max_abs(a, b) <= 1e-5 * float(jnp.abs(a).max())
+
+
+def test_vae_convolutions_use_the_native_kernels_on_cpu_for_float32_only():
+    """float32 convolutions of the VAE lower to the native kernels (forward, and in the gradient
+    the kernel-gradient call); float64 (the exactness checks) keeps XLA's own."""
+    from mi_jax.models.vae import conv3d
+
+    x, k = jnp.ones((1, 5, 10, 10, 8)), jnp.ones((3, 3, 3, 8, 8))
+    loss = lambda x, k: jnp.sum(conv3d(x, k, (1, 1, 1)) ** 2)  # noqa: E731
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, k).as_text()
+    assert "mi_jax_conv3d_fwd" in hlo and "mi_jax_conv3d_dk" in hlo
+    with jax.enable_x64(True):
+        hlo64 = jax.jit(loss).lower(x.astype(jnp.float64), k.astype(jnp.float64)).as_text()
+    assert "mi_jax_conv3d" not in hlo64 and "convolution" in hlo64
+
+
+def test_native_kernels_build_errors_name_the_compiler(tmp_path, monkeypatch):
+    """No usable compiler: `_build` says which command failed (and `available()` would log it and
+    fall back to XLA's convolutions); the cache holds no partial library."""
+    from mi_jax.nn import cpu_kernels
+
+    monkeypatch.setenv("MI_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    with pytest.raises((RuntimeError, OSError), match="no-such-c\\+\\+"):
+        cpu_kernels._build()
+    assert not list((tmp_path / "cpu_kernels").glob("*.so"))
 
 
 def test_stream_decode_matches_diffusers_default(torch, models):

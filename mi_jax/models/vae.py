@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from mi_jax.nn import cpu_kernels
 from mi_jax.nn.attention import attention
 from mi_jax.nn.layers import Dense, GroupNorm, partitioned, torch_default_kernel_init
 
@@ -186,6 +187,8 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> ja
     fast (benchmarks/cpu_vs_torch.py measures it against torch)."""
     if jax.default_backend() != "cpu" or kernel.shape[:3] == (1, 1, 1):
         return jax.lax.conv_general_dilated(x, kernel, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    if x.dtype == kernel.dtype == jnp.float32 and cpu_kernels.available():
+        return cpu_kernels.conv3d(x, kernel, tuple(strides))
     return _cpu_conv3d(x, kernel, tuple(strides))
 
 

@@ -1,0 +1,154 @@
+"""Native CPU kernels for what XLA:CPU runs slowly: direct 3-D convolutions with few channels.
+
+`conv3d(x, kernel, strides)` is a VALID 3-D convolution `[B, T, H, W, Ci] x [kt, kh, kw, Ci, Co]`
+(float32, channels-last) whose forward pass, input gradient and kernel gradient run in
+`cpu_conv.cc` through the XLA FFI: output pixels x 8 output channels kept in registers, work split
+over (batch, output frame) on XLA's own thread pool. `benchmarks/cpu_vs_torch.py` measures it
+against PyTorch's oneDNN; `tests/test_cpu_kernels.py` checks it against XLA's convolution.
+
+The library is compiled on first use with the system C++ compiler (`$CXX`, else `g++`; `-O3
+-march=native`) against the FFI headers jaxlib ships, and cached under `$MI_JAX_CACHE` (default
+`~/.cache/mi_jax`) by a hash of the source, the flags, jaxlib's version and this CPU's model and
+feature flags: one compile per machine, about 10 s. `available()` is False, and callers use
+XLA's own convolutions, when there is no compiler, the build fails (the reason is logged once), or
+`MI_JAX_CPU_KERNELS=0` is set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_conv.cc")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+_TARGETS = {"mi_jax_conv3d_fwd": "MiJaxConv3dFwd", "mi_jax_conv3d_dk": "MiJaxConv3dKernelGrad"}
+BLOCK = 8  # output channels per register block in cpu_conv.cc; other counts are padded up to it
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "".join(lines)
+
+
+def _build() -> str:
+    """Path of the compiled library, compiling it if this machine has none yet."""
+    import jaxlib
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), cxx.encode(),
+                                     jaxlib.__version__.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+    cache = os.path.join(os.environ.get("MI_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mi_jax"),
+                         "cpu_kernels")
+    path = os.path.join(cache, f"cpu_conv-{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # compiled under a temporary name, then renamed
+    os.close(fd)
+    try:
+        cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the native kernels are built and registered with XLA (once per process)."""
+    if os.environ.get("MI_JAX_CPU_KERNELS", "1") == "0":
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(_build())
+        for name, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except Exception as e:  # noqa: BLE001 - any failure means: use XLA's convolutions
+        log.warning("mi_jax native CPU convolutions unavailable, using XLA's (slower on CPU): %s", e)
+        return False
+    return True
+
+
+def _pad_out(kernel: jax.Array) -> jax.Array:
+    """The kernel with its output channels zero-padded to a multiple of BLOCK."""
+    co = kernel.shape[-1]
+    return jnp.pad(kernel, ((0, 0),) * 4 + ((0, -co % BLOCK),)) if co % BLOCK else kernel
+
+
+def _out_shape(x_shape, k_shape, strides):
+    return (x_shape[0], *((n - k) // s + 1 for n, k, s in zip(x_shape[1:4], k_shape[:3], strides)), k_shape[4])
+
+
+def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
+    co = kernel.shape[-1]
+    kernel = _pad_out(kernel)
+    out = jax.ShapeDtypeStruct(_out_shape(x.shape, kernel.shape, strides), jnp.float32)
+    st, sh, sw = (int(s) for s in strides)  # int64 attributes
+    y = jax.ffi.ffi_call("mi_jax_conv3d_fwd", out)(x, kernel, st=st, sh=sh, sw=sw)
+    return y[..., :co] if y.shape[-1] != co else y
+
+
+def _kernel_grad(x: jax.Array, g: jax.Array, k_shape, strides) -> jax.Array:
+    co = g.shape[-1]
+    if co % BLOCK:
+        g = jnp.pad(g, ((0, 0),) * 4 + ((0, -co % BLOCK),))
+    out = jax.ShapeDtypeStruct((*k_shape[:4], g.shape[-1]), jnp.float32)
+    st, sh, sw = (int(s) for s in strides)
+    dk = jax.ffi.ffi_call("mi_jax_conv3d_dk", out)(x, g, st=st, sh=sh, sw=sw)
+    return dk[..., :co] if co % BLOCK else dk
+
+
+def _input_grad(g: jax.Array, kernel: jax.Array, x_shape, strides) -> jax.Array:
+    """dx = the forward convolution of g (dilated by the strides, padded by kernel - 1 on each
+    side, up to the input's size) with the kernel flipped in space and time, in and out swapped."""
+    kt, kh, kw = kernel.shape[:3]
+    pads = [(0, 0, 0)]
+    for n_in, n_out, k, s in zip(x_shape[1:4], g.shape[1:4], (kt, kh, kw), strides):
+        covered = (n_out - 1) * s + k  # input positions the convolution reads
+        pads.append((k - 1, k - 1 + n_in - covered, s - 1))
+    pads.append((0, 0, 0))
+    gp = jax.lax.pad(g, jnp.zeros((), g.dtype), pads)
+    flipped = jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4)
+    return _forward(gp, flipped, (1, 1, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
+    """VALID 3-D convolution, channels-last, float32, on the native kernels (call `available()`
+    first; the caller keeps XLA's convolution for other dtypes and devices)."""
+    return _forward(x, kernel, strides)
+
+
+def _conv3d_fwd(x, kernel, strides):
+    return _forward(x, kernel, strides), (x, kernel)
+
+
+def _conv3d_bwd(strides, res, g):
+    x, kernel = res
+    return _input_grad(g, kernel, x.shape, strides), _kernel_grad(x, g, kernel.shape, strides)
+
+
+conv3d.defvjp(_conv3d_fwd, _conv3d_bwd)
