@@ -145,8 +145,16 @@ inline void KernelGradFrame(const float* x, const float* g, float* part, const S
         float* pr = part + (((a * s.kh + i) * s.kw + j) * ci) * co + co0;
         int64_t c0 = 0;
         for (; c0 + 8 <= ci; c0 += 8) KernelGradTap<8>(xr0, gr0, pr, s, c0);
-        for (; c0 + 4 <= ci; c0 += 4) KernelGradTap<4>(xr0, gr0, pr, s, c0);
-        for (; c0 < ci; ++c0) KernelGradTap<1>(xr0, gr0, pr, s, c0);
+        switch (ci - c0) {  // the last 1-7 channels (the RGB input: 3) in one pass as well
+          case 7: KernelGradTap<7>(xr0, gr0, pr, s, c0); break;
+          case 6: KernelGradTap<6>(xr0, gr0, pr, s, c0); break;
+          case 5: KernelGradTap<5>(xr0, gr0, pr, s, c0); break;
+          case 4: KernelGradTap<4>(xr0, gr0, pr, s, c0); break;
+          case 3: KernelGradTap<3>(xr0, gr0, pr, s, c0); break;
+          case 2: KernelGradTap<2>(xr0, gr0, pr, s, c0); break;
+          case 1: KernelGradTap<1>(xr0, gr0, pr, s, c0); break;
+          default: break;
+        }
       }
     }
   }
