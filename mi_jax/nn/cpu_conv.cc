@@ -80,11 +80,12 @@ inline v8 Load8(const float* p) {
 inline void Store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // kWb output pixels y[b, t, h, w:w+kWb, co0:co0+8] of the forward convolution (SW: the width
-// stride, a template argument so the pixel offsets are constants; 0: any, read from s).
-template <int64_t SW, int64_t NP>
+// stride and CI the input channels, template arguments so the pixel offsets are constants and the
+// channel loop unrolls; 0: any, read from s).
+template <int64_t SW, int64_t CI, int64_t NP>
 inline void ForwardPixels(const float* x, const float* k, float* yr, const Shape& s, int64_t b, int64_t t,
                           int64_t h, int64_t w, int64_t co0) {
-  const int64_t ci = s.ci, co = s.co, sw = SW ? SW : s.sw;
+  const int64_t ci = CI ? CI : s.ci, co = s.co, sw = SW ? SW : s.sw;
   const int64_t x_row = s.wi * ci, x_frame = s.hi * x_row, x_batch = s.ti * x_frame;
   v8 acc[NP] = {};
   for (int64_t a = 0; a < s.kt; ++a) {
@@ -105,13 +106,13 @@ inline void ForwardPixels(const float* x, const float* k, float* yr, const Shape
 }
 
 // One output row y[b, t, h, :, co0:co0+8].
-template <int64_t SW>
+template <int64_t SW, int64_t CI>
 inline void ForwardRow(const float* x, const float* k, float* y, const Shape& s, int64_t b, int64_t t, int64_t h,
                        int64_t co0) {
   float* yr = y + (((b * s.to + t) * s.ho + h) * s.wo) * s.co + co0;
   int64_t w = 0;
-  for (; w + kWb <= s.wo; w += kWb) ForwardPixels<SW, kWb>(x, k, yr, s, b, t, h, w, co0);
-  for (; w < s.wo; ++w) ForwardPixels<SW, 1>(x, k, yr, s, b, t, h, w, co0);
+  for (; w + kWb <= s.wo; w += kWb) ForwardPixels<SW, CI, kWb>(x, k, yr, s, b, t, h, w, co0);
+  for (; w < s.wo; ++w) ForwardPixels<SW, CI, 1>(x, k, yr, s, b, t, h, w, co0);
 }
 
 // The kernel gradient's contribution of output frame (b, t), channels co0:co0+8, added to part
@@ -184,14 +185,15 @@ ffi::Error Conv3dFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
   float* yp = y->typed_data();
+  // the common strides and channel counts as constants (the VAE's: stride 1 or 2, 8 or 16 channels)
+  const bool s1 = s.sw == 1, s2 = s.sw == 2, c8 = s.ci == 8, c16 = s.ci == 16;
+  const auto row = s1 && c8 ? ForwardRow<1, 8> : s1 && c16 ? ForwardRow<1, 16> : s1 ? ForwardRow<1, 0>
+                 : s2 && c8 ? ForwardRow<2, 8> : s2 && c16 ? ForwardRow<2, 16> : s2 ? ForwardRow<2, 0>
+                 : ForwardRow<0, 0>;
   ParallelFor(pool, s.b * s.to, [&](int64_t bt) {
     const int64_t b = bt / s.to, t = bt % s.to;
     for (int64_t co0 = 0; co0 < s.co; co0 += kCo)
-      for (int64_t h = 0; h < s.ho; ++h) {
-        if (s.sw == 1) ForwardRow<1>(xp, kp, yp, s, b, t, h, co0);
-        else if (s.sw == 2) ForwardRow<2>(xp, kp, yp, s, b, t, h, co0);
-        else ForwardRow<0>(xp, kp, yp, s, b, t, h, co0);
-      }
+      for (int64_t h = 0; h < s.ho; ++h) row(xp, kp, yp, s, b, t, h, co0);
   });
   return ffi::Error::Success();
 }
