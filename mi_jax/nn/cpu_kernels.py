@@ -16,6 +16,7 @@ XLA's own convolutions, when there is no compiler, the build fails (the reason i
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -77,9 +78,29 @@ def _build() -> str:
     return path
 
 
-@functools.cache
+_enabled = True
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within: `available()` is False, so what is traced uses XLA's convolutions (for comparisons,
+    and for XLA's cost analysis, which does not count what custom calls compute)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
 def available() -> bool:
-    """Whether the native kernels are built and registered with XLA (once per process)."""
+    """Whether the native kernels are built and registered with XLA (built once per machine,
+    registered once per process), and not `disabled()`."""
+    return _enabled and _load()
+
+
+@functools.cache
+def _load() -> bool:
     if os.environ.get("MI_JAX_CPU_KERNELS", "1") == "0":
         return False
     try:
