@@ -373,3 +373,18 @@ def test_loader_errors(torch, models, tmp_path):
     (other / "config.json").write_text('{"_class_name": "AutoencoderKLWan"}')
     with pytest.raises(CheckpointError, match="not a AutoencoderKLHunyuanVideo"):
         load_diffusers_vae(str(other))
+
+
+@pytest.mark.parametrize("pads", [((0, 0), (2, 0), (1, 1), (1, 1), (0, 0)), ((1, 3), (0, 0), (2, 1), (0, 0), (0, 0))])
+def test_edge_pad_and_its_gradient_match_jnp_pad(pads):
+    """The causal convolution's replicate padding (a gather with a written-out transpose) equals
+    `jnp.pad(mode="edge")` and its autodiff gradient exactly, including pads wider than 1."""
+    from mi_jax.models.vae import edge_pad
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, 4, 5, 6, 2)), jnp.float32)
+    want, pull_want = jax.vjp(lambda v: jnp.pad(v, pads, mode="edge"), x)
+    got, pull_got = jax.vjp(lambda v: edge_pad(v, pads), x)
+    g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    assert max_abs(want, got) == 0
+    assert max_abs(pull_want(g)[0], pull_got(g)[0]) <= 1e-6

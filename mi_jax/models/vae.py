@@ -291,6 +291,45 @@ def _cpu_conv3d_bwd(strides, res, g):
 _cpu_conv3d.defvjp(_cpu_conv3d_fwd, _cpu_conv3d_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def edge_pad(x: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
+    """`jnp.pad(x, pads, mode="edge")` (torch's replicate padding), as a gather of each axis'
+    clamped indices with its transpose written out (interior slice + the edge slices' sums).
+    XLA:CPU runs jnp's concatenations of edge copies and their autodiff 3x / 2x slower on the
+    VAE's frames."""
+    for axis, (lo, hi) in enumerate(pads):
+        if lo or hi:
+            n = x.shape[axis]
+            x = jnp.take(x, np.clip(np.arange(-lo, n + hi), 0, n - 1), axis=axis)
+    return x
+
+
+def _edge_pad_fwd(x, pads):
+    return edge_pad(x, pads), None
+
+
+def _edge_pad_bwd(pads, _, g):
+    for axis, (lo, hi) in reversed(list(enumerate(pads))):
+        if not (lo or hi):
+            continue
+        n = g.shape[axis] - lo - hi
+        inner = jax.lax.slice_in_dim(g, lo, lo + n, axis=axis)
+        widths = [(0, 0, 0)] * g.ndim
+        if lo:
+            widths[axis] = (0, n - 1, 0)
+            inner = inner + jax.lax.pad(jax.lax.slice_in_dim(g, 0, lo, axis=axis).sum(axis, keepdims=True),
+                                        jnp.zeros((), g.dtype), widths)
+        if hi:
+            widths[axis] = (n - 1, 0, 0)
+            inner = inner + jax.lax.pad(jax.lax.slice_in_dim(g, lo + n, lo + n + hi, axis=axis).sum(axis, keepdims=True),
+                                        jnp.zeros((), g.dtype), widths)
+        g = inner
+    return (g,)
+
+
+edge_pad.defvjp(_edge_pad_fwd, _edge_pad_bwd)
+
+
 class CausalConv3d(nn.Module):
     """diffusers' `HunyuanVideoCausalConv3d`: replicate-pads `k - 1` copies of the first frame in
     front (so no output sees a later frame) and `k // 2` edge pixels on each side, then convolves.
@@ -305,7 +344,7 @@ class CausalConv3d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, s = self.kernel - 1, self.kernel // 2
-        x = jnp.pad(x, ((0, 0), (k, 0), (s, s), (s, s), (0, 0)), mode="edge")
+        x = edge_pad(x, ((0, 0), (k, 0), (s, s), (s, s), (0, 0)))
         kernel = (self.kernel,) * 3
         return Conv3d(self.features, kernel, self.strides, self.dtype, self.param_dtype, name="conv")(x)
 
