@@ -150,41 +150,50 @@ def test_group_norm_gradient_matches_autodiff():
         assert max_abs(a, b) <= 1e-5 * float(jnp.abs(a).max())
 
 
-CONV_CASES = [
-    ((2, 11, 18, 14, 8), 16, (1, 1, 1)),  # small frames: XLA's kernel gradient
-    ((2, 11, 18, 14, 8), 16, (1, 2, 2)),  # the VAE's strides
-    ((2, 11, 18, 14, 8), 16, (2, 2, 2)),
-    ((1, 5, 34, 36, 8), 16, (1, 1, 1)),  # frames of >= 32 x 32: the FFT kernel gradient
-    ((1, 5, 34, 36, 3), 8, (1, 1, 1)),  # RGB in: taps folded into the channels
-    ((1, 5, 34, 36, 8), 3, (1, 1, 1)),  # RGB out: the kernel widened to 8 outputs
-    ((1, 6, 13, 21, 5), 12, (2, 1, 2)),  # uneven: strides that leave input unread, 12 = 8 + 4 outputs
+CONV_CASES = [  # input shape, output channels, strides, replicate padding (frames in front, rows, columns)
+    ((2, 11, 18, 14, 8), 16, (1, 1, 1), (0, 0, 0)),  # small frames: XLA's kernel gradient
+    ((2, 11, 18, 14, 8), 16, (1, 2, 2), (2, 1, 1)),  # the VAE's strides and causal padding
+    ((2, 11, 18, 14, 8), 16, (2, 2, 2), (2, 1, 1)),
+    ((1, 5, 34, 36, 8), 16, (1, 1, 1), (2, 1, 1)),  # frames of >= 32 x 32: the FFT kernel gradient
+    ((1, 5, 34, 36, 3), 8, (1, 1, 1), (2, 1, 1)),  # RGB in: taps folded into the channels
+    ((1, 5, 34, 36, 8), 3, (1, 1, 1), (2, 1, 1)),  # RGB out: the kernel widened to 8 outputs
+    ((1, 6, 13, 21, 5), 12, (2, 1, 2), (0, 0, 0)),  # uneven: strides that leave input unread, 12 = 8 + 4 outputs
+    ((1, 4, 9, 30, 16), 8, (1, 1, 2), (1, 2, 3)),  # padding wider than the kernel's reach, 16 inputs
 ]
 
 
 @pytest.mark.parametrize("impl", ["native", "xla_forms"])
-@pytest.mark.parametrize("shape, co, strides", CONV_CASES)
-def test_cpu_convolution_and_its_gradients_match_xla(shape, co, strides, impl):
-    """On CPU `conv3d` runs on the native kernels (mi_jax/nn/cpu_conv.cc) or, without a C++
-    compiler, as 2-D convolutions of the frames (the form picked by channel counts) with a custom
-    gradient (the kernel's through FFT cross-correlations on large frames). Either way its output
-    and both gradients equal XLA's 3-D convolution (relative 1e-5), at the VAE's strides, with an
+@pytest.mark.parametrize("shape, co, strides, pads", CONV_CASES)
+def test_cpu_convolution_and_its_gradients_match_xla(shape, co, strides, pads, impl):
+    """On CPU `conv3d` runs on the native kernels (mi_jax/nn/cpu_conv.cc: replicate padding read
+    through clamped indices) or, without a C++ compiler, pads then convolves as 2-D convolutions
+    of the frames (the form picked by channel counts) with a custom gradient (the kernel's through
+    FFT cross-correlations on large frames). Either way its output and both gradients equal
+    `jnp.pad(mode="edge")` then XLA's 3-D convolution (relative 1e-5), at the VAE's strides, with an
     uneven output gradient; the comments name the path of the XLA forms."""
     from mi_jax.models import vae
     from mi_jax.nn import cpu_kernels
 
-    if impl == "native":
-        assert cpu_kernels.available(), "the native CPU kernels did not build (see the log)"
-        conv = cpu_kernels.conv3d
-    else:
-        conv = vae._cpu_conv3d
     rng = np.random.default_rng(sum(strides) + co)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 3, shape[-1], co)), jnp.float32)
-    ref = lambda x, k: jax.lax.conv_general_dilated(x, k, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))  # noqa: E731
+    widths = ((0, 0), (pads[0], 0), (pads[1], pads[1]), (pads[2], pads[2]), (0, 0))
+
+    def ref(x, k):
+        return jax.lax.conv_general_dilated(jnp.pad(x, widths, mode="edge"), k, strides, "VALID",
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
     want, pull_want = jax.vjp(ref, x, kernel)
-    got, pull_got = jax.vjp(lambda x, k: conv(x, k, strides), x, kernel)
     g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
-    for a, b in zip((want, *pull_want(g)), (got, *pull_got(g))):
+    if impl == "native":
+        assert cpu_kernels.available(), "the native CPU kernels did not build (see the log)"
+        got, pull_got = jax.vjp(lambda x, k: cpu_kernels.conv3d(x, k, strides, pads), x, kernel)
+        grads = pull_got(g)
+    else:
+        with cpu_kernels.disabled():
+            got, pull_got = jax.vjp(lambda x, k: vae.conv3d(x, k, strides, pads), x, kernel)
+            grads = pull_got(g)
+    for a, b in zip((want, *pull_want(g)), (got, *grads)):
         assert a.shape == b.shape
         assert max_abs(a, b) <= 1e-5 * float(jnp.abs(a).max())
 
@@ -195,9 +204,10 @@ def test_vae_convolutions_use_the_native_kernels_on_cpu_for_float32_only():
     from mi_jax.models.vae import conv3d
 
     x, k = jnp.ones((1, 5, 10, 10, 8)), jnp.ones((3, 3, 3, 8, 8))
-    loss = lambda x, k: jnp.sum(conv3d(x, k, (1, 1, 1)) ** 2)  # noqa: E731
+    loss = lambda x, k: jnp.sum(conv3d(x, k, (1, 1, 1), (2, 1, 1)) ** 2)  # noqa: E731
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, k).as_text()
     assert "mi_jax_conv3d_fwd" in hlo and "mi_jax_conv3d_dk" in hlo
+    assert "gather" not in hlo  # the padding is read in place, not written out
     with jax.enable_x64(True):
         hlo64 = jax.jit(loss).lower(x.astype(jnp.float64), k.astype(jnp.float64)).as_text()
     assert "mi_jax_conv3d" not in hlo64 and "convolution" in hlo64
@@ -379,7 +389,7 @@ def test_loader_errors(torch, models, tmp_path):
 def test_edge_pad_and_its_gradient_match_jnp_pad(pads):
     """The causal convolution's replicate padding (a gather with a written-out transpose) equals
     `jnp.pad(mode="edge")` and its autodiff gradient exactly, including pads wider than 1."""
-    from mi_jax.models.vae import edge_pad
+    from mi_jax.nn.layers import edge_pad
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((3, 4, 5, 6, 2)), jnp.float32)

@@ -38,7 +38,7 @@ from flax import linen as nn
 
 from mi_jax.nn import cpu_kernels
 from mi_jax.nn.attention import attention
-from mi_jax.nn.layers import Dense, GroupNorm, partitioned, torch_default_kernel_init
+from mi_jax.nn.layers import Dense, GroupNorm, edge_pad, partitioned, torch_default_kernel_init
 
 Dtype = jnp.dtype
 DOWN_BLOCK = "HunyuanVideoDownBlock3D"
@@ -162,13 +162,15 @@ def _uniform(bound: float):
 
 
 class Conv3d(nn.Module):
-    """Unpadded conv `[B, T, H, W, Cin] -> [B, T', H', W', features]` (torch `Conv3d`, padding 0)."""
+    """Conv `[B, T, H, W, Cin] -> [B, T', H', W', features]`: torch `Conv3d` (padding 0) of the input
+    replicate-padded by `pads`."""
 
     features: int
     kernel_size: tuple[int, int, int] = (3, 3, 3)
     strides: tuple[int, int, int] = (1, 1, 1)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    pads: tuple[int, int, int] = (0, 0, 0)  # replicate padding: frames in front, rows / columns each side
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -178,17 +180,26 @@ class Conv3d(nn.Module):
         kernel = self.param("kernel", kernel_init, shape, self.param_dtype)
         bias_init = partitioned(_uniform(1.0 / math.sqrt(cin * math.prod(self.kernel_size))), ("conv_out",))
         bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
-        return conv3d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides) + bias.astype(self.dtype)
+        y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.pads)
+        return y + bias.astype(self.dtype)
 
 
-def conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
-    """VALID 3-D convolution `[B, T, H, W, Ci] x [kt, kh, kw, Ci, Co]`. On GPU / TPU one
-    `conv_general_dilated` (cuDNN). On CPU `_cpu_conv3d`: the same maths in the forms XLA:CPU runs
-    fast (benchmarks/cpu_vs_torch.py measures it against torch)."""
-    if jax.default_backend() != "cpu" or kernel.shape[:3] == (1, 1, 1):
+def conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int],
+           pads: tuple[int, int, int] = (0, 0, 0)) -> jax.Array:
+    """VALID 3-D convolution `[B, T, H, W, Ci] x [kt, kh, kw, Ci, Co]` of x replicate-padded by
+    `pads = (pt, ph, pw)`: pt copies of the first frame in front, ph / pw edge rows / columns on
+    each side. On GPU / TPU the pad then one `conv_general_dilated` (cuDNN). On CPU in float32 the
+    native kernels (`mi_jax.nn.cpu_kernels`: the padding read through clamped indices, never
+    written out); without them `_cpu_conv3d`, the same maths in the forms XLA:CPU runs fastest
+    (benchmarks/cpu_vs_torch.py measures both against torch)."""
+    pt, ph, pw = pads
+    cpu = jax.default_backend() == "cpu" and kernel.shape[:3] != (1, 1, 1)
+    if cpu and x.dtype == kernel.dtype == jnp.float32 and cpu_kernels.available():
+        return cpu_kernels.conv3d(x, kernel, tuple(strides), tuple(pads))
+    if any(pads):
+        x = edge_pad(x, ((0, 0), (pt, 0), (ph, ph), (pw, pw), (0, 0)))
+    if not cpu:
         return jax.lax.conv_general_dilated(x, kernel, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-    if x.dtype == kernel.dtype == jnp.float32 and cpu_kernels.available():
-        return cpu_kernels.conv3d(x, kernel, tuple(strides))
     return _cpu_conv3d(x, kernel, tuple(strides))
 
 
@@ -291,45 +302,6 @@ def _cpu_conv3d_bwd(strides, res, g):
 _cpu_conv3d.defvjp(_cpu_conv3d_fwd, _cpu_conv3d_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def edge_pad(x: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
-    """`jnp.pad(x, pads, mode="edge")` (torch's replicate padding), as a gather of each axis'
-    clamped indices with its transpose written out (interior slice + the edge slices' sums).
-    XLA:CPU runs jnp's concatenations of edge copies and their autodiff 3x / 2x slower on the
-    VAE's frames."""
-    for axis, (lo, hi) in enumerate(pads):
-        if lo or hi:
-            n = x.shape[axis]
-            x = jnp.take(x, np.clip(np.arange(-lo, n + hi), 0, n - 1), axis=axis)
-    return x
-
-
-def _edge_pad_fwd(x, pads):
-    return edge_pad(x, pads), None
-
-
-def _edge_pad_bwd(pads, _, g):
-    for axis, (lo, hi) in reversed(list(enumerate(pads))):
-        if not (lo or hi):
-            continue
-        n = g.shape[axis] - lo - hi
-        inner = jax.lax.slice_in_dim(g, lo, lo + n, axis=axis)
-        widths = [(0, 0, 0)] * g.ndim
-        if lo:
-            widths[axis] = (0, n - 1, 0)
-            inner = inner + jax.lax.pad(jax.lax.slice_in_dim(g, 0, lo, axis=axis).sum(axis, keepdims=True),
-                                        jnp.zeros((), g.dtype), widths)
-        if hi:
-            widths[axis] = (n - 1, 0, 0)
-            inner = inner + jax.lax.pad(jax.lax.slice_in_dim(g, lo + n, lo + n + hi, axis=axis).sum(axis, keepdims=True),
-                                        jnp.zeros((), g.dtype), widths)
-        g = inner
-    return (g,)
-
-
-edge_pad.defvjp(_edge_pad_fwd, _edge_pad_bwd)
-
-
 class CausalConv3d(nn.Module):
     """diffusers' `HunyuanVideoCausalConv3d`: replicate-pads `k - 1` copies of the first frame in
     front (so no output sees a later frame) and `k // 2` edge pixels on each side, then convolves.
@@ -344,9 +316,8 @@ class CausalConv3d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, s = self.kernel - 1, self.kernel // 2
-        x = edge_pad(x, ((0, 0), (k, 0), (s, s), (s, s), (0, 0)))
         kernel = (self.kernel,) * 3
-        return Conv3d(self.features, kernel, self.strides, self.dtype, self.param_dtype, name="conv")(x)
+        return Conv3d(self.features, kernel, self.strides, self.dtype, self.param_dtype, (k, s, s), name="conv")(x)
 
 
 class ResnetBlock(nn.Module):

@@ -5,11 +5,13 @@
 // PyTorch on the same layers (benchmarks/cpu_vs_torch.py). These kernels keep a block of output
 // pixels x 8 output channels in registers and stream the input rows once per tap.
 //
-//   conv3d_fwd: y[b, t, h, w, o]     = sum_{a,i,j,c} x[b, t*st+a, h*sh+i, w*sw+j, c] k[a, i, j, c, o]
-//   conv3d_dk:  dk[a, i, j, c, o]    = sum_{b,t,h,w} x[b, t*st+a, h*sh+i, w*sw+j, c] g[b, t, h, w, o]
-// (VALID padding; the input gradient is conv3d_fwd of the padded, dilated output gradient with the
-// flipped kernel, composed in mi_jax/nn/cpu_kernels.py.) The output channel count must be a multiple
-// of 8 (the caller pads). Work is split over (batch, output frame) on XLA's intra-op thread pool;
+//   conv3d_fwd: y[b, t, h, w, o]  = sum_{a,i,j,c} xp[b, t*st+a, h*sh+i, w*sw+j, c] k[a, i, j, c, o]
+//   conv3d_dk:  dk[a, i, j, c, o] = sum_{b,t,h,w} xp[b, t*st+a, h*sh+i, w*sw+j, c] g[b, t, h, w, o]
+// where xp is x replicate-padded by (pt, 0) frames, (ph, ph) rows and (pw, pw) columns (the causal
+// VAE's padding; 0 for none), read through clamped indices instead of being written out. (The
+// input gradient is conv3d_fwd of the zero-padded, dilated output gradient with the flipped kernel,
+// folded back over the padding, composed in mi_jax/nn/cpu_kernels.py.) The output channel count must
+// be a multiple of 8 (the caller pads). Work is split over (batch, output frame) on XLA's intra-op thread pool;
 // the calling thread takes part, so no thread ever waits on work that has not started.
 //
 // Built on first use by mi_jax/nn/cpu_kernels.py (g++ -O3 -march=native, cached per machine).
@@ -33,10 +35,19 @@ constexpr int64_t kCo = 8;  // output channels per register block
 constexpr int64_t kWb = 8;  // output pixels per register block (forward)
 
 struct Shape {
-  int64_t b, ti, hi, wi, ci;  // input
+  int64_t b, ti, hi, wi, ci;  // input (unpadded)
   int64_t kt, kh, kw, co;     // kernel
   int64_t st, sh, sw;         // strides
+  int64_t pt, ph, pw;         // replicate padding: pt frames in front, ph / pw on both sides
   int64_t to, ho, wo;         // output
+
+  // Row (b, tp, hp) of the padded input: the clamped row of x.
+  const float* Row(const float* x, int64_t bb, int64_t tp, int64_t hp) const {
+    const int64_t t = std::clamp<int64_t>(tp - pt, 0, ti - 1), h = std::clamp<int64_t>(hp - ph, 0, hi - 1);
+    return x + ((bb * ti + t) * hi + h) * wi * ci;
+  }
+  // Offset in a row of padded column wp: the clamped column's.
+  int64_t Col(int64_t wp) const { return std::clamp<int64_t>(wp - pw, 0, wi - 1) * ci; }
 };
 
 // Runs fn(i) for i in [0, n) on the caller and on pool threads. Items are claimed from a shared
@@ -79,18 +90,18 @@ inline v8 Load8(const float* p) {
 
 inline void Store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// kWb output pixels y[b, t, h, w:w+kWb, co0:co0+8] of the forward convolution (SW: the width
-// stride and CI the input channels, template arguments so the pixel offsets are constants and the
-// channel loop unrolls; 0: any, read from s).
+// NP output pixels y[b, t, h, w:w+NP, co0:co0+8] of the forward convolution, all of whose input
+// columns are inside the row (no clamping). SW is the width stride and CI the input channels,
+// template arguments so the pixel offsets are constants and the channel loop unrolls (0: any, read
+// from s).
 template <int64_t SW, int64_t CI, int64_t NP>
 inline void ForwardPixels(const float* x, const float* k, float* yr, const Shape& s, int64_t b, int64_t t,
                           int64_t h, int64_t w, int64_t co0) {
   const int64_t ci = CI ? CI : s.ci, co = s.co, sw = SW ? SW : s.sw;
-  const int64_t x_row = s.wi * ci, x_frame = s.hi * x_row, x_batch = s.ti * x_frame;
   v8 acc[NP] = {};
   for (int64_t a = 0; a < s.kt; ++a) {
     for (int64_t i = 0; i < s.kh; ++i) {
-      const float* xr = x + b * x_batch + (t * s.st + a) * x_frame + (h * s.sh + i) * x_row + w * sw * ci;
+      const float* xr = s.Row(x, b, t * s.st + a, h * s.sh + i) + (w * sw - s.pw) * ci;
       const float* kr = k + ((a * s.kh + i) * s.kw) * ci * co + co0;
       for (int64_t j = 0; j < s.kw; ++j) {
         const float* xp = xr + j * ci;
@@ -105,29 +116,66 @@ inline void ForwardPixels(const float* x, const float* k, float* yr, const Shape
   for (int64_t p = 0; p < NP; ++p) Store8(yr + (w + p) * co, acc[p]);
 }
 
-// One output row y[b, t, h, :, co0:co0+8].
+// NP output pixels from w whose input columns may fall in the padding (clamped per pixel and tap).
+template <int64_t NP>
+inline void ForwardPixelsClamped(const float* x, const float* k, float* yr, const Shape& s, int64_t b, int64_t t,
+                                 int64_t h, int64_t w, int64_t co0) {
+  const int64_t ci = s.ci, co = s.co;
+  v8 acc[NP] = {};
+  for (int64_t a = 0; a < s.kt; ++a) {
+    for (int64_t i = 0; i < s.kh; ++i) {
+      const float* xr = s.Row(x, b, t * s.st + a, h * s.sh + i);
+      const float* kr = k + ((a * s.kh + i) * s.kw) * ci * co + co0;
+      for (int64_t j = 0; j < s.kw; ++j) {
+        const float* xp[NP];
+        for (int64_t p = 0; p < NP; ++p) xp[p] = xr + s.Col((w + p) * s.sw + j);
+        const float* kp = kr + j * ci * co;
+        for (int64_t c = 0; c < ci; ++c) {
+          const v8 kv = Load8(kp + c * co);
+          for (int64_t p = 0; p < NP; ++p) acc[p] += xp[p][c] * kv;
+        }
+      }
+    }
+  }
+  for (int64_t p = 0; p < NP; ++p) Store8(yr + (w + p) * co, acc[p]);
+}
+
+// One output row y[b, t, h, :, co0:co0+8], kWb pixels at a time: the first and last blocks read
+// through clamped columns (the padding), the others with constant offsets. The last block ends at
+// the row's end and may overlap the one before (those pixels are written twice, equal).
 template <int64_t SW, int64_t CI>
 inline void ForwardRow(const float* x, const float* k, float* y, const Shape& s, int64_t b, int64_t t, int64_t h,
                        int64_t co0) {
   float* yr = y + (((b * s.to + t) * s.ho + h) * s.wo) * s.co + co0;
+  if (s.wo < kWb) {
+    for (int64_t w = 0; w < s.wo; ++w) ForwardPixelsClamped<1>(x, k, yr, s, b, t, h, w, co0);
+    return;
+  }
+  const int64_t sw = SW ? SW : s.sw;
+  const auto inside = [&](int64_t last) { return last * sw + s.kw - 1 - s.pw <= s.wi - 1; };
   int64_t w = 0;
-  for (; w + kWb <= s.wo; w += kWb) ForwardPixels<SW, CI, kWb>(x, k, yr, s, b, t, h, w, co0);
-  for (; w < s.wo; ++w) ForwardPixels<SW, CI, 1>(x, k, yr, s, b, t, h, w, co0);
+  if (s.pw > 0 || !inside(kWb - 1)) {
+    ForwardPixelsClamped<kWb>(x, k, yr, s, b, t, h, 0, co0);
+    w = kWb;
+  }
+  for (; w + kWb <= s.wo && inside(w + kWb - 1); w += kWb) ForwardPixels<SW, CI, kWb>(x, k, yr, s, b, t, h, w, co0);
+  if (w < s.wo) ForwardPixelsClamped<kWb>(x, k, yr, s, b, t, h, s.wo - kWb, co0);
 }
 
-// The kernel gradient's contribution of output frame (b, t), channels co0:co0+8, added to part
-// [kt, kh, kw, ci, co]: for each tap, kCi input channels x 8 output channels in registers while
-// the frame's pixels stream by.
+// The kernel gradient's contribution of output frame (b, t), channels co0:co0+8, to tap (a, i, j)
+// and input channels c0:c0+NC, added to pr = &part[a, i, j, 0, co0]: NC x 8 sums in registers while
+// the frame's pixels stream by. cols[w]: the (clamped) column offset each output pixel reads.
 template <int64_t NC>
-inline void KernelGradTap(const float* xr0, const float* gr0, float* pr, const Shape& s, int64_t c0) {
-  const int64_t ci = s.ci, co = s.co, x_row = s.wi * ci;
+inline void KernelGradTap(const float* x, const float* g, float* pr, const Shape& s, const int64_t* cols, int64_t b,
+                          int64_t t, int64_t a, int64_t i, int64_t c0, int64_t co0) {
+  const int64_t co = s.co;
   v8 acc[NC] = {};
   for (int64_t h = 0; h < s.ho; ++h) {
-    const float* xr = xr0 + h * s.sh * x_row + c0;
-    const float* gr = gr0 + h * s.wo * co;
+    const float* xr = s.Row(x, b, t * s.st + a, h * s.sh + i) + c0;
+    const float* gr = g + (((b * s.to + t) * s.ho + h) * s.wo) * co + co0;
     for (int64_t w = 0; w < s.wo; ++w) {
       const v8 gv = Load8(gr + w * co);
-      const float* xp = xr + w * s.sw * ci;
+      const float* xp = xr + cols[w];
       for (int64_t c = 0; c < NC; ++c) acc[c] += xp[c] * gv;
     }
   }
@@ -137,23 +185,23 @@ inline void KernelGradTap(const float* xr0, const float* gr0, float* pr, const S
 inline void KernelGradFrame(const float* x, const float* g, float* part, const Shape& s, int64_t b, int64_t t,
                             int64_t co0) {
   const int64_t ci = s.ci, co = s.co;
-  const int64_t x_row = s.wi * ci, x_frame = s.hi * x_row, x_batch = s.ti * x_frame;
-  const float* gr0 = g + (((b * s.to + t) * s.ho) * s.wo) * co + co0;
-  for (int64_t a = 0; a < s.kt; ++a) {
-    for (int64_t i = 0; i < s.kh; ++i) {
-      for (int64_t j = 0; j < s.kw; ++j) {
-        const float* xr0 = x + b * x_batch + (t * s.st + a) * x_frame + i * x_row + j * ci;
+  std::vector<int64_t> cols(s.wo);
+  for (int64_t j = 0; j < s.kw; ++j) {
+    for (int64_t w = 0; w < s.wo; ++w) cols[w] = s.Col(w * s.sw + j);
+    for (int64_t a = 0; a < s.kt; ++a) {
+      for (int64_t i = 0; i < s.kh; ++i) {
         float* pr = part + (((a * s.kh + i) * s.kw + j) * ci) * co + co0;
+        const int64_t* cw = cols.data();
         int64_t c0 = 0;
-        for (; c0 + 8 <= ci; c0 += 8) KernelGradTap<8>(xr0, gr0, pr, s, c0);
+        for (; c0 + 8 <= ci; c0 += 8) KernelGradTap<8>(x, g, pr, s, cw, b, t, a, i, c0, co0);
         switch (ci - c0) {  // the last 1-7 channels (the RGB input: 3) in one pass as well
-          case 7: KernelGradTap<7>(xr0, gr0, pr, s, c0); break;
-          case 6: KernelGradTap<6>(xr0, gr0, pr, s, c0); break;
-          case 5: KernelGradTap<5>(xr0, gr0, pr, s, c0); break;
-          case 4: KernelGradTap<4>(xr0, gr0, pr, s, c0); break;
-          case 3: KernelGradTap<3>(xr0, gr0, pr, s, c0); break;
-          case 2: KernelGradTap<2>(xr0, gr0, pr, s, c0); break;
-          case 1: KernelGradTap<1>(xr0, gr0, pr, s, c0); break;
+          case 7: KernelGradTap<7>(x, g, pr, s, cw, b, t, a, i, c0, co0); break;
+          case 6: KernelGradTap<6>(x, g, pr, s, cw, b, t, a, i, c0, co0); break;
+          case 5: KernelGradTap<5>(x, g, pr, s, cw, b, t, a, i, c0, co0); break;
+          case 4: KernelGradTap<4>(x, g, pr, s, cw, b, t, a, i, c0, co0); break;
+          case 3: KernelGradTap<3>(x, g, pr, s, cw, b, t, a, i, c0, co0); break;
+          case 2: KernelGradTap<2>(x, g, pr, s, cw, b, t, a, i, c0, co0); break;
+          case 1: KernelGradTap<1>(x, g, pr, s, cw, b, t, a, i, c0, co0); break;
           default: break;
         }
       }
@@ -164,23 +212,26 @@ inline void KernelGradFrame(const float* x, const float* g, float* part, const S
 ffi::Error CheckShapes(const Shape& s) {
   if (s.co % kCo) return ffi::Error::InvalidArgument("cpu_conv3d: output channels must be a multiple of 8");
   if (s.to < 1 || s.ho < 1 || s.wo < 1) return ffi::Error::InvalidArgument("cpu_conv3d: empty output");
+  if (s.pt < 0 || s.ph < 0 || s.pw < 0) return ffi::Error::InvalidArgument("cpu_conv3d: negative padding");
   return ffi::Error::Success();
 }
 
-Shape MakeShape(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> kd, int64_t st, int64_t sh, int64_t sw) {
-  Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4], st, sh, sw, 0, 0, 0};
-  s.to = (s.ti - s.kt) / st + 1;
-  s.ho = (s.hi - s.kh) / sh + 1;
-  s.wo = (s.wi - s.kw) / sw + 1;
+Shape MakeShape(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> kd, int64_t st, int64_t sh, int64_t sw,
+                int64_t pt, int64_t ph, int64_t pw) {
+  Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4], st, sh, sw, pt, ph, pw, 0, 0, 0};
+  s.to = (s.ti + pt - s.kt) / st + 1;
+  s.ho = (s.hi + 2 * ph - s.kh) / sh + 1;
+  s.wo = (s.wi + 2 * pw - s.kw) / sw + 1;
   return s;
 }
 
 ffi::Error Conv3dFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                     ffi::ResultBuffer<ffi::F32> y, int64_t st, int64_t sh, int64_t sw) {
+                     ffi::ResultBuffer<ffi::F32> y, int64_t st, int64_t sh, int64_t sw, int64_t pt, int64_t ph,
+                     int64_t pw) {
   if (x.dimensions().size() != 5 || k.dimensions().size() != 5 || y->dimensions().size() != 5 ||
       k.dimensions()[3] != x.dimensions()[4])
     return ffi::Error::InvalidArgument("cpu_conv3d_fwd: x [B,T,H,W,Ci], k [kt,kh,kw,Ci,Co]");
-  Shape s = MakeShape(x.dimensions(), k.dimensions(), st, sh, sw);
+  Shape s = MakeShape(x.dimensions(), k.dimensions(), st, sh, sw, pt, ph, pw);
   if (auto e = CheckShapes(s); e.failure()) return e;
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
@@ -199,11 +250,12 @@ ffi::Error Conv3dFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 }
 
 ffi::Error Conv3dKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                            ffi::ResultBuffer<ffi::F32> dk, int64_t st, int64_t sh, int64_t sw) {
+                            ffi::ResultBuffer<ffi::F32> dk, int64_t st, int64_t sh, int64_t sw, int64_t pt,
+                            int64_t ph, int64_t pw) {
   if (x.dimensions().size() != 5 || g.dimensions().size() != 5 || dk->dimensions().size() != 5 ||
       dk->dimensions()[3] != x.dimensions()[4])
     return ffi::Error::InvalidArgument("cpu_conv3d_dk: x [B,T,H,W,Ci], g [B,T',H',W',Co], dk [kt,kh,kw,Ci,Co]");
-  Shape s = MakeShape(x.dimensions(), dk->dimensions(), st, sh, sw);
+  Shape s = MakeShape(x.dimensions(), dk->dimensions(), st, sh, sw, pt, ph, pw);
   if (auto e = CheckShapes(s); e.failure()) return e;
   const auto gd = g.dimensions();
   if (gd[0] != s.b || gd[1] != s.to || gd[2] != s.ho || gd[3] != s.wo || gd[4] != s.co)
@@ -237,7 +289,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MiJaxConv3dFwd, Conv3dFwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("st")
                                   .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw"));
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MiJaxConv3dKernelGrad, Conv3dKernelGrad,
                               ffi::Ffi::Bind()
@@ -247,4 +302,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MiJaxConv3dKernelGrad, Conv3dKernelGrad,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("st")
                                   .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw"));
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));

@@ -30,6 +30,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from mi_jax.nn.layers import edge_pad_transpose
+
 log = logging.getLogger(__name__)
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_conv.cc")
@@ -119,57 +121,65 @@ def _pad_out(kernel: jax.Array) -> jax.Array:
     return jnp.pad(kernel, ((0, 0),) * 4 + ((0, -co % BLOCK),)) if co % BLOCK else kernel
 
 
-def _out_shape(x_shape, k_shape, strides):
-    return (x_shape[0], *((n - k) // s + 1 for n, k, s in zip(x_shape[1:4], k_shape[:3], strides)), k_shape[4])
+def _out_shape(x_shape, k_shape, strides, pads):
+    padded = (x_shape[1] + pads[0], x_shape[2] + 2 * pads[1], x_shape[3] + 2 * pads[2])
+    return (x_shape[0], *((n - k) // s + 1 for n, k, s in zip(padded, k_shape[:3], strides)), k_shape[4])
 
 
-def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
+def _attrs(strides, pads) -> dict:
+    return dict(zip(("st", "sh", "sw", "pt", "ph", "pw"), (int(v) for v in (*strides, *pads))))  # int64 attributes
+
+
+def _forward(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
     co = kernel.shape[-1]
     kernel = _pad_out(kernel)
-    out = jax.ShapeDtypeStruct(_out_shape(x.shape, kernel.shape, strides), jnp.float32)
-    st, sh, sw = (int(s) for s in strides)  # int64 attributes
-    y = jax.ffi.ffi_call("mi_jax_conv3d_fwd", out)(x, kernel, st=st, sh=sh, sw=sw)
+    out = jax.ShapeDtypeStruct(_out_shape(x.shape, kernel.shape, strides, pads), jnp.float32)
+    y = jax.ffi.ffi_call("mi_jax_conv3d_fwd", out)(x, kernel, **_attrs(strides, pads))
     return y[..., :co] if y.shape[-1] != co else y
 
 
-def _kernel_grad(x: jax.Array, g: jax.Array, k_shape, strides) -> jax.Array:
+def _kernel_grad(x: jax.Array, g: jax.Array, k_shape, strides, pads) -> jax.Array:
     co = g.shape[-1]
     if co % BLOCK:
         g = jnp.pad(g, ((0, 0),) * 4 + ((0, -co % BLOCK),))
     out = jax.ShapeDtypeStruct((*k_shape[:4], g.shape[-1]), jnp.float32)
-    st, sh, sw = (int(s) for s in strides)
-    dk = jax.ffi.ffi_call("mi_jax_conv3d_dk", out)(x, g, st=st, sh=sh, sw=sw)
+    dk = jax.ffi.ffi_call("mi_jax_conv3d_dk", out)(x, g, **_attrs(strides, pads))
     return dk[..., :co] if co % BLOCK else dk
 
 
-def _input_grad(g: jax.Array, kernel: jax.Array, x_shape, strides) -> jax.Array:
-    """dx = the forward convolution of g (dilated by the strides, padded by kernel - 1 on each
-    side, up to the input's size) with the kernel flipped in space and time, in and out swapped."""
-    kt, kh, kw = kernel.shape[:3]
-    pads = [(0, 0, 0)]
-    for n_in, n_out, k, s in zip(x_shape[1:4], g.shape[1:4], (kt, kh, kw), strides):
+def _input_grad(g: jax.Array, kernel: jax.Array, x_shape, strides, pads) -> jax.Array:
+    """dx: the forward convolution of g (dilated by the strides, zero-padded by kernel - 1 on each
+    side, up to the padded input's size) with the kernel flipped in space and time, in and out
+    swapped, gives the gradient of the padded input; the padding's transpose folds it back."""
+    pt, ph, pw = pads
+    padded = (x_shape[1] + pt, x_shape[2] + 2 * ph, x_shape[3] + 2 * pw)
+    widths = [(0, 0, 0)]
+    for n_in, n_out, k, s in zip(padded, g.shape[1:4], kernel.shape[:3], strides):
         covered = (n_out - 1) * s + k  # input positions the convolution reads
-        pads.append((k - 1, k - 1 + n_in - covered, s - 1))
-    pads.append((0, 0, 0))
-    gp = jax.lax.pad(g, jnp.zeros((), g.dtype), pads)
-    flipped = jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4)
-    return _forward(gp, flipped, (1, 1, 1))
+        widths.append((k - 1, k - 1 + n_in - covered, s - 1))
+    widths.append((0, 0, 0))
+    gp = jax.lax.pad(g, jnp.zeros((), g.dtype), widths)
+    dxp = _forward(gp, jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4), (1, 1, 1), (0, 0, 0))
+    return edge_pad_transpose(dxp, ((0, 0), (pt, 0), (ph, ph), (pw, pw), (0, 0))) if any(pads) else dxp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
-    """VALID 3-D convolution, channels-last, float32, on the native kernels (call `available()`
-    first; the caller keeps XLA's convolution for other dtypes and devices)."""
-    return _forward(x, kernel, strides)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int],
+           pads: tuple[int, int, int] = (0, 0, 0)) -> jax.Array:
+    """VALID 3-D convolution, channels-last, float32, of x replicate-padded by `pads = (pt, ph, pw)`
+    (pt frames in front, ph rows and pw columns on each side), on the native kernels (call
+    `available()` first; the caller keeps XLA's convolution for other dtypes and devices)."""
+    return _forward(x, kernel, strides, pads)
 
 
-def _conv3d_fwd(x, kernel, strides):
-    return _forward(x, kernel, strides), (x, kernel)
+def _conv3d_fwd(x, kernel, strides, pads):
+    return _forward(x, kernel, strides, pads), (x, kernel)
 
 
-def _conv3d_bwd(strides, res, g):
+def _conv3d_bwd(strides, pads, res, g):
     x, kernel = res
-    return _input_grad(g, kernel, x.shape, strides), _kernel_grad(x, g, kernel.shape, strides)
+    return (_input_grad(g, kernel, x.shape, strides, pads),
+            _kernel_grad(x, g, kernel.shape, strides, pads))
 
 
 conv3d.defvjp(_conv3d_fwd, _conv3d_bwd)

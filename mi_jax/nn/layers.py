@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 Dtype = jnp.dtype
@@ -297,3 +298,48 @@ _modulated_layer_norm.defvjp(_modulated_layer_norm_fwd, _modulated_layer_norm_bw
 
 def gate(x: jax.Array, g: jax.Array) -> jax.Array:
     return x * (g[:, None] if g.ndim == 2 else g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def edge_pad(x: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
+    """`jnp.pad(x, pads, mode="edge")` (torch's replicate padding), as a gather of each axis'
+    clamped indices with its transpose written out (interior slice + the edge slices' sums).
+    XLA:CPU runs jnp's concatenations of edge copies and their autodiff 3x / 2x slower on the
+    VAE's frames. `pads`: (before, after) per axis."""
+    for axis, (lo, hi) in enumerate(pads):
+        if lo or hi:
+            n = x.shape[axis]
+            x = jnp.take(x, np.clip(np.arange(-lo, n + hi), 0, n - 1), axis=axis, mode="clip", indices_are_sorted=True)
+    return x
+
+
+def _edge_pad_fwd(x, pads):
+    return edge_pad(x, pads), None
+
+
+def edge_pad_transpose(g: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
+    """The transpose of `edge_pad`: `g` of the padded shape folded back onto the input (each edge
+    gathers the padding it was copied into)."""
+    for axis, (lo, hi) in reversed(list(enumerate(pads))):
+        if not (lo or hi):
+            continue
+        n = g.shape[axis] - lo - hi
+        inner = jax.lax.slice_in_dim(g, lo, lo + n, axis=axis)
+        widths = [(0, 0, 0)] * g.ndim
+        if lo:
+            widths[axis] = (0, n - 1, 0)
+            inner = inner + jax.lax.pad(jax.lax.slice_in_dim(g, 0, lo, axis=axis).sum(axis, keepdims=True),
+                                        jnp.zeros((), g.dtype), widths)
+        if hi:
+            widths[axis] = (n - 1, 0, 0)
+            inner = inner + jax.lax.pad(jax.lax.slice_in_dim(g, lo + n, lo + n + hi, axis=axis).sum(axis, keepdims=True),
+                                        jnp.zeros((), g.dtype), widths)
+        g = inner
+    return g
+
+
+def _edge_pad_bwd(pads, _, g):
+    return (edge_pad_transpose(g, pads),)
+
+
+edge_pad.defvjp(_edge_pad_fwd, _edge_pad_bwd)
