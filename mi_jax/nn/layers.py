@@ -325,15 +325,15 @@ def edge_pad_transpose(g: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.A
             continue
         n = g.shape[axis] - lo - hi
         inner = jax.lax.slice_in_dim(g, lo, lo + n, axis=axis)
-        widths = [(0, 0, 0)] * g.ndim
-        if lo:
+        widths, zero = [(0, 0, 0)] * g.ndim, jnp.zeros((), g.dtype)
+        if lo:  # the padding before the first entry, summed onto it
             widths[axis] = (0, n - 1, 0)
-            inner = inner + jax.lax.pad(jax.lax.slice_in_dim(g, 0, lo, axis=axis).sum(axis, keepdims=True),
-                                        jnp.zeros((), g.dtype), widths)
-        if hi:
+            head = jax.lax.slice_in_dim(g, 0, lo, axis=axis).sum(axis, keepdims=True)
+            inner = inner + jax.lax.pad(head, zero, widths)
+        if hi:  # and after the last
             widths[axis] = (n - 1, 0, 0)
-            inner = inner + jax.lax.pad(jax.lax.slice_in_dim(g, lo + n, lo + n + hi, axis=axis).sum(axis, keepdims=True),
-                                        jnp.zeros((), g.dtype), widths)
+            tail = jax.lax.slice_in_dim(g, lo + n, lo + n + hi, axis=axis).sum(axis, keepdims=True)
+            inner = inner + jax.lax.pad(tail, zero, widths)
         g = inner
     return g
 
