@@ -1,6 +1,6 @@
 """mi_jax against diffusers' eager PyTorch on this CPU: the same train steps, side by side.
 
-    python benchmarks/cpu_vs_torch.py [--cases dit_medium,dit_tiny,dit_demo,vae] [--repeats 5] [--no-profile]
+    python benchmarks/cpu_vs_torch.py [--cases dit_medium,dit_tiny,dit_demo,vae] [--repeats 5] [--warmup 3] [--no-profile]
 
 A train step is forward + backward + AdamW update: `optax.adamw` inside one `jax.jit` with donated
 params and optimizer state, against `torch.optim.AdamW(foreach=True)`. Both sides start from the
@@ -17,7 +17,9 @@ same inputs; the first-step losses are printed to show they compute the same thi
               loss = mean |decode(encode mean(x)) - x|, single pass (no framewise / tiling).
   DiT losses: MSE of the model output against a fixed random target.
 
-Timing: one compile / warm-up step per side, then jax, torch, jax, torch ... `--repeats` times;
+Timing: one compile / warm-up step per side, `--warmup` more steps each (alternating: both sides'
+allocators and caches settle; the VAE's JAX step ran 30-50% slow for its first 2-3 steps after a
+compile in one run of 2026-12-05), then jax, torch, jax, torch ... `--repeats` times;
 the median per side and torch_ms / jax_ms (mi_jax speed as a multiple of PyTorch eager; >= 1 is
 as fast or faster). torch runs `--threads` threads (default all cores) with libgomp's default wait
 policy (see the comment below on OMP_WAIT_POLICY); XLA uses its own pool of all cores.
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per side after the first")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--json", default="", help="also write the figures here")
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     for name in cases:
         with tempfile.TemporaryDirectory() as folder:
             case = build_vae(folder) if name == "vae" else build_dit(name, folder)
-            results["cases"][name] = r = run_case(name, case, args.repeats, args.profile, peak)
+            results["cases"][name] = r = run_case(name, case, args.repeats, args.profile, peak, args.warmup)
         report(name, r)
     if args.json:
         with open(args.json, "w") as f:
@@ -283,13 +286,14 @@ def matmul_peak(n: int = 2048, tries: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def run_case(name: str, case: dict, repeats: int, profile: bool, peak: float) -> dict:
+def run_case(name: str, case: dict, repeats: int, profile: bool, peak: float, warmup: int = 3) -> dict:
     print(f"\n== {name}: {case['desc']}", flush=True)
     t0 = time.perf_counter()
     jstep, compiled, flops, flops_fwd = jax_side(case["jax_params"], case["jax_loss"], case["jax_batch"])
     compile_s = time.perf_counter() - t0
     tstep = torch_side(case["torch_model"], case["torch_loss"], case["torch_batch"])
     first = {"jax": jstep(), "torch": tstep()}  # warm-up; the loss before any update
+    alternate({"jax": jstep, "torch": tstep}, warmup)
     times = alternate({"jax": jstep, "torch": tstep}, repeats)
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     gflops = {k: flops / (v / 1e3) / 1e9 for k, v in ms.items()}
