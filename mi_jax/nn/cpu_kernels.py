@@ -1,17 +1,19 @@
 """Native CPU kernels for what XLA:CPU runs slowly: direct 3-D convolutions with few channels.
 
-`conv3d(x, kernel, strides)` is a VALID 3-D convolution `[B, T, H, W, Ci] x [kt, kh, kw, Ci, Co]`
-(float32, channels-last) whose forward pass, input gradient and kernel gradient run in
-`cpu_conv.cc` through the XLA FFI: output pixels x 8 output channels kept in registers, work split
-over (batch, output frame) on XLA's own thread pool. `benchmarks/cpu_vs_torch.py` measures it
-against PyTorch's oneDNN; `tests/test_cpu_kernels.py` checks it against XLA's convolution.
+`conv3d(x, kernel, strides, pads)` is a VALID 3-D convolution `[B, T, H, W, Ci] x [kt, kh, kw, Ci,
+Co]` (float32, channels-last) of x replicate-padded by `pads` (read through clamped indices, never
+written out), whose forward pass, input gradient and kernel gradient run in `cpu_conv.cc` through
+the XLA FFI: 8 output pixels x 8 output channels kept in registers, work split over (batch, output
+frame) on XLA's own thread pool. `benchmarks/cpu_vs_torch.py` measures it against PyTorch's oneDNN;
+`tests/test_vae.py` checks it against `jnp.pad(mode="edge")` and XLA's convolution.
 
 The library is compiled on first use with the system C++ compiler (`$CXX`, else `g++`; `-O3
 -march=native`) against the FFI headers jaxlib ships, and cached under `$MI_JAX_CACHE` (default
 `~/.cache/mi_jax`) by a hash of the source, the flags, jaxlib's version and this CPU's model and
-feature flags: one compile per machine, about 10 s. `available()` is False, and callers use
-XLA's own convolutions, when there is no compiler, the build fails (the reason is logged once), or
-`MI_JAX_CPU_KERNELS=0` is set.
+feature flags: one compile per machine, a few seconds (under a temporary name, then renamed, so
+concurrent first uses are safe). `available()` is False, and callers use XLA's own convolutions,
+when there is no compiler, the build fails (the reason is logged once), `MI_JAX_CPU_KERNELS=0` is
+set, or within `disabled()`.
 """
 
 from __future__ import annotations
