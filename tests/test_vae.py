@@ -213,6 +213,32 @@ def test_vae_convolutions_use_the_native_kernels_on_cpu_for_float32_only():
     assert "mi_jax_conv3d" not in hlo64 and "convolution" in hlo64
 
 
+def test_native_convolution_under_vmap_and_scan():
+    """The native kernels are plain JAX ops to transformations: `vmap` (one call per example) and a
+    gradient through `lax.scan` give what the per-example XLA convolution gives."""
+    from mi_jax.nn import cpu_kernels
+
+    assert cpu_kernels.available()
+    rng = np.random.default_rng(5)
+    xs = jnp.asarray(rng.standard_normal((3, 1, 4, 6, 6, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 8)), jnp.float32)
+    pads = (2, 1, 1)
+
+    def ref(x, k):
+        x = jnp.pad(x, ((0, 0), (pads[0], 0), (pads[1],) * 2, (pads[2],) * 2, (0, 0)), mode="edge")
+        return jax.lax.conv_general_dilated(x, k, (1, 1, 1), "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+    got = jax.vmap(lambda x: cpu_kernels.conv3d(x, k, (1, 1, 1), pads))(xs)
+    assert max_abs(got, jnp.stack([ref(x, k) for x in xs])) <= 1e-5 * float(jnp.abs(got).max())
+
+    def scanned(k, conv):
+        return jax.lax.scan(lambda c, x: (c + jnp.sum(jnp.sin(conv(x, k))), None), 0.0, xs)[0]
+
+    want = jax.grad(scanned)(k, ref)
+    got = jax.grad(scanned)(k, lambda x, k: cpu_kernels.conv3d(x, k, (1, 1, 1), pads))
+    assert max_abs(got, want) <= 1e-5 * float(jnp.abs(want).max())
+
+
 def test_native_kernels_build_errors_name_the_compiler(tmp_path, monkeypatch):
     """No usable compiler: `_build` says which command failed (and `available()` would log it and
     fall back to XLA's convolutions); the cache holds no partial library."""

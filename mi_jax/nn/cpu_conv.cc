@@ -281,28 +281,19 @@ ffi::Error Conv3dKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MiJaxConv3dFwd, Conv3dFwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("st")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("ph")
-                                  .Attr<int64_t>("pw"));
+// Both calls: (x, kernel or output gradient) -> result, strides and replicate padding as attributes.
+#define MI_JAX_CONV3D_BINDING                                                                          \
+  ffi::Ffi::Bind()                                                                                     \
+      .Ctx<ffi::ThreadPool>()                                                                          \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                    \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                    \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                                    \
+      .Attr<int64_t>("st")                                                                             \
+      .Attr<int64_t>("sh")                                                                             \
+      .Attr<int64_t>("sw")                                                                             \
+      .Attr<int64_t>("pt")                                                                             \
+      .Attr<int64_t>("ph")                                                                             \
+      .Attr<int64_t>("pw")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MiJaxConv3dKernelGrad, Conv3dKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("st")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("ph")
-                                  .Attr<int64_t>("pw"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MiJaxConv3dFwd, Conv3dFwd, MI_JAX_CONV3D_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MiJaxConv3dKernelGrad, Conv3dKernelGrad, MI_JAX_CONV3D_BINDING);

@@ -136,7 +136,7 @@ def _forward(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
     co = kernel.shape[-1]
     kernel = _pad_out(kernel)
     out = jax.ShapeDtypeStruct(_out_shape(x.shape, kernel.shape, strides, pads), jnp.float32)
-    y = jax.ffi.ffi_call("mi_jax_conv3d_fwd", out)(x, kernel, **_attrs(strides, pads))
+    y = jax.ffi.ffi_call("mi_jax_conv3d_fwd", out, vmap_method="sequential")(x, kernel, **_attrs(strides, pads))
     return y[..., :co] if y.shape[-1] != co else y
 
 
@@ -145,7 +145,7 @@ def _kernel_grad(x: jax.Array, g: jax.Array, k_shape, strides, pads) -> jax.Arra
     if co % BLOCK:
         g = jnp.pad(g, ((0, 0),) * 4 + ((0, -co % BLOCK),))
     out = jax.ShapeDtypeStruct((*k_shape[:4], g.shape[-1]), jnp.float32)
-    dk = jax.ffi.ffi_call("mi_jax_conv3d_dk", out)(x, g, **_attrs(strides, pads))
+    dk = jax.ffi.ffi_call("mi_jax_conv3d_dk", out, vmap_method="sequential")(x, g, **_attrs(strides, pads))
     return dk[..., :co] if co % BLOCK else dk
 
 
