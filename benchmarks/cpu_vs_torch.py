@@ -333,12 +333,13 @@ def hlo_categories(hlo: str) -> dict:
             continue
         rhs = m.group(2)
         op = re.search(r"(?:^|\s)([a-z][a-z0-9\-]*)\(", rhs)
+        op = op.group(1) if op else ""
         if 'custom_call_target="mi_jax_conv3d' in rhs:  # mi_jax.nn.cpu_kernels' convolutions
-            op = re.match(r"(convolution)", "convolution")
+            op = "convolution"
         op_name = re.search(r'op_name="([^"]*)"', rhs)
         calls = re.findall(r"(?:calls|to_apply)=\{?%?([\w.\-]+)", rhs) + re.findall(r"calls=\{([^}]*)\}", rhs)
         calls = [c.strip().lstrip("%") for group in calls for c in group.split(",")]
-        inst = (op.group(1) if op else "", op_name.group(1) if op_name else "", calls)
+        inst = (op, op_name.group(1) if op_name else "", calls)
         comps[current].append(inst)
         insts[m.group(1)] = inst
 

@@ -162,6 +162,14 @@ CONV_CASES = [  # input shape, output channels, strides, replicate padding (fram
 ]
 
 
+def reference_conv(x, k, strides, pads):
+    """`jnp.pad(mode="edge")` by (pt frames in front, ph rows, pw columns each side), then XLA's
+    3-D convolution: what every CPU convolution path must equal."""
+    pt, ph, pw = pads
+    x = jnp.pad(x, ((0, 0), (pt, 0), (ph, ph), (pw, pw), (0, 0)), mode="edge")
+    return jax.lax.conv_general_dilated(x, k, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
 @pytest.mark.parametrize("impl", ["native", "xla_forms"])
 @pytest.mark.parametrize("shape, co, strides, pads", CONV_CASES)
 def test_cpu_convolution_and_its_gradients_match_xla(shape, co, strides, pads, impl):
@@ -177,13 +185,7 @@ def test_cpu_convolution_and_its_gradients_match_xla(shape, co, strides, pads, i
     rng = np.random.default_rng(sum(strides) + co)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 3, shape[-1], co)), jnp.float32)
-    widths = ((0, 0), (pads[0], 0), (pads[1], pads[1]), (pads[2], pads[2]), (0, 0))
-
-    def ref(x, k):
-        return jax.lax.conv_general_dilated(jnp.pad(x, widths, mode="edge"), k, strides, "VALID",
-                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-
-    want, pull_want = jax.vjp(ref, x, kernel)
+    want, pull_want = jax.vjp(lambda x, k: reference_conv(x, k, strides, pads), x, kernel)
     g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
     if impl == "native":
         assert cpu_kernels.available(), "the native CPU kernels did not build (see the log)"
@@ -223,10 +225,7 @@ def test_native_convolution_under_vmap_and_scan():
     xs = jnp.asarray(rng.standard_normal((3, 1, 4, 6, 6, 8)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 8)), jnp.float32)
     pads = (2, 1, 1)
-
-    def ref(x, k):
-        x = jnp.pad(x, ((0, 0), (pads[0], 0), (pads[1],) * 2, (pads[2],) * 2, (0, 0)), mode="edge")
-        return jax.lax.conv_general_dilated(x, k, (1, 1, 1), "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    ref = lambda x, k: reference_conv(x, k, (1, 1, 1), pads)  # noqa: E731
 
     got = jax.vmap(lambda x: cpu_kernels.conv3d(x, k, (1, 1, 1), pads))(xs)
     assert max_abs(got, jnp.stack([ref(x, k) for x in xs])) <= 1e-5 * float(jnp.abs(got).max())

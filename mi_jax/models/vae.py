@@ -192,12 +192,11 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int],
     native kernels (`mi_jax.nn.cpu_kernels`: the padding read through clamped indices, never
     written out); without them `_cpu_conv3d`, the same maths in the forms XLA:CPU runs fastest
     (benchmarks/cpu_vs_torch.py measures both against torch)."""
-    pt, ph, pw = pads
     cpu = jax.default_backend() == "cpu" and kernel.shape[:3] != (1, 1, 1)
     if cpu and x.dtype == kernel.dtype == jnp.float32 and cpu_kernels.available():
         return cpu_kernels.conv3d(x, kernel, tuple(strides), tuple(pads))
     if any(pads):
-        x = edge_pad(x, ((0, 0), (pt, 0), (ph, ph), (pw, pw), (0, 0)))
+        x = edge_pad(x, cpu_kernels.edge_widths(pads))
     if not cpu:
         return jax.lax.conv_general_dilated(x, kernel, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     return _cpu_conv3d(x, kernel, tuple(strides))

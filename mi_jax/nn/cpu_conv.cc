@@ -233,6 +233,9 @@ ffi::Error Conv3dFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     return ffi::Error::InvalidArgument("cpu_conv3d_fwd: x [B,T,H,W,Ci], k [kt,kh,kw,Ci,Co]");
   Shape s = MakeShape(x.dimensions(), k.dimensions(), st, sh, sw, pt, ph, pw);
   if (auto e = CheckShapes(s); e.failure()) return e;
+  const auto yd = y->dimensions();
+  if (yd[0] != s.b || yd[1] != s.to || yd[2] != s.ho || yd[3] != s.wo || yd[4] != s.co)
+    return ffi::Error::InvalidArgument("cpu_conv3d_fwd: y's shape is not the convolution's output shape");
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
   float* yp = y->typed_data();

@@ -117,52 +117,51 @@ def _load() -> bool:
     return True
 
 
-def _pad_out(kernel: jax.Array) -> jax.Array:
-    """The kernel with its output channels zero-padded to a multiple of BLOCK."""
-    co = kernel.shape[-1]
-    return jnp.pad(kernel, ((0, 0),) * 4 + ((0, -co % BLOCK),)) if co % BLOCK else kernel
+def edge_widths(pads) -> tuple[tuple[int, int], ...]:
+    """`(pt, ph, pw)` -> `edge_pad` widths of a `[B, T, H, W, C]` array: frames in front only."""
+    pt, ph, pw = pads
+    return (0, 0), (pt, 0), (ph, ph), (pw, pw), (0, 0)
 
 
-def _out_shape(x_shape, k_shape, strides, pads):
-    padded = (x_shape[1] + pads[0], x_shape[2] + 2 * pads[1], x_shape[3] + 2 * pads[2])
-    return (x_shape[0], *((n - k) // s + 1 for n, k, s in zip(padded, k_shape[:3], strides)), k_shape[4])
+def _padded(x_shape, pads) -> tuple[int, int, int]:
+    """(T, H, W) of the input once replicate-padded."""
+    return tuple(n + lo + hi for n, (lo, hi) in zip(x_shape[1:4], edge_widths(pads)[1:4]))
 
 
-def _attrs(strides, pads) -> dict:
-    return dict(zip(("st", "sh", "sw", "pt", "ph", "pw"), (int(v) for v in (*strides, *pads))))  # int64 attributes
+def _pad_channels(a: jax.Array) -> jax.Array:
+    """`a` with its last axis zero-padded to a multiple of BLOCK (the kernels' output channels)."""
+    return jnp.pad(a, ((0, 0),) * (a.ndim - 1) + ((0, -a.shape[-1] % BLOCK),)) if a.shape[-1] % BLOCK else a
+
+
+def _call(target: str, shape, a: jax.Array, b: jax.Array, strides, pads) -> jax.Array:
+    attrs = dict(zip(("st", "sh", "sw", "pt", "ph", "pw"), (int(v) for v in (*strides, *pads))))  # int64
+    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(a, b, **attrs)
 
 
 def _forward(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
-    co = kernel.shape[-1]
-    kernel = _pad_out(kernel)
-    out = jax.ShapeDtypeStruct(_out_shape(x.shape, kernel.shape, strides, pads), jnp.float32)
-    y = jax.ffi.ffi_call("mi_jax_conv3d_fwd", out, vmap_method="sequential")(x, kernel, **_attrs(strides, pads))
-    return y[..., :co] if y.shape[-1] != co else y
+    co, kernel = kernel.shape[-1], _pad_channels(kernel)
+    dims = ((n - k) // s + 1 for n, k, s in zip(_padded(x.shape, pads), kernel.shape[:3], strides))
+    return _call("mi_jax_conv3d_fwd", (x.shape[0], *dims, kernel.shape[-1]), x, kernel, strides, pads)[..., :co]
 
 
 def _kernel_grad(x: jax.Array, g: jax.Array, k_shape, strides, pads) -> jax.Array:
-    co = g.shape[-1]
-    if co % BLOCK:
-        g = jnp.pad(g, ((0, 0),) * 4 + ((0, -co % BLOCK),))
-    out = jax.ShapeDtypeStruct((*k_shape[:4], g.shape[-1]), jnp.float32)
-    dk = jax.ffi.ffi_call("mi_jax_conv3d_dk", out, vmap_method="sequential")(x, g, **_attrs(strides, pads))
-    return dk[..., :co] if co % BLOCK else dk
+    co, g = g.shape[-1], _pad_channels(g)
+    return _call("mi_jax_conv3d_dk", (*k_shape[:4], g.shape[-1]), x, g, strides, pads)[..., :co]
 
 
 def _input_grad(g: jax.Array, kernel: jax.Array, x_shape, strides, pads) -> jax.Array:
     """dx: the forward convolution of g (dilated by the strides, zero-padded by kernel - 1 on each
     side, up to the padded input's size) with the kernel flipped in space and time, in and out
     swapped, gives the gradient of the padded input; the padding's transpose folds it back."""
-    pt, ph, pw = pads
-    padded = (x_shape[1] + pt, x_shape[2] + 2 * ph, x_shape[3] + 2 * pw)
     widths = [(0, 0, 0)]
-    for n_in, n_out, k, s in zip(padded, g.shape[1:4], kernel.shape[:3], strides):
+    for n_in, n_out, k, s in zip(_padded(x_shape, pads), g.shape[1:4], kernel.shape[:3], strides):
         covered = (n_out - 1) * s + k  # input positions the convolution reads
         widths.append((k - 1, k - 1 + n_in - covered, s - 1))
     widths.append((0, 0, 0))
     gp = jax.lax.pad(g, jnp.zeros((), g.dtype), widths)
     dxp = _forward(gp, jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4), (1, 1, 1), (0, 0, 0))
-    return edge_pad_transpose(dxp, ((0, 0), (pt, 0), (ph, ph), (pw, pw), (0, 0))) if any(pads) else dxp
+    return edge_pad_transpose(dxp, edge_widths(pads)) if any(pads) else dxp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
