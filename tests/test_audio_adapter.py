@@ -67,7 +67,9 @@ def test_fresh_adapter_leaves_backbone_output_unchanged(diffusers_tiny, torch, s
     out_audio = jax.jit(DiT(cfg_audio).apply)({"params": p_audio}, **inputs)
     inputs.pop("audio_states")
     out_skipped = jax.jit(DiT(cfg_audio).apply)({"params": p_audio}, **inputs)
-    np.testing.assert_array_equal(np.asarray(out_audio), np.asarray(out_skipped))  # exactly
+    # the zero-initialised output projection adds 0; the two programs (with and without the adapter
+    # branch) may fuse the rest differently, so float32 round-off (1e-6 relative), not bit equality
+    assert max_abs(out_audio, out_skipped) <= 1e-6 * float(jnp.abs(out_skipped).max())
     # the plain backbone scans all single blocks at once: same maths, other rounding order
     out_plain = jax.jit(DiT(cfg_plain).apply)({"params": p_plain}, **inputs)
     assert max_abs(out_audio, out_plain) <= 1e-6
@@ -111,10 +113,10 @@ def test_speaker_audio_reaches_only_its_mask():
     diff = np.abs(np.asarray(changed - base)).max(-1)[0]
     inside_a = np.asarray(mask[0, 0]) > 0
     assert diff[inside_a].min() > 1e-4
-    assert np.all(diff[~inside_a] == 0.0)  # exactly zero outside A's region
+    assert np.all(diff[~inside_a] == 0.0)  # same program; A's audio is masked to an exact 0 there
     # nobody's region gets nothing at all
     nobody = np.asarray(mask[0].sum(0)) == 0
-    assert np.all(np.asarray(base)[0][nobody] == 0.0)
+    assert np.all(np.asarray(base)[0][nobody] == 0.0)  # a 0 mask times anything finite is 0
 
 
 def test_audio_of_one_latent_frame_changes_only_that_frame():
@@ -124,7 +126,7 @@ def test_audio_of_one_latent_frame_changes_only_that_frame():
     changed = fn(audio.at[:, :, f].multiply(-2.0))
     diff = np.abs(np.asarray(changed - base)).max(-1)[0].reshape(tp, hw)
     assert diff[f].max() > 1e-4
-    assert np.all(np.delete(diff, f, axis=0) == 0.0)
+    assert np.all(np.delete(diff, f, axis=0) == 0.0)  # same program; other frames see the same inputs
 
 
 def test_projector_groups_latent_frames_with_windows():

@@ -130,7 +130,7 @@ def test_prompt_schedule_changes_the_text_per_window(tiny_run, inputs):
     scfg = sampler_config(pipe.config, steps=2)
     first_new = next(k for k in range(len(one)) if window_frames(scfg, k)[0] / 25.0 >= 1.0)
     for k in range(first_new):
-        np.testing.assert_array_equal(sched[k], one[k])
+        np.testing.assert_array_equal(sched[k], one[k])  # the same jitted window function on the same inputs
     assert all(np.abs(sched[k] - one[k]).max() > 1e-4 for k in range(first_new, len(one)))
 
 

@@ -106,7 +106,7 @@ def test_loader_places_shards_directly(tmp_path, tiny, torch):
     _, plain = load_diffusers_transformer(str(tmp_path))
     k = params["transformer_blocks"]["ff"]["net_2"]["kernel"]
     assert k.sharding.spec == P(None, "tensor", "fsdp")
-    np.testing.assert_array_equal(np.asarray(k), np.asarray(plain["transformer_blocks"]["ff"]["net_2"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(k), np.asarray(plain["transformer_blocks"]["ff"]["net_2"]["kernel"]))  # copies
 
 
 def test_mesh_spec_errors():

@@ -285,7 +285,7 @@ def test_backward_simulation_noise_level():
     times = D.generator_times(4, 3.0)
     noise = jax.random.normal(jax.random.key(1), (20000, 2))
     sim = jax.jit(lambda k: D.backward_simulate(gen, None, noise, None, times, k, jax.random.key(2)))
-    np.testing.assert_array_equal(sim(0), noise)
+    np.testing.assert_array_equal(sim(0), noise)  # step 0 returns the noise itself, no arithmetic
     for k in range(1, 4):
         x = np.asarray(sim(k))
         t = float(times[k])
@@ -334,7 +334,7 @@ def test_dmd2_step_jits_with_finite_metrics_and_ttur(distilled):
 def test_lora_leaves_shared_base_bitwise_unchanged(distilled):
     state, before = distilled["state"], distilled["base_copy"]
     for a, b in zip(jax.tree.leaves(state.base), jax.tree.leaves(before), strict=True):
-        assert np.asarray(a).tobytes() == b.tobytes()
+        assert np.asarray(a).tobytes() == b.tobytes()  # never written: the same bytes
     # only LoRA factors are trained: no copy of the base in the generator or the critic
     flat = jax.tree_util.tree_flatten_with_path(state.gen.params)[0]
     assert flat and all(str(getattr(p[-1], "key", p[-1])) in ("a", "b") for p, _ in flat)

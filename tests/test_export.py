@@ -236,7 +236,8 @@ def test_vae_export_matches_jax(exported, loaded, sources, torch):
         video_t = vae_t.decode(z).sample.numpy()
         video_64 = vae_64.decode(z.double()).sample.numpy()
         video_src = sources["vae_model"].decode(z).sample.numpy()
-    np.testing.assert_array_equal(video_t, video_src)  # the exported VAE is the source VAE, bit for bit
+    # the exported VAE is the source VAE, bit for bit: the same torch program with the same weights
+    np.testing.assert_array_equal(video_t, video_src)
 
     def run(dtype):
         """(mean, video), channels first, from the JAX VAE computing in `dtype`."""
@@ -294,7 +295,7 @@ def _assert_identical(src: SafetensorsFolder, dst: SafetensorsFolder, skip=()):
     for key in dst:
         a, b = src[key], dst[key]
         assert a.dtype == b.dtype and a.shape == b.shape, key
-        assert a.tobytes() == b.tobytes(), key
+        assert a.tobytes() == b.tobytes(), key  # a weight round trip copies bytes
 
 
 def test_round_trip_is_byte_identical_fp32(exported, sources):
@@ -354,6 +355,7 @@ def test_audio_model_in_pytorch_matches_jax(loaded, sources, tmp_path, torch, di
     import_weights(report["transformer"]["path"], str(back), audio_dir=report["audio"]["path"])
     again = traverse_util.flatten_dict(load_imported(str(back))["dit"])
     for path, value in traverse_util.flatten_dict(params).items():
+        # a weight round trip copies values
         np.testing.assert_array_equal(np.asarray(again[path]), np.asarray(value), err_msg="/".join(path))
 
 
@@ -548,5 +550,5 @@ def test_export_streams_one_tensor_at_a_time(tmp_path):
     for f in files:
         back.update(load_file(str(tmp_path / "m" / f)))  # safetensors' own reader accepts the files
     for key, value in export_params(params, name_map):
-        np.testing.assert_array_equal(back[key], value)
+        np.testing.assert_array_equal(back[key], value)  # a weight round trip copies values
     assert back["blocks.3.proj.weight"].shape == (256, 128)

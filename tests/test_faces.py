@@ -107,6 +107,7 @@ def test_latent_frame_groups():
     groups = latent_frame_groups(13)
     assert [list(range(13))[g] for g in groups] == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
     cov = np.arange(13, dtype=np.float32)[None, :, None, None] * np.ones((2, 13, 3, 5), np.float32)
+    # means of small integers: exact in binary
     np.testing.assert_array_equal(temporal_pool(cov)[0, :, 0, 0], [0, 2.5, 6.5, 10.5])
     assert temporal_pool(cov[:, :11]).shape == (2, 3, 3, 5)  # frames 9, 10 fall outside
 
@@ -120,6 +121,7 @@ def test_coverage_is_block_mean_of_pixel_masks():
     px = pixel_masks(boxes, H, W)
     assert px.shape == (3, 6, H, W) and not px[1, 2].any()
     block = px.reshape(3, 6, H // 8, 8, W // 8, 8).mean((3, 5))
+    # integer box edges: exact fractions
     np.testing.assert_array_equal(box_coverage(boxes, H, W), block.astype(np.float32))
     # pixel-centre rule: [10, 20) x [4.6, 8.4) covers columns 10..19 and rows 5..7
     one = pixel_masks(np.array([[[10, 4.6, 20, 8.4]]], np.float32), H, W)[0, 0]
@@ -136,11 +138,11 @@ def test_mask_geometry_dilation_and_mouth():
     np.testing.assert_allclose(m.mouth_boxes[0, 0], [56, 80, 104, 112])  # lower 40%, middle 60%
     face = np.zeros((16, 20), bool)
     face[3:15, 4:16] = True  # [32, 128) x [24, 120) in 8-px cells, any-pixel rule
-    np.testing.assert_array_equal(m.face[0, 0], face)
+    np.testing.assert_array_equal(m.face[0, 0], face)  # boolean masks
     np.testing.assert_array_equal(m.face[0, 1], face)  # a fixed box is fixed over time
     mouth = np.zeros((16, 20), bool)
     mouth[10:14, 7:13] = True
-    np.testing.assert_array_equal(m.mouth[0, 0], mouth)
+    np.testing.assert_array_equal(m.mouth[0, 0], mouth)  # boolean masks
     assert not (m.mouth & ~m.face).any()
     # a stricter coverage threshold keeps only the cells the box fills
     strict = masks_from_boxes(box, T, H, W, margin=0.1, min_coverage=1.0)
@@ -173,7 +175,7 @@ def test_temporal_smoothing_and_gap_filling():
     smooth = smooth_boxes(boxes, 5)
     # the moving average keeps the linear drift and damps the +-4 px jitter
     np.testing.assert_allclose(smooth[2:-2, 0, 0], 20 + t[2:-2] + jitter[2:-2] / 5, atol=1e-4)
-    np.testing.assert_array_equal(smooth_boxes(boxes, 1), boxes)
+    np.testing.assert_array_equal(smooth_boxes(boxes, 1), boxes)  # a window of 1 copies
     np.testing.assert_allclose(smooth[:, 0, 1], 10)
     with pytest.raises(ValueError, match="odd"):
         smooth_boxes(boxes, 4)
@@ -223,6 +225,7 @@ def test_multi_speaker_disjoint():
     assert not (owned.face[0] & owned.face[1]).any()
     assert owned.face[0, :, :, 7].all() and not owned.face[1, :, :, 7].any()
     assert (owned.face[0] | owned.face[1]).all()
+    # exclusivity moves cells, coverage is computed once
     np.testing.assert_array_equal(owned.face_coverage, shared.face_coverage)
 
 
@@ -237,8 +240,8 @@ def test_masks_from_images(tmp_path):
     Image.fromarray(rgba).save(tmp_path / "b.png")
     m = masks_from_images([tmp_path / "a.png", str(tmp_path / "b.png")], T, H, W)
     ref = masks_from_boxes([[12, 8, 44, 56], [56, 8, 88, 56]], T, H, W, margin=0, smooth_window=1)
-    np.testing.assert_array_equal(m.face, ref.face)
-    np.testing.assert_array_equal(m.mouth, ref.mouth)
+    np.testing.assert_array_equal(m.face, ref.face)  # boolean masks
+    np.testing.assert_array_equal(m.mouth, ref.mouth)  # boolean masks
     np.testing.assert_allclose(m.boxes[0], [[12, 8, 44, 56], [56, 8, 88, 56]])
     assert m.face.shape == (2, 2, 8, 12)
 
@@ -261,7 +264,7 @@ def test_box_mask_images_gate_generation_as_training_gates():
         assert images[0].dtype == np.uint8 and images[0].shape == (H, W)
         served = masks_from_images(images, T, H, W)
         trained = masks_from_boxes([box], T, H, W, margin=0.15)
-        np.testing.assert_array_equal(served.face, trained.face)
+        np.testing.assert_array_equal(served.face, trained.face)  # boolean masks
 
 
 def test_mask_image_errors(tmp_path):

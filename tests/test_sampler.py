@@ -74,7 +74,7 @@ def test_window_audio_alignment():
     win = window_audio(feats, cfg, 3)
     assert win.shape == (3, 1, 1, 17, 1, 1)
     # window k starts at global latent 2k: video frame 8k sits at its reference position
-    np.testing.assert_array_equal(np.asarray(win[:, 0, 0, 0, 0, 0]), [0, 8, 16])
+    np.testing.assert_array_equal(np.asarray(win[:, 0, 0, 0, 0, 0]), [0, 8, 16])  # integer frame indices
     assert cfg.num_windows(frames) == 3
     with pytest.raises(ValueError, match="pad with silence"):
         window_audio(feats[:, :, :20], cfg, 3)

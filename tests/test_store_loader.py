@@ -80,11 +80,12 @@ def test_round_trip_values_dtypes_metadata(tmp_path):
             for name, value in want.items():
                 if isinstance(value, np.ndarray):
                     assert got[name].dtype == value.dtype, name
-                    np.testing.assert_array_equal(got[name], value, err_msg=name)
+                    np.testing.assert_array_equal(got[name], value, err_msg=name)  # store round trip: bytes
     with StoreWriter(tmp_path / "copy") as writer:  # a read sample can be written again as is
         writer.write_clip("clip3", [reader[5]])
     copied = StoreReader(tmp_path / "copy")[0]
     assert copied["truth"] == written["clip3"][0]["truth"]
+    # store round trip: bytes
     np.testing.assert_array_equal(copied["audio_states"], written["clip3"][0]["audio_states"])
     assert reader[0]["latents"].flags.writeable
     assert not StoreReader(tmp_path, writable=False)[0]["latents"].flags.writeable
@@ -152,8 +153,8 @@ def test_append_resume_and_crash_safety(tmp_path):
     assert (tmp_path / "shard-00000.array_record").read_bytes() == shard0  # old shards untouched
     reader = StoreReader(tmp_path)
     assert reader.clip_ids() == ["a0", "a1", "b0"] and len(reader) == 7
-    np.testing.assert_array_equal(reader[5]["latents"], new[0]["latents"])
-    np.testing.assert_array_equal(reader[0]["latents"], first["a0"][0]["latents"])
+    np.testing.assert_array_equal(reader[5]["latents"], new[0]["latents"])  # store round trip: bytes
+    np.testing.assert_array_equal(reader[0]["latents"], first["a0"][0]["latents"])  # store round trip: bytes
 
     with pytest.raises(RuntimeError, match="crash"):  # a crash drops the open shard, keeps the rest
         with StoreWriter(tmp_path, shard_size=100) as writer:
@@ -181,7 +182,7 @@ def test_state_json_round_trip_resumes_identically(store16):
         got = next(resumed)
         assert got["clip_id"].tolist() == want["clip_id"].tolist() and got["truth"] == want["truth"]
         for name in ("index", "latents", "audio_states", "speaker_masks"):
-            np.testing.assert_array_equal(got[name], want[name])
+            np.testing.assert_array_equal(got[name], want[name])  # resumed loader: the same stored bytes
     assert [b["index"].tolist() for b in resumed] == rest
 
     other = Loader(store16, LoaderConfig(global_batch_size=3, seed=8, num_epochs=3))
@@ -261,6 +262,7 @@ def test_to_global_on_8_device_mesh(store16):
             assert len(arr.addressable_shards) == 8
             for shard in arr.addressable_shards:
                 assert shard.data.shape[0] == 1
+                # placement copies shards
                 np.testing.assert_array_equal(np.asarray(shard.data), local[shard.index], err_msg=name)
     assert placed["latents"].shape == (8, T, H, W, C)
     with pytest.raises(LoaderError, match="cannot be split over the 8 devices"):

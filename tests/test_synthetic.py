@@ -69,13 +69,14 @@ def test_deterministic():
     b = render_clip(42, 3.0, prompt="nodding and smiling", speakers=2, size=(64, 128))
     arrays = ("frames", "audio", "speaker_audio", "mouth_open", "eye_open", "face_boxes", "mouth_boxes", "face_masks")
     for name in arrays:
-        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name  # same seed, same numpy program
     assert a.identities == b.identities
     c = render_clip(43, 3.0, prompt="nodding and smiling", speakers=2, size=(64, 128))
     assert not np.array_equal(a.frames, c.frames) and not np.array_equal(a.audio, c.audio)
     # the prompt changes only the motion: same person, same voice, same blinks
     neutral = render_clip(42, 3.0, speakers=2, size=(64, 128))
     assert neutral.identities == a.identities
+    # same seed, same numpy program
     assert np.array_equal(neutral.audio, a.audio) and np.array_equal(neutral.eye_open, a.eye_open)
     # so does forcing the style: everything else about the people stays
     for style in ("cartoon", "realistic"):
@@ -123,6 +124,7 @@ def test_mouth_follows_the_audio_envelope():
         # the mouth is closed in the pauses and opens wide in loud syllables
         rms = frame_rms(clip.audio)
         assert clip.mouth_open[0][rms < 1e-4].max(initial=0) < 0.3
+    # silence gives an exact 0
     assert np.array_equal(mouth_envelope(np.zeros(16000, np.float32), 25), np.zeros(25, np.float32))
 
 
@@ -286,7 +288,7 @@ def test_save_writes_readable_files(tmp_path):
     assert meta["split"] == "heldout" and meta["actions"] == ["smiling"] and meta["num_frames"] == 75
     assert meta["identities"][0]["skin"] == list(clip.identities[0].skin)
     for name in ("mouth_open", "eye_open", "face_boxes", "mouth_boxes", "face_masks", "speaker_audio", "audio"):
-        assert np.array_equal(truth[name], getattr(clip, name)), name
+        assert np.array_equal(truth[name], getattr(clip, name)), name  # the stored truth is the rendered arrays
 
 
 def test_box_pixels_clip_to_the_frame_and_never_wrap():

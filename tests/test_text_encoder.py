@@ -133,7 +133,7 @@ def test_matches_diffusers_pipeline(encoder, portraits, torch):
             image=list(portraits), prompt=PROMPTS, prompt_template=template, device=torch.device("cpu"),
             max_sequence_length=40, image_embed_interleave=2)
     embeds, mask, pooled = encoder.encode(PROMPTS, portraits)
-    np.testing.assert_array_equal(mask, ref_mask.numpy())
+    np.testing.assert_array_equal(mask, ref_mask.numpy())  # integer masks
     np.testing.assert_allclose(embeds, ref_embeds.numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(pooled, ref_pooled.numpy(), rtol=0, atol=1e-6)
 
@@ -150,7 +150,7 @@ def test_matches_diffusers_other_layer_and_interleave(encoder, portraits, torch,
             num_hidden_layers_to_skip=skip, image_embed_interleave=interleave)
     embeds, mask, _ = enc.encode(PROMPTS[:1], portraits[:1])
     assert embeds.shape[1] == enc.seq_len == -(-N_IMG // interleave) + 36
-    np.testing.assert_array_equal(mask, ref_mask.numpy())
+    np.testing.assert_array_equal(mask, ref_mask.numpy())  # integer masks
     np.testing.assert_allclose(embeds, ref_embeds.numpy(), rtol=0, atol=1e-6)
 
 
@@ -162,7 +162,7 @@ def test_truncated_prompt_matches_diffusers(encoder, portraits, torch):
             list(portraits[:1]), [long_prompt], template, device=torch.device("cpu"), max_sequence_length=40)
     embeds, mask, _ = encoder.encode(long_prompt, portraits[0])
     assert mask.all() and embeds.shape == (1, encoder.seq_len, 32)
-    np.testing.assert_array_equal(mask, ref_mask.numpy())
+    np.testing.assert_array_equal(mask, ref_mask.numpy())  # integer masks
     np.testing.assert_allclose(embeds, ref_embeds.numpy(), rtol=0, atol=1e-6)
 
 
@@ -170,7 +170,7 @@ def test_portrait_changes_tokens(encoder, portraits):
     a = encoder.encode(PROMPTS[0], portraits[0])
     b = encoder.encode(PROMPTS[0], portraits[1])
     again = encoder.encode(PROMPTS[0], portraits[0])
-    np.testing.assert_array_equal(a.prompt_embeds, again.prompt_embeds)
+    np.testing.assert_array_equal(a.prompt_embeds, again.prompt_embeds)  # same program, same inputs
     n = N_IMG // 2
     assert np.abs(a.prompt_embeds[0, :n] - b.prompt_embeds[0, :n]).min() > 0  # image tokens
     assert np.abs(a.prompt_embeds[0, n:n + 5] - b.prompt_embeds[0, n:n + 5]).max() > 1e-3  # text sees the image
@@ -194,7 +194,7 @@ def test_diffusers_folder_layout(folders, encoder, portraits, tmp_path):
         (tmp_path / sub).symlink_to(folders / src, target_is_directory=True)
     enc = HunyuanTextEncoder.from_diffusers_folder(str(tmp_path), max_sequence_length=40)
     for x, y in zip(enc.encode(PROMPTS[0], portraits[0]), encoder.encode(PROMPTS[0], portraits[0])):
-        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(x, y)  # the same weights through a symlinked folder: the same program
 
 
 def test_template_errors(encoder):
@@ -244,9 +244,10 @@ def test_tiny_is_deterministic_and_discriminative():
     b = TinyTextEncoder(32, 16, 12)
     x, y = a.encode(["a cat sings"]), b.encode(["A cat sings"])
     for u, v in zip(x, y):
-        np.testing.assert_array_equal(u, v)
+        np.testing.assert_array_equal(u, v)  # same seed, same program
     z = a.encode(["a dog sings"])
     assert np.abs(x.prompt_embeds[0, 1] - z.prompt_embeds[0, 1]).max() > 0.1
+    # causal: position 0 sees the same token
     np.testing.assert_array_equal(x.prompt_embeds[0, 0], z.prompt_embeds[0, 0])
     assert np.abs(x.pooled - z.pooled).max() > 1e-3
     # word order matters through the position code
@@ -262,8 +263,9 @@ def test_tiny_portrait_and_truncation():
     im1, im2 = rng.integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
     a, b = enc.encode("hi there", im1), enc.encode("hi there", im2)
     assert np.abs(a.prompt_embeds[0, :2] - b.prompt_embeds[0, :2]).max() > 1e-3
+    # same program; text positions see the same inputs
     np.testing.assert_array_equal(a.prompt_embeds[0, 2:], b.prompt_embeds[0, 2:])
-    np.testing.assert_array_equal(a.pooled, b.pooled)
+    np.testing.assert_array_equal(a.pooled, b.pooled)  # same program; CLIP reads the same text
     # float [0, 1] and uint8 portraits agree; tiny images (< 8 px) work
     c = enc.encode("hi there", im1.astype(np.float32) / 255)
     np.testing.assert_allclose(a.prompt_embeds, c.prompt_embeds, atol=1e-5)

@@ -162,7 +162,7 @@ def test_sigkill_resume_is_bit_identical_and_sigterm_saves(tiny_store, tmp_path)
     step_b, b = _final_params(run_dir)
     assert step_a == step_b == 20
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # same program, same data: resume is exact
 
     # SIGTERM: the run saves where it is and exits cleanly
     term_dir = tmp_path / "terminated"

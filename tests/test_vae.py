@@ -7,6 +7,8 @@ diffusers' `enable_tiling()`; config, loader and input errors.
 
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +172,16 @@ def reference_conv(x, k, strides, pads):
     return jax.lax.conv_general_dilated(x, k, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
 
 
+def require_native_kernels():
+    """The native kernels must have built, except in a run that turned them off on purpose
+    (`MI_JAX_CPU_KERNELS=0`, the suite's fallback pass), which tests XLA's forms instead."""
+    from mi_jax.nn import cpu_kernels
+
+    if os.environ.get("MI_JAX_CPU_KERNELS") == "0":
+        pytest.skip("MI_JAX_CPU_KERNELS=0: this run covers XLA's convolutions, the native kernels are off")
+    assert cpu_kernels.available(), "the native CPU kernels did not build (see the log)"
+
+
 @pytest.mark.parametrize("impl", ["native", "xla_forms"])
 @pytest.mark.parametrize("shape, co, strides, pads", CONV_CASES)
 def test_cpu_convolution_and_its_gradients_match_xla(shape, co, strides, pads, impl):
@@ -188,7 +200,7 @@ def test_cpu_convolution_and_its_gradients_match_xla(shape, co, strides, pads, i
     want, pull_want = jax.vjp(lambda x, k: reference_conv(x, k, strides, pads), x, kernel)
     g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
     if impl == "native":
-        assert cpu_kernels.available(), "the native CPU kernels did not build (see the log)"
+        require_native_kernels()
         got, pull_got = jax.vjp(lambda x, k: cpu_kernels.conv3d(x, k, strides, pads), x, kernel)
         grads = pull_got(g)
     else:
@@ -205,6 +217,7 @@ def test_vae_convolutions_use_the_native_kernels_on_cpu_for_float32_only():
     the kernel-gradient call); float64 (the exactness checks) keeps XLA's own."""
     from mi_jax.models.vae import conv3d
 
+    require_native_kernels()
     x, k = jnp.ones((1, 5, 10, 10, 8)), jnp.ones((3, 3, 3, 8, 8))
     loss = lambda x, k: jnp.sum(conv3d(x, k, (1, 1, 1), (2, 1, 1)) ** 2)  # noqa: E731
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, k).as_text()
@@ -220,7 +233,7 @@ def test_native_convolution_under_vmap_and_scan():
     gradient through `lax.scan` give what the per-example XLA convolution gives."""
     from mi_jax.nn import cpu_kernels
 
-    assert cpu_kernels.available()
+    require_native_kernels()
     rng = np.random.default_rng(5)
     xs = jnp.asarray(rng.standard_normal((3, 1, 4, 6, 6, 8)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 8)), jnp.float32)
@@ -248,6 +261,39 @@ def test_native_kernels_build_errors_name_the_compiler(tmp_path, monkeypatch):
     with pytest.raises((RuntimeError, OSError), match="no-such-c\\+\\+"):
         cpu_kernels._build()
     assert not list((tmp_path / "cpu_kernels").glob("*.so"))
+
+
+def test_native_kernel_cache_is_keyed_on_what_march_native_means(monkeypatch):
+    """A cache shared between machines (a cluster's NFS home) keeps one library per CPU target:
+    the key follows what the compiler resolves `-march=native` to, and this CPU's flags."""
+    from mi_jax.nn import cpu_kernels
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler here: the native kernels are not built on this machine")
+    target = cpu_kernels.native_target(cxx)
+    assert "-march=" in target or "+" in target, target  # gcc's -march=CPU -m..., clang's +features
+    key = cpu_kernels.cache_key(b"source", cxx)
+    assert cpu_kernels.cache_key(b"source", cxx) == key  # one machine: one library
+    monkeypatch.setattr(cpu_kernels, "native_target", lambda cxx: target.replace("-mavx2", "-mno-avx2") + " x")
+    assert cpu_kernels.cache_key(b"source", cxx) != key  # another instruction set: another library
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_kernels, "_cpu_signature", lambda: "x86_64 model name : another CPU")
+    assert cpu_kernels.cache_key(b"source", cxx) != key
+    assert cpu_kernels.cache_key(b"another source", cxx) != cpu_kernels.cache_key(b"source", cxx)
+
+
+def test_native_kernels_off_by_environment():
+    """`MI_JAX_CPU_KERNELS=0`: no native library is loaded and the VAE's convolutions lower to XLA's."""
+    code = ("import jax, jax.numpy as jnp\n"
+            "from mi_jax.nn import cpu_kernels\nfrom mi_jax.models.vae import conv3d\n"
+            "assert not cpu_kernels.available()\n"
+            "hlo = jax.jit(lambda x, k: conv3d(x, k, (1, 1, 1), (2, 1, 1))).lower("
+            "jnp.ones((1, 5, 10, 10, 8)), jnp.ones((3, 3, 3, 8, 8))).as_text()\n"
+            "assert 'mi_jax_conv3d' not in hlo and 'convolution' in hlo, hlo[:2000]\n")
+    env = dict(os.environ, MI_JAX_CPU_KERNELS="0", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_stream_decode_matches_diffusers_default(torch, models):
@@ -375,7 +421,7 @@ def test_loader_round_trip_and_mesh(torch, models):
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     exported = dict(export_params(params, VAE_NAME_MAP))
     assert exported.keys() == state.keys()
-    assert all(np.array_equal(exported[k], state[k]) for k in state)
+    assert all(np.array_equal(exported[k], state[k]) for k in state)  # export copies weights
     assert config == VAEConfig.from_diffusers(model.config)
 
     mesh = make_mesh()

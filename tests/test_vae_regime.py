@@ -72,7 +72,7 @@ def test_train_vae_runs_the_stream_regime_and_resumes_to_the_same_weights(tmp_pa
     assert lengths == {9, 5, 1}
     video, weight, portrait = pool.batch(3, 2)
     again = pool.batch(3, 2)
-    assert np.array_equal(video, again[0]) and np.array_equal(portrait, again[2])
+    assert np.array_equal(video, again[0]) and np.array_equal(portrait, again[2])  # same seed, same program
     assert weight.max() > 10 and weight.min() == 1.0  # mouth / eye band on top of face on top of 1
 
     small = dict(steps=4, batch=1, clips=4, lengths=(5, 1), checkpoint_every=2)
@@ -94,7 +94,7 @@ def test_train_vae_runs_the_stream_regime_and_resumes_to_the_same_weights(tmp_pa
     train_vae(cfg, str(tmp_path / "b"), log=resumed.append, **small)
     assert any("resuming from step 2" in m for m in resumed)
     (_, a), (_, b) = load_diffusers_vae(str(tmp_path / "a")), load_diffusers_vae(str(tmp_path / "b"))
-    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))  # same program, same data: bit equal
     assert not os.path.exists(tmp_path / "b.train")
 
 
@@ -121,12 +121,14 @@ def test_a_pretrained_vae_widened_to_more_latent_channels_decodes_as_before():
     mean, logvar = model.apply({"params": params}, x, method="encode")
     old_mean, old_logvar = CausalVAE(old_cfg).apply({"params": old}, x, method="encode")
     c = old_cfg.latent_channels
-    np.testing.assert_array_equal(mean[..., :c], old_mean)
-    np.testing.assert_array_equal(logvar[..., :c], old_logvar)
+    # equal up to float32 round-off: the widened encoder's last convolution has twice the output
+    # channels, so the native kernels (or XLA) block and order its sums of 3x3x3xCi terms otherwise
+    for new, old in ((mean[..., :c], old_mean), (logvar[..., :c], old_logvar)):
+        np.testing.assert_allclose(new, old, rtol=0, atol=1e-5 * float(jnp.abs(old).max()))
     assert np.allclose(logvar[..., c:], -8.0) and float(jnp.abs(mean[..., c:]).max()) > 0
     noisy = mean.at[..., c:].add(1.0)  # the new channels do not reach the decoder yet
     # equal up to float32 round-off: on CPU the decoder's first convolution takes another form
-    # for 4 input channels than for 8 (models/vae.py `_cpu_conv_forward`), so sums run in
+    # for 4 input channels than for 8 (mi_jax/nn/cpu_conv_forms.py `_forward`), so sums run in
     # another order
     np.testing.assert_allclose(model.apply({"params": params}, noisy, method="decode"),
                                CausalVAE(old_cfg).apply({"params": old}, old_mean, method="decode"), rtol=0, atol=1e-5)

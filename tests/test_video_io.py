@@ -192,13 +192,15 @@ def test_fps_resampling_nearest_frame(tmp_path, source_fps, target_fps):
     got = np.round(video.frames[:, 32, 32, 0] / 4).astype(int)
     # nearest source frame to j / target_fps, ties (25 -> 30 has them) to the earlier frame
     expected = np.ceil(np.arange(expected_count) * source_fps / target_fps - 0.5 - 1e-9).astype(int)
-    np.testing.assert_array_equal(got, np.minimum(expected, 59))
+    np.testing.assert_array_equal(got, np.minimum(expected, 59))  # integer frame indices
+    # integer frame indices
     np.testing.assert_array_equal(nearest_frame_indices(np.arange(60) / source_fps, target_fps, source_fps), got)
 
 
 def test_nearest_frame_indices_variable_rate():
     # a stall (frame 2 shown for 0.1 s) repeats it; ties go to the earlier frame
     times = np.array([0.0, 0.04, 0.08, 0.18, 0.22])
+    # integer frame indices
     np.testing.assert_array_equal(nearest_frame_indices(times, 50, 25), [0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4])
     assert len(nearest_frame_indices(times, 25, 25)) == 6
 

@@ -9,11 +9,11 @@ frame) on XLA's own thread pool. `benchmarks/cpu_vs_torch.py` measures it agains
 
 The library is compiled on first use with the system C++ compiler (`$CXX`, else `g++`; `-O3
 -march=native`) against the FFI headers jaxlib ships, and cached under `$MI_JAX_CACHE` (default
-`~/.cache/mi_jax`) by a hash of the source, the flags, jaxlib's version and this CPU's model and
-feature flags: one compile per machine, a few seconds (under a temporary name, then renamed, so
-concurrent first uses are safe). `available()` is False, and callers use XLA's own convolutions,
-when there is no compiler, the build fails (the reason is logged once), `MI_JAX_CPU_KERNELS=0` is
-set, or within `disabled()`.
+`~/.cache/mi_jax`) by a hash of the source, the flags, jaxlib's version, what the compiler resolves
+`-march=native` to here, and this CPU's model and feature flags: one compile per kind of CPU, a
+few seconds (under a temporary name, then renamed, so concurrent first uses are safe).
+`available()` is False, and callers use XLA's own convolutions, when there is no compiler, the
+build fails (the reason is logged once), `MI_JAX_CPU_KERNELS=0` is set, or within `disabled()`.
 """
 
 from __future__ import annotations
@@ -51,17 +51,44 @@ def _cpu_signature() -> str:
     return platform.machine() + "".join(lines)
 
 
-def _build() -> str:
-    """Path of the compiled library, compiling it if this machine has none yet."""
+@functools.cache
+def native_target(cxx: str) -> str:
+    """What `-march=native` means to `cxx` on this machine: the CPU and instruction-set options the
+    compiler resolves it to (gcc's cc1 line, clang's -target-cpu / -target-feature list).
+
+    The build cache is keyed on it, so a cache shared between machines (a cluster's NFS home) never
+    hands one CPU a library built for another's instructions. Raises RuntimeError when the
+    compiler does not say (then nothing is built: XLA's convolutions are used)."""
+    done = subprocess.run([cxx, "-march=native", "-E", "-v", "-x", "c++", "-", "-o", os.devnull], input="",
+                          capture_output=True, text=True)
+    for line in done.stderr.splitlines():
+        if "cc1" in line and "-march=" in line:  # gcc: the driver's resolved options
+            return " ".join(t for t in line.split() if t.startswith(("-m", "--param=", "l1-", "l2-")))
+        if "-target-cpu" in line:  # clang: -target-cpu NAME -target-feature +avx2 ...
+            toks = [t.strip('"') for t in line.split()]
+            keep = [b for a, b in zip(toks, toks[1:]) if a in ("-target-cpu", "-target-feature")]
+            return " ".join(keep)
+    raise RuntimeError(f"{cxx} -march=native -E -v did not say which CPU it targets:\n{done.stderr[-1000:]}")
+
+
+def cache_key(source: bytes, cxx: str) -> str:
+    """The compiled library's name in the cache: a hash of the source, the flags, the compiler,
+    jaxlib's version (its FFI headers), the resolved native target and this CPU's model and flags."""
     import jaxlib
 
+    parts = [source, " ".join(_FLAGS).encode(), cxx.encode(), jaxlib.__version__.encode(),
+             native_target(cxx).encode(), _cpu_signature().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _build() -> str:
+    """Path of the compiled library, compiling it if this machine has none yet."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     with open(_SOURCE, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), cxx.encode(),
-                                     jaxlib.__version__.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+    key = cache_key(source, cxx)
     cache = os.path.join(os.environ.get("MI_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mi_jax"),
                          "cpu_kernels")
     path = os.path.join(cache, f"cpu_conv-{key}.so")
