@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: venv test demo demo-model clean
+.PHONY: venv test demo demo-model docs clean
 
 $(VENV)/.installed: setup.cfg constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo: venv
 # Rebuild demo/ (VAE + stage 1 + stage 2 on the synthetic world, seeded) with the project's commands.
 demo-model: venv
 	$(VENV)/bin/mi-jax demo-model --out demo/model --work runs/demo
+
+# The docs site (docs/, mkdocs.yml) into build/docs, warnings as errors (a broken link fails).
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
