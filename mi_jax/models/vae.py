@@ -26,7 +26,6 @@ what `VAEStream` reproduces exactly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mi_jax.nn import cpu_kernels
+from mi_jax.nn import cpu_conv_forms, cpu_kernels
 from mi_jax.nn.attention import attention
 from mi_jax.nn.layers import Dense, GroupNorm, edge_pad, partitioned, torch_default_kernel_init
 
@@ -190,8 +189,8 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int],
     `pads = (pt, ph, pw)`: pt copies of the first frame in front, ph / pw edge rows / columns on
     each side. On GPU / TPU the pad then one `conv_general_dilated` (cuDNN). On CPU in float32 the
     native kernels (`mi_jax.nn.cpu_kernels`: the padding read through clamped indices, never
-    written out); without them `_cpu_conv3d`, the same maths in the forms XLA:CPU runs fastest
-    (benchmarks/cpu_vs_torch.py measures both against torch)."""
+    written out); without them `mi_jax.nn.cpu_conv_forms.conv3d`, the same maths in the forms
+    XLA:CPU runs fastest."""
     cpu = jax.default_backend() == "cpu" and kernel.shape[:3] != (1, 1, 1)
     if cpu and x.dtype == kernel.dtype == jnp.float32 and cpu_kernels.available():
         return cpu_kernels.conv3d(x, kernel, tuple(strides), tuple(pads))
@@ -199,106 +198,7 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int],
         x = edge_pad(x, cpu_kernels.edge_widths(pads))
     if not cpu:
         return jax.lax.conv_general_dilated(x, kernel, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-    return _cpu_conv3d(x, kernel, tuple(strides))
-
-
-def _frames(x: jax.Array, i: int, st: int, t_out: int) -> jax.Array:
-    """The input frames temporal tap `i` reads: i, i + st, ..., one per output frame."""
-    return jax.lax.slice_in_dim(x, i, i + st * (t_out - 1) + 1, st, axis=1)
-
-
-def _conv2d(x: jax.Array, kernel: jax.Array, strides) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, strides, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _conv_frames(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
-    """The 3-D convolution as a sum over the kt temporal taps of 2-D convolutions of the frames
-    (frames folded into the batch). XLA:CPU runs 3-D convolutions through a slow generic path:
-    this form is 4-6x faster forward on the VAE's shapes."""
-    kt = kernel.shape[0]
-    b, t = x.shape[:2]
-    t_out = (t - kt) // strides[0] + 1
-    y = None
-    for i in range(kt):
-        frames = _frames(x, i, strides[0], t_out).reshape(b * t_out, *x.shape[2:])
-        yi = _conv2d(frames, kernel[i], strides[1:])
-        y = yi if y is None else y + yi
-    return y.reshape(b, t_out, *y.shape[1:])
-
-
-def _conv_taps_in_channels(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
-    """The same convolution as one 2-D convolution over kt x Ci channels (each output frame's kt
-    input frames side by side). XLA:CPU runs it fast when Ci is tiny (the RGB input: 2.5x
-    `_conv_frames`) and its input gradient fast at every VAE shape (1.5-2.4x), but its forward
-    slowly at 8-16 channels (7x)."""
-    kt, kh, kw, ci, co = kernel.shape
-    b, t = x.shape[:2]
-    t_out = (t - kt) // strides[0] + 1
-    stacked = jnp.concatenate([_frames(x, i, strides[0], t_out) for i in range(kt)], axis=-1)
-    y = _conv2d(stacked.reshape(b * t_out, *x.shape[2:4], kt * ci),
-                kernel.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * ci, co), strides[1:])
-    return y.reshape(b, t_out, *y.shape[1:])
-
-
-_FEW_CHANNELS = 4  # at or below: the RGB layers, which XLA:CPU convolves slowly as they are
-
-
-def _cpu_conv_forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
-    """The fastest of the forms on XLA:CPU by channel counts (measured on the VAE's shapes)."""
-    ci, co = kernel.shape[3:]
-    if ci <= _FEW_CHANNELS:
-        return _conv_taps_in_channels(x, kernel, strides)
-    if co <= _FEW_CHANNELS:  # the RGB output: 8 output channels, 3 kept, is 2x faster
-        wide = jnp.pad(kernel, ((0, 0),) * 4 + ((0, 2 * _FEW_CHANNELS - co),))
-        return _conv_frames(x, wide, strides)[..., :co]
-    return _conv_frames(x, kernel, strides)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _cpu_conv3d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int]) -> jax.Array:
-    return _cpu_conv_forward(x, kernel, strides)
-
-
-def _cpu_conv3d_fwd(x, kernel, strides):
-    return _cpu_conv_forward(x, kernel, strides), (x, kernel)
-
-
-_FFT_MIN_SIZE = 32  # the FFT kernel gradient pays from this frame size (stride 1); below, XLA's
-
-
-def _cpu_conv3d_bwd(strides, res, g):
-    """Input gradient: XLA's transpose of `_conv_taps_in_channels` (one transposed 2-D
-    convolution; the fastest form at every VAE shape). Kernel gradient, at stride 1 on frames of
-    at least 32 x 32: for each temporal tap, the cross-correlation of the frames with the output
-    gradient over (H, W), summed over batch and frames, through FFTs; only its first kh x kw lags
-    are the kernel's gradient. There, XLA:CPU's own kernel gradient (a convolution with the whole
-    output as its kernel, or one matmul per tap over a strided copy of the input) is 2-5x slower;
-    on smaller or strided frames it is faster and is used. The FFT's round-off is that of the
-    direct sum (~1e-6 relative, tests/test_vae.py)."""
-    x, kernel = res
-    _, pullback = jax.vjp(lambda v: _conv_taps_in_channels(v, kernel, strides), x)
-    (dx,) = pullback(g)
-    if strides != (1, 1, 1) or min(x.shape[2:4]) < _FFT_MIN_SIZE:
-        _, pullback = jax.vjp(lambda k: _conv_frames(x, k, strides), kernel)
-        return dx, pullback(g)[0]
-    kt, kh, kw, ci, co = kernel.shape
-    t_out = g.shape[1]
-    hx, wx = x.shape[2:4]
-    f32 = jnp.promote_types(x.dtype, jnp.float32)
-    # the output gradient zero-padded to the input's frame size
-    gd = jax.lax.pad(g.astype(f32), jnp.zeros((), f32),
-                     ((0, 0, 0), (0, 0, 0), (0, hx - g.shape[2], 0), (0, wx - g.shape[3], 0), (0, 0, 0)))
-    spec_g = jnp.conj(jnp.fft.rfft2(gd, axes=(2, 3)))
-    spec_x = jnp.fft.rfft2(x.astype(f32), axes=(2, 3))
-    taps = []
-    for a in range(kt):
-        corr = jnp.fft.irfft2(jnp.einsum("bthwc,bthwo->cohw", _frames(spec_x, a, 1, t_out), spec_g),
-                              s=(hx, wx), axes=(2, 3))
-        taps.append(corr[:, :, :kh, :kw].transpose(2, 3, 0, 1))
-    return dx, jnp.stack(taps).astype(kernel.dtype)
-
-
-_cpu_conv3d.defvjp(_cpu_conv3d_fwd, _cpu_conv3d_bwd)
+    return cpu_conv_forms.conv3d(x, kernel, tuple(strides))
 
 
 class CausalConv3d(nn.Module):
