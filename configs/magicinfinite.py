@@ -7,12 +7,12 @@
         --config.init.diffusers=HunyuanVideo-I2V/transformer --config.data.store=/data/store
 
 `get_config("VARIANT,STAGE[,text_first]")`: VARIANT is `tiny` (CPU tests), `demo` (the bundled
-demo model: tiny with 8 latent channels) or `full`
-(the 13B HunyuanVideo-I2V backbone, configs/hunyuan_video_i2v.py); STAGE is `stage1` or
-`stage2`. The paper (Yi et al. 2025, section 6) does not fix the stage order, so the
-stages are data: by default stage 1 trains the audio modules for lip sync with a mouth-weighted
-loss, stage 2 trains everything jointly with per-condition dropout for CFG. `text_first`
-swaps the emphasis (stage 1: text + reference on the backbone, no audio; stage 2: audio joins).
+demo model: configs/demo.py, built on tiny) or `full` (the 13B HunyuanVideo-I2V backbone,
+configs/hunyuan_video_i2v.py); STAGE is `stage1`, `stage2` or `distill`. The paper (Yi et al.
+2025, section 6) does not fix the stage order, so the stages are data: by default stage 1 trains
+the audio modules for lip sync with a mouth-weighted loss, stage 2 trains everything jointly with
+per-condition dropout for CFG. `text_first` swaps the emphasis (stage 1: text + reference on the
+backbone, no audio; stage 2: audio joins).
 """
 
 import os
@@ -36,7 +36,7 @@ def _model(variant: str) -> ml_collections.ConfigDict:
         return model
     model = load_config(os.path.join(_HERE, "hunyuan_video_i2v.py:i2v")).model
     # `mi-jax plan`: the stage-2 step at 544x544 x 33 frames, B=8 on fsdp=8, needs full remat
-    # to fit 80 GB (dots_no_batch: 84.4 GB; full: 51 GB per device; see the README's table)
+    # to fit 80 GB per device
     model.remat_policy = "full"
     # wav2vec2-base: 12 transformer layers of 768; audio in the last 10 of 40 single blocks
     model.update(audio_blocks=10, audio_feature_layers=12, audio_feature_dim=768, audio_window=2,
@@ -45,13 +45,27 @@ def _model(variant: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
+    """The training, data and sampling config of one variant and stage.
+
+    Args:
+      arg: comma-separated parts (default `"tiny,stage1"`): an optional leading variant `tiny`,
+        `demo` or `full` (default `tiny`), a stage `stage1`, `stage2` or `distill` (default
+        `stage1`) and optionally `text_first`.
+
+    Returns:
+      An `ml_collections.ConfigDict` with `model`, `mesh`, `data`, `prepare`, `vae_train`,
+      `sample`, `init`, `train`, `stage` (and `distill` for the `distill` stage).
+
+    Raises:
+      ValueError: an unknown part.
+    """
     parts = [p.strip() for p in arg.split(",") if p.strip()]
     variant = parts[0] if parts and parts[0] in ("tiny", "full", "demo") else "tiny"
-    demo = variant == "demo"  # the bundled demo model: tiny with the demo VAE's latents (end of file)
-    variant = "tiny" if demo else variant
+    if variant == "demo":  # the bundled demo model: configs/demo.py, built on tiny
+        return load_config(os.path.join(_HERE, "demo.py:" + ",".join(parts)))
     stage = next((p for p in parts if p.startswith("stage") or p == "distill"), "stage1")
     text_first = "text_first" in parts
-    unknown = set(parts) - {"tiny", "full", "demo", "stage1", "stage2", "distill", "text_first"}
+    unknown = set(parts) - {"tiny", "full", "stage1", "stage2", "distill", "text_first"}
     if unknown or stage not in ("stage1", "stage2", "distill"):
         raise ValueError(f"unknown config arg part(s) {sorted(unknown) or stage}; use e.g. 'tiny,stage1'")
 
@@ -123,6 +137,10 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     g.cfg_reference = 1.0
     g.cfg_end_fraction = 1.0  # < 1 anneals the scales towards 1 as t -> 0
     g.embedded_guidance = 1.0
+    # live streams (mi_jax/live.py): audio read past a window's last frame before it runs, and the
+    # audio-to-frame latency past which a frame counts as late (runs saved without these use the same)
+    g.stream_lookahead_s = 0.4
+    g.stream_max_latency_s = 1.0
 
     c.init = ml_collections.ConfigDict()
     c.init.diffusers = ""  # a diffusers HunyuanVideo(-I2V) transformer folder to start from
@@ -185,37 +203,6 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
             c.train.learning_rate = 1e-4
     if stage == "distill":
         _distilled_sampler(c)
-    if demo:
-        # 8 latent channels (the demo VAE's): 2x the previous demo VAE's 4, whose latents lost the
-        # mouth and the eyes, while a 2x2 patch's output (2 x 2 x 8 = 32 values) still fits the
-        # tiny DiT's hidden size (32); the tests keep the 4-channel tiny variant they are calibrated on
-        c.model.update(in_channels=8, out_channels=8)
-        c.prepare.vae_random.latent_channels = 8
-        # a DiT 4x wider than the tests' tiny one (hidden 128 = 4 heads x 32, audio cross-attention
-        # in the last 2 blocks at width 128): with the VAE keeping the mouth (lip sync 0.83 / 0.66
-        # / 0.78 through its round trip on the eval's three held-out clips), hidden 32 lost most of
-        # it (generated 0.59 / 0.40 / 0.16; a prompted nod or shake closed the mouth); same
-        # recipe, 30 s of the same clips: hidden 64 + 2 audio blocks 0.71 / 0.61 / 0.65, this
-        # 0.71 / 0.67 / 0.69, shaking head 0.29 vertical / horizontal (was > 1). Checkpoint 13 MB
-        c.model.update(num_attention_heads=4, attention_head_dim=32, rope_axes_dim=(8, 12, 12), audio_blocks=2,
-                       audio_hidden=128)
-        # 5-frame tiles (2 latents, the second's 4 frames kept): the small demo VAE keeps the
-        # mouth per tile at this length (lip sync 0.73 through the stream vs -0.04 at diffusers'
-        # 17-frame tiles, benchmarks/vae_regime.py); trained through those tiles on clips of
-        # up to 17 frames, so each tile pairs a 4-frame latent with the next, as in decoding
-        c.prepare.vae_tiling.update(tile_sample_min_num_frames=4, tile_sample_stride_num_frames=4)
-        c.vae_train.lengths = (17, 13, 9, 5, 1)
-        # vae_base's temporal taps read each tile's first frame (the mouth came out 5-6 frames
-        # late); start from kernels that read each latent's own frames (mi_jax/train/vae.py)
-        c.vae_train.temporal_init = True
-        # windows of 5 latents (17 frames, 0.7 s: about a nod's period), 2 carried, 2 new: a
-        # window sees where the head was and where it was going. Measured against 3-latent
-        # windows (1 carried, 1 new; mi-jax eval, 3 x 180 s): lip sync 0.30 vs 0.25, generation
-        # 1.4x faster (make demo); text control within its noise. The head still moves ~20x less
-        # than the renderer's (the VAE keeps the motion: the DiT, and more so its distilled
-        # student, damp it)
-        c.prepare.latent_frames = 5
-        c.sample.update(window=5, overlap=2)
     return c
 
 

@@ -36,7 +36,7 @@ from mi_jax.train.vae import train_vae
 
 DEMO = "demo"
 HELDOUT_SEED = 1_000_123
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "magicinfinite.py")
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 
 
 def demo_inputs(folder: str, seconds: float = 60.0) -> tuple[str, str, str]:
@@ -49,7 +49,7 @@ def demo_inputs(folder: str, seconds: float = 60.0) -> tuple[str, str, str]:
         os.makedirs(folder, exist_ok=True)
         clip = synthetic.render_clip(HELDOUT_SEED, 0.2, size=(64, 64))
         Image.fromarray(clip.frames[0]).save(portrait)
-        margin = float(load_config(CONFIG + ":demo").prepare.face_margin)  # the demo model's, as prepare grew it
+        margin = float(load_config(CONFIG).prepare.face_margin)  # the demo model's, as prepare grew it
         Image.fromarray(faces.box_mask_images(clip.face_boxes[:, 0], 64, 64, margin=margin)[0]).save(mask)
         rng = np.random.default_rng(HELDOUT_SEED)
         turns = synthetic.speaking_turns(rng, seconds, 1)[0]
@@ -106,9 +106,10 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
     trainer and the training loop from their checkpoints, prepare skips prepared clips, finished
     parts are skipped), so a build killed midway and started again ends with the same model.
 
-    Stage order: `text_first` (configs/magicinfinite.py). With no pretrained backbone, stage 1
-    of the default order would train audio modules over a random frozen DiT; here stage 1
-    teaches the backbone video (text + reference) and stage 2 adds audio jointly.
+    The config is configs/demo.py; stage order `text_first` (configs/magicinfinite.py). With no
+    pretrained backbone, stage 1 of the default order would train audio modules over a random
+    frozen DiT; here stage 1 teaches the backbone video (text + reference) and stage 2 adds audio
+    jointly.
     """
     os.makedirs(work, exist_ok=True)
     spec = CONFIG
@@ -138,16 +139,16 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
 
     if "synth" not in record["parts"]:  # recorded once every clip is written
         part("synth", lambda: synthetic.write_clips(data, clips, 4.0, seed_start=seed))
-    vae_cfg = load_config(spec + ":demo,stage1")
+    vae_cfg = load_config(spec + ":stage1")
     vae_steps = int(vae_cfg.vae_train.steps if vae_steps is None else vae_steps)
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
         part("vae", lambda: log(train_vae(vae_cfg, vae_dir, work_dir=os.path.join(work, "vae.train"), log=log,
                                           steps=vae_steps, seed=seed, init=vae_base, learning_rate=1e-3)))
-    part("prepare", lambda: prepare(load_config(spec + ":demo,stage1", [f"prepare.vae={vae_dir}", f"seed={seed}"]),
+    part("prepare", lambda: prepare(load_config(spec + ":stage1", [f"prepare.vae={vae_dir}", f"seed={seed}"]),
                                     data, store))
-    stages = [("stage1", "demo,stage1,text_first", stage1_steps, None),
-              ("stage2", "demo,stage2,text_first", stage2_steps, "stage1"),
-              ("distill", "demo,distill", distill_steps, "stage2")]
+    stages = [("stage1", "stage1,text_first", stage1_steps, None),
+              ("stage2", "stage2,text_first", stage2_steps, "stage1"),
+              ("distill", "distill", distill_steps, "stage2")]
     for name, variant, steps, init in stages:
         if not finished(name, steps):
             extra = [f"init.checkpoint={os.path.join(work, init)}"] if init else []
