@@ -348,13 +348,13 @@ def test_page_helpers():
         masks_from_drawing({"layers": [np.where(layer[..., 2:3] > 0, layer, 0)]})
     args = build_parser().parse_args(["app"])
     assert (args.host, args.port, args.checkpoint) == ("127.0.0.1", 7860, "demo/model")
-    from mi_jax.app import _uploaded, page_prompt
+    from mi_jax.app import page_prompt, page_values
 
     # the prompt box: one prompt, or a schedule of 'SECONDS:TEXT' lines; the long-video options pass through
     assert page_prompt("a person talking") == "a person talking" and page_prompt(None) == ""
     assert page_prompt("0:a person talking\n\n30:a person talking, nodding\n") == [
         "0:a person talking", "30:a person talking, nodding"]
-    assert _uploaded("p.png", "v.wav", "x", 0, 0, 2, None, None, None, {"path": "t.txt"}, False, True)[-3:] == (
+    assert page_values("p.png", "v.wav", "x", 0, 0, 2, None, None, None, {"path": "t.txt"}, False, True)[-3:] == (
         "t.txt", False, True)
 
 
