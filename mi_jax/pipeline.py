@@ -59,6 +59,16 @@ COLOUR_ANCHOR_DEFAULT = False  # off: on demo/model it raised the face colour sh
 
 @dataclasses.dataclass
 class Generation:
+    """A whole generated video in memory (`Pipeline.generate`).
+
+    Attributes:
+      frames: uint8 `[N, H, W, 3]`.
+      audio: float32 mono `[samples]` (the speakers mixed).
+      fps: frames per second.
+      sample_rate: the audio's rate (default 16000).
+      notices: what the input checks had to say (words the model never saw, silences, ...).
+    """
+
     frames: np.ndarray  # [N, H, W, 3] uint8
     audio: np.ndarray  # [samples] float32 mono (the speakers mixed)
     fps: float
@@ -67,14 +77,30 @@ class Generation:
 
     @property
     def seconds(self) -> float:
+        """The video's length in seconds."""
         return len(self.frames) / self.fps
 
     def save(self, path: str) -> str:
+        """Writes an H.264 + AAC mp4 with the audio at `path`, atomically; returns `path`.
+
+        Raises:
+          VideoError: the file cannot be written (mi_jax/data/video_io.py).
+        """
         write_video(path, self.frames, self.fps, audio=self.audio, sample_rate=self.sample_rate)
         return path
 
 
 def sampler_config(config, **overrides) -> SamplerConfig:
+    """The sampler of a run's config (`config.sample`).
+
+    Args:
+      config: the run's config.
+      **overrides: `SamplerConfig` fields to replace (`steps`, `cfg_text`, `cfg_audio`, ...);
+        None keeps the config's value.
+
+    Returns:
+      `SamplerConfig`.
+    """
     s = config.sample
     guidance = GuidanceSchedule(text=overrides.pop("cfg_text", None) or s.cfg_text,
                                 audio=overrides.pop("cfg_audio", None) or s.cfg_audio,
@@ -101,11 +127,32 @@ class Inputs:
 
 def read_inputs(config, portrait, audio, prompt="", *, seconds=None, masks=None, size=None, allow_silence=True,
                 timeline=None) -> Inputs:
-    """Reads and checks every user input (nothing is compiled). Raises `InputError` /
-    `AudioError` naming the input, the problem and the fix. A silent or partly silent track is
-    valid (an idle head, pauses: the mouth rests there) unless `allow_silence=False`;
-    `timeline` (a file, or its text / lines: mi_jax/data/controls.py) says who speaks when,
-    instead of each track's voice activity."""
+    """Reads and checks every user input; nothing is compiled.
+
+    Args:
+      config: the run's config (`prepare` gives the frame size, fps and sample rate).
+      portrait: an image path or a uint8 `[H, W, 3]` array; resized and cropped to `size`.
+      audio: one track or a list, one per speaker: a file path or a mono float32 array at 16 kHz.
+      prompt: a string, or a schedule `["0:TEXT", "12.5:TEXT"]` / `[(seconds, text)]` (default "").
+      seconds: the video's length (default None: the first track's).
+      masks: one mask per speaker (image paths or arrays, white = that speaker), or None to find
+        the faces in the portrait.
+      size: `(height, width)` (default None: `config.prepare`'s).
+      allow_silence: whether a silent or partly silent track is valid (default True: the mouth
+        rests there).
+      timeline: a file of `START END SPEAKER` lines, or its text / lines, saying who speaks when
+        instead of each track's voice activity (default None; mi_jax/data/controls.py).
+
+    Returns:
+      `Inputs`: the portrait `[H, W, 3]`, the tracks fitted to the video (muted outside the
+      timeline), speaker masks and mouths `[S, h, w]` at latent resolution, the frame count,
+      notices, the prompt schedule and who speaks when `[S, frames]`.
+
+    Raises:
+      InputError: a missing, unreadable or unusable input, or a malformed schedule / timeline;
+        the message names the input, the problem and the fix.
+      AudioError: an audio file that cannot be read, or a silent track with `allow_silence=False`.
+    """
     schedule = controls.prompt_schedule(prompt)  # a malformed schedule fails before any file is read
     p = config.prepare
     size = size or (p.height, p.width)
@@ -159,19 +206,39 @@ def read_inputs(config, portrait, audio, prompt="", *, seconds=None, masks=None,
 
 def check_inputs(config, portrait, audio, *, seconds=None, masks=None, size=None, allow_silence=True,
                  prompt="", timeline=None):
-    """`read_inputs` as a tuple: the portrait `[H, W, 3]` uint8, the audio tracks (16 kHz,
-    fitted to the video), the speaker masks at latent resolution `[S, h, w]`, the number of
-    video frames and the notices."""
+    """`read_inputs` as a tuple (the CLI's and the app's checks).
+
+    Args:
+      As `read_inputs`.
+
+    Returns:
+      `(image, tracks, masks, frames, notices)`: the portrait uint8 `[H, W, 3]`, the audio tracks
+      (16 kHz, fitted to the video), the speaker masks at latent resolution `[S, h, w]`, the
+      number of video frames and the notices.
+
+    Raises:
+      InputError, AudioError: as `read_inputs`.
+    """
     r = read_inputs(config, portrait, audio, prompt, seconds=seconds, masks=masks, size=size,
                     allow_silence=allow_silence, timeline=timeline)
     return r.image, r.tracks, r.masks, r.frames, r.notices
 
 
 def generation_mesh(spec: str | None = None) -> jax.sharding.Mesh:
-    """The devices generation runs on. `spec` ("fsdp=4", "data=2,fsdp=2"; one axis may be -1):
-    a mesh over the first devices it names. None: the first device in a single process,
-    every device of the job over `fsdp` in a multi-process one. In a multi-process job the
-    mesh must span every process's devices (each process takes part in every window)."""
+    """The devices generation runs on.
+
+    Args:
+      spec: mesh axis sizes, e.g. "fsdp=4" or "data=2,fsdp=2" (one axis may be -1: fills), over
+        the first devices it names. None (default): the first device in a single process, every
+        device of the job over `fsdp` in a multi-process one.
+
+    Returns:
+      A `jax.sharding.Mesh` with axes `data, fsdp, context, tensor`.
+
+    Raises:
+      ValueError: the spec names more devices than there are, or, in a multi-process job, not
+        every device (each process takes part in every window).
+    """
     if spec is None:
         spec = "fsdp=-1" if jax.process_count() > 1 else "fsdp=1"
     sizes = [int(p.partition("=")[2]) for p in spec.split(",") if p.strip()]
@@ -243,6 +310,24 @@ class _Request:
 
 
 class Pipeline:
+    """A trained model ready to generate: portrait + voice + prompt -> frames.
+
+    Most users call `Pipeline.from_checkpoint(run_dir)`. Generation compiles once per setting
+    (sampler, latent size) and then runs at constant cost per window.
+
+    Args:
+      config: the run's config (model, prepare, sample).
+      params: the DiT's parameters (a pytree as `mi_jax.models.dit.DiT` has them).
+      encoders: the frozen encoders (`mi_jax.data.prepare.Encoders`; default None: built from
+        `config.prepare`).
+      mesh: the devices to run on (default None: `generation_mesh()`).
+      rules: the logical-axis rules that place the parameters (default `DEFAULT_RULES`: FSDP).
+
+    Attributes:
+      notices: what the last call's input checks had to say.
+      last_audio: the last call's audio (mono float32, the speakers mixed), which `write` muxes.
+    """
+
     def __init__(self, config, params, encoders=None, *, mesh: jax.sharding.Mesh | None = None,
                  rules=DEFAULT_RULES):
         self.config = config
@@ -263,9 +348,24 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, run_dir: str, *, which: str = "ema", mesh: str | jax.sharding.Mesh | None = None,
                         rules=DEFAULT_RULES) -> Pipeline:
-        """A training / distillation run folder (its latest checkpoint; `which`: "ema" or
-        "params"). `mesh`: a Mesh or a spec for `generation_mesh` (default: see there); the
-        parameters are restored straight into their shards (mi_jax/convert/checkpoint.py)."""
+        """Loads a training or distillation run's latest checkpoint.
+
+        The parameters are restored straight into their shards (mi_jax/convert/checkpoint.py).
+
+        Args:
+          run_dir: the run folder (its `checkpoints/` and saved config).
+          which: "ema" (default: the EMA weights) or "params".
+          mesh: a `Mesh`, or a spec for `generation_mesh` (default None: see there).
+          rules: the logical-axis rules (default `DEFAULT_RULES`).
+
+        Returns:
+          `Pipeline`.
+
+        Raises:
+          ValueError: `which` is neither "ema" nor "params", or a bad mesh spec.
+          CheckpointError: `run_dir` holds no finished checkpoint, or no EMA weights with
+            `which="ema"`.
+        """
         if which not in ("ema", "params"):
             raise ValueError(f"which={which!r}: use 'ema' or 'params'")
         mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else generation_mesh(mesh)
@@ -358,8 +458,20 @@ class Pipeline:
     def latents(self, portrait, audio, prompt="", *, seconds=None, masks: Sequence | None = None,
                 seed: int = 0, steps=None, cfg_text=None, cfg_audio=None, size=None, allow_silence=True,
                 timeline=None, rest=True, progress=None) -> Iterator[np.ndarray]:
-        """The generated latents (after the reference, scaled as the DiT sees them), window by
-        window: `[1, n, h, w, C]` float32 each (see `stream` for the arguments)."""
+        """The generated latents, window by window, before decoding.
+
+        Args:
+          As `stream` (no colour anchor: it acts on pixels).
+
+        Returns:
+          An iterator of float32 `[1, n, h, w, C]` latents (after the reference, scaled as the DiT
+          sees them); window 0's include its motion positions. Inputs are checked here, before
+          the iterator is returned.
+
+        Raises:
+          InputError, AudioError: as `read_inputs`. ValueError: a seed outside int32 (on the
+          first `next()`).
+        """
         req = self._request(portrait, audio, prompt, seconds=seconds, masks=masks, steps=steps, cfg_text=cfg_text,
                             cfg_audio=cfg_audio, size=size, allow_silence=allow_silence, timeline=timeline,
                             rest=rest, colour_anchor=False)
@@ -368,18 +480,38 @@ class Pipeline:
     def stream(self, portrait, audio, prompt="", *, seconds=None, masks: Sequence | None = None,
                seed: int = 0, steps=None, cfg_text=None, cfg_audio=None, size=None, allow_silence=True,
                timeline=None, rest=True, colour_anchor=None, progress=None) -> Iterator[np.ndarray]:
-        """Yields uint8 frame chunks `[n, H, W, 3]` window by window (constant memory). The
-        inputs are checked on the first `next()`. In a multi-process job only process 0
-        decodes (it writes the video); the others run their part of every window and yield
-        one empty chunk `[0, H, W, 3]` per window.
+        """Generates the video as frame chunks, window by window, in constant memory.
 
-        prompt: a string, or a schedule `["0:a person talking", "30:a person talking, nodding"]`
-        (or `(seconds, text)` pairs): each window takes the prompt in force at its first frame,
-        the first window after a change half of each. timeline: a file of `START END SPEAKER`
-        lines saying who speaks when (default: each track's voice activity). rest: where a
-        speaker is silent their mouth rests as in the portrait. colour_anchor: hold the frames'
-        colour on the portrait's (None: `COLOUR_ANCHOR_DEFAULT`). See mi_jax/data/controls.py and
-        mi_jax/colour_anchor.py. allow_silence=False rejects a silent track."""
+        In a multi-process job only process 0 decodes (it writes the video); the others run
+        their part of every window and yield one empty chunk `[0, H, W, 3]` per window.
+
+        Args:
+          portrait: an image path or a uint8 `[H, W, 3]` array.
+          audio: one track or a list, one per speaker: a file path or a mono float32 array at 16 kHz.
+          prompt: a string, or a schedule `["0:a person talking", "30:a person talking, nodding"]`
+            (or `(seconds, text)` pairs): each window takes the prompt in force at its first
+            frame, the first window after a change half of each (default "").
+          seconds: the video's length (default None: the first track's).
+          masks: one mask per speaker (image paths or arrays), or None to find the faces.
+          seed: the noise seed, an int32 (default 0).
+          steps: sampler steps (default None: `config.sample.steps`).
+          cfg_text, cfg_audio: CFG scales (default None: the config's).
+          size: `(height, width)` (default None: `config.prepare`'s).
+          allow_silence: False rejects a silent track (default True).
+          timeline: a file of `START END SPEAKER` lines saying who speaks when (default None: each
+            track's voice activity; mi_jax/data/controls.py).
+          rest: where a speaker is silent their mouth rests as in the portrait (default True).
+          colour_anchor: hold the frames' colour on the portrait's (default None:
+            `COLOUR_ANCHOR_DEFAULT`; mi_jax/colour_anchor.py).
+          progress: called as `progress(done, total)` after every window (default None).
+
+        Yields:
+          uint8 `[n, H, W, 3]` frame chunks, the portrait's frame first.
+
+        Raises:
+          InputError, AudioError: as `read_inputs`, on the first `next()`. ValueError: a seed
+          outside int32.
+        """
         req = self._request(portrait, audio, prompt, seconds=seconds, masks=masks, steps=steps, cfg_text=cfg_text,
                             cfg_audio=cfg_audio, size=size, allow_silence=allow_silence, timeline=timeline,
                             rest=rest, colour_anchor=colour_anchor)
@@ -397,16 +529,39 @@ class Pipeline:
                 yield chunk if req.anchor is None else req.anchor(chunk)
 
     def generate(self, portrait, audio, prompt: str = "", **kw) -> Generation:
-        """The whole video in memory (see `stream` for the arguments)."""
+        """The whole video in memory.
+
+        Args:
+          portrait, audio, prompt: as `stream`.
+          **kw: `stream`'s keyword arguments.
+
+        Returns:
+          `Generation` (frames, mixed audio, fps, notices); `.save(path)` writes the mp4.
+
+        Raises:
+          InputError, AudioError, ValueError: as `stream`.
+        """
         chunks = list(self.stream(portrait, audio, prompt, **kw))
         return Generation(np.concatenate(chunks), self.last_audio, float(self.config.prepare.fps),
                           int(self.config.prepare.sample_rate), list(self.notices))
 
     def write(self, path: str, frames: Iterable[np.ndarray]) -> str | None:
-        """Encodes streamed frames (`stream`'s chunks, or single uint8 `[H, W, 3]` frames) with
-        the last call's audio into an H.264 + AAC mp4 at `path`, atomically, holding no frames.
+        """Encodes streamed frames with the last call's audio into an mp4, holding no frames.
+
         In a multi-process job only process 0 writes; the others consume the frames (they run
-        their part of every window) and return None."""
+        their part of every window) and return None.
+
+        Args:
+          path: the mp4 to write (H.264 + AAC, atomically: a stopped write leaves nothing).
+          frames: `stream`'s chunks, or single uint8 `[H, W, 3]` frames.
+
+        Returns:
+          `path`, or None in processes other than 0.
+
+        Raises:
+          InputError, AudioError, ValueError: from `stream` as the frames are drawn.
+          VideoError: the file cannot be written.
+        """
         def single(items):
             for x in items:
                 if np.ndim(x) == 4:
