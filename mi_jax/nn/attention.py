@@ -71,7 +71,7 @@ def _dense_fwd(q, k, v, bias):
     scale = 1.0 / float(q.shape[-1]) ** 0.5
     s = jnp.einsum("bhld,bhmd->bhlm", qt, kt, preferred_element_type=jnp.float32) * scale + bias
     # kept apart from the softmax: XLA:CPU otherwise fuses the row max into the QK^T matmul
-    # (a YNNPACK fusion 2x slower than the matmul and a separate max; ~4% of the DiT step)
+    # (a YNNPACK fusion slower than the matmul and a separate max)
     s = jax.lax.optimization_barrier(s)
     e = jnp.exp(s - s.max(-1, keepdims=True))
     p = e / e.sum(-1, keepdims=True)
@@ -84,7 +84,7 @@ def _dense_bwd(res, g):
     """The softmax-attention gradient in its five matmuls (FlashAttention's backward, Dao et al.
     2022, without the tiling): ds = p (dp - delta), delta = rowsum(dp p) = rowsum(g out), the
     latter over [L, D] instead of [L, L]. XLA's autodiff of the forward keeps the scores and
-    recomputes the softmax pieces in more passes (1.5x slower on CPU)."""
+    recomputes the softmax pieces in more passes (slower on CPU)."""
     qt, kt, vt, p, bias, out = res
     scale = 1.0 / float(qt.shape[-1]) ** 0.5
     gt = g.transpose(0, 2, 1, 3)

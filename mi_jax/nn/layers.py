@@ -88,11 +88,10 @@ class LayerNorm(nn.Module):
 def _cascade_mean(v: jax.Array) -> jax.Array:
     """Mean of `v [B, *axes, G, Cg]` over `*axes` and `Cg`, keepdims, summed per channel one axis at
     a time from the innermost, then over the group's channels: torch's order (per channel over the
-    contiguous frames, then the group), not one flat float32 reduction, which XLA:CPU ran off by up
-    to 1.7e-6 relative (variance) where this and torch are off by 5e-8; a VAE decoder's GroupNorms
-    amplify that. The barriers stop XLA from merging the partial sums back into one reduction.
-    Reducing an axis with the channels innermost is also the form XLA:CPU runs fast (4.6x the
-    (W, Cg) pair first on the demo VAE's GroupNorms)."""
+    contiguous frames, then the group), not one flat float32 reduction, which XLA:CPU runs with
+    a larger round-off than torch's; a VAE decoder's GroupNorms amplify that. The barriers stop
+    XLA from merging the partial sums back into one reduction. Reducing an axis with the channels
+    innermost is also the form XLA:CPU runs fastest."""
     b, g, cg = v.shape[0], v.shape[-2], v.shape[-1]
     s = v.reshape(*v.shape[:-2], g * cg)
     for i, axis in enumerate(range(s.ndim - 2, 0, -1)):
@@ -137,7 +136,7 @@ def _group_normalize_fwd(xf, eps):
 def _group_normalize_bwd(eps, res, dy):
     """The normalisation's gradient in two passes (one two-output reduction, one elementwise),
     as torch's fused GroupNorm backward: dx = rstd (dy - mean(dy) - y mean(dy y)). Autodiff of
-    the forward's cascaded sums took ~10 passes and was the VAE step's largest cost on CPU."""
+    the forward's cascaded sums takes many more passes, a large cost of the VAE step on CPU."""
     y, rstd = res
     m1 = _cascade_mean(dy)
     m2 = _cascade_mean(dy * y)
@@ -269,16 +268,16 @@ def _modulated_layer_norm_fwd(x, shift, scale, eps):
 def _modulated_layer_norm_bwd(eps, res, g):
     """The adaLN gradient as its textbook formulas: d_shift = sum g, d_scale = sum g * xhat over
     the broadcast axes; dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with
-    dxhat = g (1 + scale). XLA:CPU's autodiff of the two calls fused each block's norm gradients
-    into few very wide fusions that recomputed the chain per output (benchmarks/cpu_vs_torch.py:
-    the DiT's backward ~1.3x faster with this)."""
+    dxhat = g (1 + scale). XLA:CPU's autodiff of the two calls fuses each block's norm gradients
+    into few very wide fusions that recompute the chain per output (benchmarks/cpu_vs_torch.py
+    measures the DiT's backward with this)."""
     x, mean, rstd, shift, scale = res
     gf = g.astype(jnp.float32)
     xhat = (x.astype(jnp.float32) - mean) * rstd
     per_token = shift.shape[1] != 1  # [B, L, D] (token replace) or [B, 1, D]
 
     def dot_sum(a, b, out: str):  # sum of a * b over the axes not in `out` ("bd" or "bl")
-        if jax.default_backend() == "cpu":  # as a contraction: 3x faster than a reduce on XLA:CPU
+        if jax.default_backend() == "cpu":  # as a contraction: faster than a reduce on XLA:CPU
             return jnp.einsum(f"bld,bld->{out}", a, b)
         return (a * b).sum(1 if out == "bd" else 2)  # a reduction fusion (no operand transposes)
 
@@ -304,8 +303,8 @@ def gate(x: jax.Array, g: jax.Array) -> jax.Array:
 def edge_pad(x: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
     """`jnp.pad(x, pads, mode="edge")` (torch's replicate padding), as a gather of each axis'
     clamped indices with its transpose written out (interior slice + the edge slices' sums).
-    XLA:CPU runs jnp's concatenations of edge copies and their autodiff 3x / 2x slower on the
-    VAE's frames. `pads`: (before, after) per axis."""
+    XLA:CPU runs jnp's concatenations of edge copies and their autodiff slower on the VAE's
+    frames. `pads`: (before, after) per axis."""
     for axis, (lo, hi) in enumerate(pads):
         if lo or hi:
             n = x.shape[axis]

@@ -3,9 +3,8 @@ here, and a random one cannot decode a face): `mi-jax train-vae --out DIR`.
 
 One regime with generation. HunyuanVideo's VAE normalises with GroupNorm statistics over the
 whole clip (T x H x W), so what it does to a frame depends on the clip length it is given, and
-`VAEStream`'s decode tiles begin with a 4-frame latent decoded as if it were a lone first frame.
-A VAE trained on single 5-frame passes and run on 17-frame stream tiles drew the mouth half a
-second late (lip sync 0.68 over 5-frame chunks, 0.17 over 17 frames). So every clip is encoded
+`VAEStream`'s decode tiles begin with a 4-frame latent decoded as if it were a lone first frame:
+what a VAE learns on one clip length does not hold on another. So every clip is encoded
 and decoded through the `VAEStream` of `prepare.vae_tiling` (`round_trip`), the one `prepare`
 and generation use, at the lengths of `vae_train.lengths` (default `vae_regime_lengths`):
 
@@ -18,13 +17,12 @@ and generation use, at the lengths of `vae_train.lengths` (default `vae_regime_l
 
 Start: `vae_train.init` (a VAE to fine-tune, widened if needed: `start_from`), then optionally
 `vae_train.temporal_init` (`temporal_init`: causal kernels that make each latent from its own
-frames; a VAE trained on short clips made latent k from the frame before them and came out a
-latent late).
+frames, so the mouth is not drawn a latent late).
 
 Loss: L1 weighted up on the regions the eval and a viewer look at (ground truth of the synthetic
 world): 1 + face x (face mask) + mouth x (mouth box) + eyes x (eye band), plus a small KL term
-(beta); AdamW with warm-up and cosine decay. A uniform L1 spent the old demo VAE's capacity on
-background and lost the eyes and the mouth.
+(beta); AdamW with warm-up and cosine decay. The weights keep the small VAE's capacity on the
+face rather than the background.
 
 Resumable and deterministic: batch i and the noise of step i are functions of (seed, i) only,
 and the state is checkpointed every `checkpoint_every` steps (atomically) in `work_dir`, so a
@@ -159,15 +157,19 @@ def temporal_init(params, config: VAEConfig) -> dict:
     current frame; the encoder's time-strided downsamplers split it over the two newest frames of
     their window, so that latent k is made from its own four frames (frames 4k-3 .. 4k) alone.
 
-    Why: a VAE trained mostly on short clips (the demo's `vae_base`) learns taps of equal
-    weight, and with the causal replicate padding every layer then multiplies the weight of a
-    clip's first frame. Measured on the shipped demo VAE (gradients of a 5-frame tile): latent 1
-    depended 16-110x more on frame 0 (the tile's context frame, the previous latent's last) than
-    on its own frames 1-4, and the decoder drew frames 1-4 ~20x more from latent 0 than latent 1:
-    the mouth came out 5-6 frames late through the stream. With these kernels, before any
-    training, the same VAE keeps lip sync 0.78 at offset 0-1 (0.69 at +5 before) through the
-    pipeline's own path (benchmarks/vae_regime.py). Images are unchanged; training through the
-    stream then starts from a VAE that maps each latent to its own frames."""
+    Why: a VAE trained mostly on short clips learns taps of equal weight, and with the causal
+    replicate padding every layer then multiplies the weight of a clip's first frame, so each
+    latent is drawn from the previous latent's frames (benchmarks/vae_regime.py measures it).
+    Images are unchanged; training through the stream then starts from a VAE that maps each
+    latent to its own frames.
+
+    Args:
+      params: the VAE's parameters.
+      config: its `VAEConfig` (which down blocks stride in time).
+
+    Returns:
+      The parameters with the new temporal kernels (jax arrays).
+    """
     time_down = {f"down_blocks_{i}" for i, (t, _) in enumerate(config.resample_factors) if t > 1}
 
     def fix(path, v):
@@ -208,8 +210,7 @@ def _posterior(model, p, x, mean, logvar, portrait, key):
 def tile_round_trip(stream: VAEStream, p, x, portrait, key=None):
     """`round_trip` for tilings whose temporal tiles do not overlap (stride == min: the demo's
     5-frame tiles), with all tiles of a clip coded as one batch instead of a `lax.scan` over
-    them: equal to `round_trip` (tests/test_vae_regime.py); the demo VAE's 1500 steps take 955 s
-    here instead of 1960 s."""
+    them, which is faster on CPU; equal to `round_trip` (tests/test_vae_regime.py)."""
     t, cfg = stream.tiling, stream.config
     m = t.tile_sample_min_num_frames
     if t.tile_sample_stride_num_frames != m:
@@ -260,11 +261,28 @@ def make_vae_step(model: CausalVAE, tx, beta: float, tiling: Tiling = Tiling()):
 
 
 def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, **overrides) -> dict:
-    """Trains `VAEConfig(**config.prepare.vae_random)` at the prepare size with the settings of
-    `config.vae_train` (keyword overrides win); writes a diffusers VAE folder to `out_dir`
-    (temp name + rename). Checkpoints go to `work_dir` (default `out_dir + ".train"`), which a
-    second call resumes from and which is removed once `out_dir` is written. Returns the
-    final metrics (also in `out_dir/training.json`)."""
+    """Trains the small VAE of the synthetic world and writes it as a diffusers VAE folder.
+
+    `mi-jax train-vae`. Resumable: a second call resumes from `work_dir`, which is removed once
+    `out_dir` is written (temp name + rename).
+
+    Args:
+      config: a run config; `VAEConfig(**config.prepare.vae_random)` is trained at
+        `prepare.height x prepare.width` through `prepare.vae_tiling` with `config.vae_train`.
+      out_dir: the diffusers `AutoencoderKLHunyuanVideo` folder to write.
+      work_dir: checkpoints (default None: `out_dir + ".train"`).
+      log: where progress lines go (default `print`).
+      **overrides: `vae_train` settings that win over the config's (`steps`, `seed`, `init`,
+        `learning_rate`, ...).
+
+    Returns:
+      The final metrics (`weighted_l1`, `l1`, `kl`), `scaling_factor`, the settings and the wall
+      time; also in `out_dir/training.json`.
+
+    Raises:
+      ValueError: an unknown override, a `work_dir` holding a run with other settings, or an
+        `init` VAE of another architecture.
+    """
     t = dict(config.vae_train.to_dict(), **overrides)
     unknown = set(overrides) - set(config.vae_train.to_dict())
     if unknown:
