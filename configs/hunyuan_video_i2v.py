@@ -62,6 +62,18 @@ _VARIANTS = {
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    """The DiT backbone config of one variant.
+
+    Args:
+      arg: `VARIANT[,bf16]` (default "": `i2v`); VARIANT is one of `i2v`, `i2v_33ch`, `t2v`,
+        `tiny`; `bf16` sets bf16 compute and parameters.
+
+    Returns:
+      An `ml_collections.ConfigDict` with `variant`, `model` (DiTConfig fields), `mesh`, `seed`.
+
+    Raises:
+      ValueError: an unknown variant or flag.
+    """
     parts = [p.strip() for p in (arg or "i2v").split(",")]
     variant, flags = parts[0] or "i2v", set(parts[1:])
     if variant not in _VARIANTS:

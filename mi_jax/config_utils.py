@@ -12,7 +12,23 @@ import ml_collections
 
 
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-    """`spec` is `path/to/file.py` or `path/to/file.py:arg`; overrides are `field.path=value`."""
+    """Loads a Python config file's `get_config(arg)` and applies overrides.
+
+    Args:
+      spec: `path/to/file.py` or `path/to/file.py:arg` (`arg` is passed to `get_config`; without
+        it `get_config()` runs with its default).
+      overrides: `field.path=value` items (as `--config.field.path=value` on the command line);
+        values are Python literals where they parse, else strings (default: none).
+
+    Returns:
+      The `ml_collections.ConfigDict`.
+
+    Raises:
+      FileNotFoundError: no file at `path`.
+      AttributeError: the file has no `get_config`.
+      ValueError: from `get_config` (an unknown variant), or an override without `=`.
+      KeyError: an override naming a field the config does not have.
+    """
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path!r} not found (spec {spec!r}; expected FILE.py[:VARIANT])")
@@ -44,7 +60,17 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Nam
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
-    """`a.b.c=value`: value parsed as a Python literal when possible, else kept as a string."""
+    """Sets one field of `config` in place.
+
+    Args:
+      config: the config to change.
+      item: `a.b.c=value` (a leading `--` or `config.` is ignored); value parsed as a Python
+        literal when possible, else kept as a string.
+
+    Raises:
+      ValueError: no `=` in `item`.
+      KeyError: the config has no such field.
+    """
     key, sep, raw = item.partition("=")
     if not sep:
         raise ValueError(f"override {item!r} must look like field.path=value")

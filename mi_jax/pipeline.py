@@ -209,7 +209,15 @@ def check_inputs(config, portrait, audio, *, seconds=None, masks=None, size=None
     """`read_inputs` as a tuple (the CLI's and the app's checks).
 
     Args:
-      As `read_inputs`.
+      config: the run's config.
+      portrait: an image path or a uint8 `[H, W, 3]` array.
+      audio: one track or a list, one per speaker (paths or mono float32 arrays at 16 kHz).
+      seconds: the video's length (default None: the first track's).
+      masks: one mask per speaker, or None to find the faces.
+      size: `(height, width)` (default None: `config.prepare`'s).
+      allow_silence: whether a silent track is valid (default True).
+      prompt: a prompt or a schedule (default "").
+      timeline: who speaks when (default None).
 
     Returns:
       `(image, tracks, masks, frames, notices)`: the portrait uint8 `[H, W, 3]`, the audio tracks
@@ -217,7 +225,8 @@ def check_inputs(config, portrait, audio, *, seconds=None, masks=None, size=None
       number of video frames and the notices.
 
     Raises:
-      InputError, AudioError: as `read_inputs`.
+      InputError: as `read_inputs`.
+      AudioError: as `read_inputs`.
     """
     r = read_inputs(config, portrait, audio, prompt, seconds=seconds, masks=masks, size=size,
                     allow_silence=allow_silence, timeline=timeline)
@@ -460,8 +469,23 @@ class Pipeline:
                 timeline=None, rest=True, progress=None) -> Iterator[np.ndarray]:
         """The generated latents, window by window, before decoding.
 
+        Takes `stream`'s arguments but `colour_anchor` (it acts on pixels).
+
         Args:
-          As `stream` (no colour anchor: it acts on pixels).
+          portrait: an image path or a uint8 `[H, W, 3]` array.
+          audio: one track or a list, one per speaker.
+          prompt: a prompt or a schedule (default "").
+          seconds: the video's length (default None: the first track's).
+          masks: one mask per speaker, or None to find the faces.
+          seed: the noise seed (default 0).
+          steps: sampler steps (default None: the config's).
+          cfg_text: text CFG scale (default None: the config's).
+          cfg_audio: audio CFG scale (default None: the config's).
+          size: `(height, width)` (default None: the config's).
+          allow_silence: False rejects a silent track (default True).
+          timeline: who speaks when (default None).
+          rest: mouths rest in silence (default True).
+          progress: `progress(done, total)` after every window (default None).
 
         Returns:
           An iterator of float32 `[1, n, h, w, C]` latents (after the reference, scaled as the DiT
@@ -469,8 +493,9 @@ class Pipeline:
           the iterator is returned.
 
         Raises:
-          InputError, AudioError: as `read_inputs`. ValueError: a seed outside int32 (on the
-          first `next()`).
+          InputError: as `read_inputs`.
+          AudioError: as `read_inputs`.
+          ValueError: a seed outside int32 (on the first `next()`).
         """
         req = self._request(portrait, audio, prompt, seconds=seconds, masks=masks, steps=steps, cfg_text=cfg_text,
                             cfg_audio=cfg_audio, size=size, allow_silence=allow_silence, timeline=timeline,
@@ -495,7 +520,8 @@ class Pipeline:
           masks: one mask per speaker (image paths or arrays), or None to find the faces.
           seed: the noise seed, an int32 (default 0).
           steps: sampler steps (default None: `config.sample.steps`).
-          cfg_text, cfg_audio: CFG scales (default None: the config's).
+          cfg_text: the text CFG scale (default None: `config.sample.cfg_text`).
+          cfg_audio: the audio CFG scale (default None: `config.sample.cfg_audio`).
           size: `(height, width)` (default None: `config.prepare`'s).
           allow_silence: False rejects a silent track (default True).
           timeline: a file of `START END SPEAKER` lines saying who speaks when (default None: each
@@ -509,8 +535,9 @@ class Pipeline:
           uint8 `[n, H, W, 3]` frame chunks, the portrait's frame first.
 
         Raises:
-          InputError, AudioError: as `read_inputs`, on the first `next()`. ValueError: a seed
-          outside int32.
+          InputError: as `read_inputs`, on the first `next()`.
+          AudioError: as `read_inputs`, on the first `next()`.
+          ValueError: a seed outside int32.
         """
         req = self._request(portrait, audio, prompt, seconds=seconds, masks=masks, steps=steps, cfg_text=cfg_text,
                             cfg_audio=cfg_audio, size=size, allow_silence=allow_silence, timeline=timeline,
@@ -532,14 +559,18 @@ class Pipeline:
         """The whole video in memory.
 
         Args:
-          portrait, audio, prompt: as `stream`.
+          portrait: as `stream`.
+          audio: as `stream`.
+          prompt: as `stream` (default "").
           **kw: `stream`'s keyword arguments.
 
         Returns:
           `Generation` (frames, mixed audio, fps, notices); `.save(path)` writes the mp4.
 
         Raises:
-          InputError, AudioError, ValueError: as `stream`.
+          InputError: as `stream`.
+          AudioError: as `stream`.
+          ValueError: as `stream`.
         """
         chunks = list(self.stream(portrait, audio, prompt, **kw))
         return Generation(np.concatenate(chunks), self.last_audio, float(self.config.prepare.fps),
@@ -559,7 +590,9 @@ class Pipeline:
           `path`, or None in processes other than 0.
 
         Raises:
-          InputError, AudioError, ValueError: from `stream` as the frames are drawn.
+          InputError: from `stream`, as the frames are drawn.
+          AudioError: from `stream`, as the frames are drawn.
+          ValueError: from `stream`, as the frames are drawn.
           VideoError: the file cannot be written.
         """
         def single(items):

@@ -31,7 +31,7 @@ class Studio:
       log: where the load time is reported (default `print`).
 
     Raises:
-      FileNotFoundError / ValueError: from loading the run's config and checkpoint.
+      CheckpointError: `checkpoint` holds no finished checkpoint.
     """
 
     def __init__(self, checkpoint: str, workdir: str, *, log=print):
@@ -61,19 +61,25 @@ class Studio:
         """Every input checked as `mi-jax generate` checks it; nothing computed.
 
         Args:
-          portrait, voice: file paths. prompt: one prompt, the prompt box's text (one
-            'SECONDS:TEXT' per line) or a schedule list. seconds: video length (None, "" or 0:
-            the voice's). seed: a whole number in int32. steps: sampler steps (None: the
-            config's). voice2: a second speaker's voice path. mask_files: mask image paths, one
-            per speaker. mask_drawing: the mask painter's value (used when there are no
-            files). timeline: a START END SPEAKER file path. colour_anchor: None (the
-            pipeline's default) or a bool. rest: the mouth rests in silence.
+          portrait: the portrait's file path.
+          voice: the voice's file path.
+          prompt: one prompt, the prompt box's text (one 'SECONDS:TEXT' per line) or a schedule.
+          seconds: video length (None, "" or 0: the voice's).
+          seed: a whole number in int32 (default 0).
+          steps: sampler steps (default None: the config's).
+          voice2: a second speaker's voice path (default None).
+          mask_files: mask image paths, one per speaker (default None).
+          mask_drawing: the mask painter's value, used when there are no files (default None).
+          timeline: a START END SPEAKER file path (default None).
+          colour_anchor: None (default: the pipeline's default) or a bool.
+          rest: the mouth rests in silence (default True).
 
         Returns:
           `Checked`, with the portrait as the model sees it, the frame count and the notices.
 
         Raises:
-          InputError, AudioError: the CLI's messages for a missing, broken or unusable input.
+          InputError: the CLI's message for a missing, broken or unusable input.
+          AudioError: the CLI's message for an unreadable or unusable voice.
           FileNotFoundError: an input path that does not exist.
         """
 
@@ -113,7 +119,8 @@ class Studio:
           `lip_sync`, `mouth_at` and `notices`.
 
         Raises:
-          InputError, AudioError: the inputs fail the pipeline's checks; an error of the writer.
+          InputError: the inputs fail the pipeline's checks.
+          AudioError: a voice fails the pipeline's checks.
         """
 
         folder = tempfile.mkdtemp(prefix="job-", dir=self.runs)

@@ -34,8 +34,18 @@ from mi_jax.parallel.mesh import DEFAULT_RULES, logical_shardings
 
 
 def step_dir(path: str) -> str:
-    """The checkpoint step folder of `path`: an import folder or a training run (its newest
-    finished step), or a step folder itself (`<run>/checkpoints/<step>`)."""
+    """The checkpoint step folder of `path`.
+
+    Args:
+      path: an import folder or a training run (its newest finished step), or a step folder
+        itself (`<run>/checkpoints/<step>`).
+
+    Returns:
+      The absolute step folder.
+
+    Raises:
+      CheckpointError: `path` holds no finished checkpoint (with a hint for a diffusers folder).
+    """
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "config")):
         return path
@@ -68,7 +78,11 @@ def read_config(step: str) -> dict:
 
 
 def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
-    """The ml_collections config saved beside a run's latest checkpoint."""
+    """The ml_collections config saved beside a run's latest checkpoint.
+
+    Raises:
+      CheckpointError: `run_dir` holds no finished checkpoint.
+    """
     return ml_collections.ConfigDict(read_config(step_dir(run_dir)))
 
 
@@ -107,9 +121,22 @@ def load_run_params(run_dir: str, abstract_params, shardings, *, which: str = "p
 
 
 def restore_weights(step: str, abstract: Mapping, shardings: Mapping | None = None, *, which: str = "params"):
-    """The `params` tree `abstract` of checkpoint `step`; `which="ema"`: every leaf the run kept
-    an EMA of (its trainable ones) from the EMA, the rest (frozen) from the params.
-    shardings: as `restore_state`."""
+    """The parameters of checkpoint `step`, from its params or its EMA.
+
+    Args:
+      step: a checkpoint step folder (`step_dir`).
+      abstract: the params tree to read (leaves with `.shape` / `.dtype`).
+      shardings: as `restore_state` (default None: host numpy arrays).
+      which: "params" (default), or "ema": every leaf the run kept an EMA of (its trainable
+        ones) from the EMA, the rest (frozen) from the params.
+
+    Returns:
+      The tree `abstract` describes, restored.
+
+    Raises:
+      ValueError: `which` is neither "params" nor "ema".
+      CheckpointError: `which="ema"` and the checkpoint holds no EMA weights.
+    """
     if which not in ("params", "ema"):
         raise ValueError(f"which={which!r}; choose 'params' or 'ema'")
     flat = traverse_util.flatten_dict(abstract)
@@ -135,11 +162,26 @@ def restore_weights(step: str, abstract: Mapping, shardings: Mapping | None = No
 
 
 def load_dit(run_dir: str, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, *, which: str = "ema"):
-    """`(config, DiT params)` of a run, ready to sample with: restored straight into the shards
-    the logical `rules` give on `mesh`, LoRA factors (sharded like their kernels) merged.
+    """A run's config and DiT parameters, ready to sample with.
 
-    A training run: its `params`, or with `which="ema"` the EMA of what it trained. A DMD2 run
-    (`"distill"` in its config): the generator, base + adapter merged (it keeps no EMA)."""
+    Restored straight into the shards the logical `rules` give on `mesh`, LoRA factors
+    (sharded like their kernels) merged.
+
+    Args:
+      run_dir: a training or distillation run, or one of its step folders.
+      mesh: the devices.
+      rules: the logical-axis rules (default `DEFAULT_RULES`).
+      which: "ema" (default) or "params": a training run's EMA of what it trained, or its raw
+        params. A DMD2 run (`"distill"` in its config) gives its generator, base + adapter
+        merged, either way (it keeps no EMA).
+
+    Returns:
+      `(config, params)`: the run's ml_collections config and the DiT's parameters.
+
+    Raises:
+      CheckpointError: no finished checkpoint, or no EMA weights with `which="ema"`.
+      ValueError: `which` is neither "params" nor "ema".
+    """
     step = step_dir(run_dir)
     config = ml_collections.ConfigDict(read_config(step))
     boxed = abstract_dit_params(DiTConfig.coerce(config.model))

@@ -302,18 +302,32 @@ def export(
 ) -> dict:
     """Exports an mi_jax checkpoint to PyTorch folders under `out_dir` (layout: module docstring).
 
-    checkpoint: an import_weights folder, a training run folder (its newest checkpoint) or a
-      `<run>/checkpoints/<step>` folder.
-    dtype: "fp32" or "bf16", for every written tensor.
-    merge_lora: with LoRA factors (a `{"base", "lora"}` run), write `W + lora_scale * a @ b`
-      into the transformer / audio weights; otherwise write the base weights and the factors
-      to `out/lora/`. which: "params" or "ema" (a run's EMA weights).
-    max_shard_size: bytes or "10GB"-style; larger models are sharded with an index json.
-    overwrite: replace an existing `out_dir` (only once the new one is complete).
-
-    Returns a report {"out_dir", "transformer", "audio", "lora", "vae", "wav2vec2"} with the
-    folders, files and tensor counts (None for parts not written). Nothing is left behind when
+    `mi-jax export`. Tensors are read and written one at a time; nothing is left behind when
     it fails.
+
+    Args:
+      checkpoint: an import_weights folder, a training run folder (its newest checkpoint) or a
+        `<run>/checkpoints/<step>` folder.
+      out_dir: the folder to write (`transformer/`, `audio/`, `lora/`, `vae/`, `wav2vec2/`).
+      dtype: "fp32" (default) or "bf16", for every written tensor.
+      merge_lora: with LoRA factors (a `{"base", "lora"}` run), write `W + lora_scale * a @ b`
+        into the transformer / audio weights; False (default) writes the base weights and the
+        factors to `out/lora/`.
+      which: "params" (default) or "ema" (a run's EMA weights).
+      max_shard_size: bytes or "10GB"-style (default "10GB"); larger models are sharded with an
+        index json.
+      lora_scale: the LoRA factors' scale, alpha / rank (default 1.0).
+      overwrite: replace an existing `out_dir`, only once the new one is complete (default False).
+
+    Returns:
+      A report `{"out_dir", "checkpoint", "which", "dtype", "transformer", "audio", "lora",
+      "vae", "wav2vec2"}` with the folders, files and tensor counts (None for parts not written).
+
+    Raises:
+      ValueError: an unknown `dtype` or `which`.
+      CheckpointError: `checkpoint` is not an mi_jax checkpoint, or holds no EMA weights with
+        `which="ema"`.
+      FileExistsError: `out_dir` exists and `overwrite` is False.
     """
     np_dtype = EXPORT_DTYPES.get(str(dtype).lower())
     if np_dtype is None:

@@ -77,15 +77,27 @@ def init_subset(config: DiTConfig, rng, keep, shardings=None) -> dict:
 
 
 def load_diffusers_transformer(path: str, *, mesh=None, rules=DEFAULT_RULES, rng=None, **overrides):
-    """Reads a diffusers `HunyuanVideoTransformer3DModel` folder (config.json + safetensors,
-    sharded index too) into `(DiTConfig, params)`.
+    """Reads a diffusers `HunyuanVideoTransformer3DModel` folder into `(DiTConfig, params)`.
 
     Tensors are memory-mapped and copied straight into (sharded, when `mesh` is given) device
     arrays; per-layer weights are stacked for the scanned blocks (`scan_layers=True`, the
-    default). overrides: any DiTConfig field that is not in config.json, such as
-    `dtype="bfloat16"`, `param_dtype=...`, `scan_layers=False`, `remat_policy="full"` or
-    `audio_blocks=N` (MagicInfinite's audio modules, initialised from `rng`). Raises
-    `WeightMismatchError` listing every missing / unexpected / mis-shaped key.
+    default).
+
+    Args:
+      path: the folder (config.json + safetensors, a sharded index too).
+      mesh: shard the parameters by their logical names under `rules` (default None: the
+        default device).
+      rules: the logical-axis rules (default `DEFAULT_RULES`).
+      rng: the key of MagicInfinite's fresh audio modules (default None: `jax.random.key(0)`).
+      **overrides: any DiTConfig field that is not in config.json, such as `dtype="bfloat16"`,
+        `param_dtype=...`, `scan_layers=False`, `remat_policy="full"` or `audio_blocks=N`.
+
+    Returns:
+      `(DiTConfig, params)`, with the audio modules freshly initialised when `audio_blocks > 0`.
+
+    Raises:
+      CheckpointError: config.json describes another model.
+      WeightMismatchError: every missing / unexpected / mis-shaped key.
     """
     cfg_json = read_json(os.path.join(path, "config.json"))
     found = cfg_json.get("_class_name")

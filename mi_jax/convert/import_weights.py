@@ -57,10 +57,18 @@ PARAM_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bf
 def load_imported(out_dir: str, *, mesh=None, rules=DEFAULT_RULES) -> dict:
     """Reads an `import_weights` folder back.
 
-    Returns `{"dit_config": DiTConfig, "dit": params, "vae_config": VAEConfig | None, "vae":
-    params | None, "wav2vec2_config": Wav2Vec2Config | None, "wav2vec2": params | None,
-    "report": dict}`. Parameters land on the first device, or sharded over `mesh` by their
-    logical axis names (as the trainer places them).
+    Args:
+      out_dir: the folder `import_weights` wrote.
+      mesh: None (default): parameters land on the first device; a `Mesh`: sharded by their
+        logical axis names, as the trainer places them.
+      rules: the logical-axis rules for `mesh` (default `DEFAULT_RULES`).
+
+    Returns:
+      `{"dit_config": DiTConfig, "dit": params, "vae_config": VAEConfig | None, "vae": params |
+      None, "wav2vec2_config": Wav2Vec2Config | None, "wav2vec2": params | None, "report": dict}`.
+
+    Raises:
+      CheckpointError: `out_dir` is not a checkpoint, or is a training run rather than an import.
     """
     step = step_dir(out_dir)
     cfg = read_config(step)
@@ -145,22 +153,36 @@ def import_weights(
     seed: int = 0,
     overwrite: bool = False,
 ) -> dict:
-    """Imports PyTorch weights (safetensors only) into one mi_jax checkpoint folder `out_dir`.
+    """Imports PyTorch weights (safetensors only) into one mi_jax checkpoint folder.
 
-    transformer_dir: a diffusers `HunyuanVideoTransformer3DModel` folder (config.json +
-      safetensors, sharded or not). vae_dir: an `AutoencoderKLHunyuanVideo` folder.
-      wav2vec_dir: a transformers `Wav2Vec2Model` (or task model) folder.
-    audio_dir: an `out/audio` folder of `export` (trained MagicInfinite audio modules); without
-      it the audio modules of `config_overrides["audio_blocks"] > 0` are initialised fresh
-      from `seed` (zero output projection: the backbone's output is unchanged).
-    config_overrides: DiTConfig fields that config.json does not hold (audio_*, dtype,
-      scan_layers, ...); architecture fields come from config.json and cannot be overridden.
-    dtype: parameter dtype of every model ("fp32" / "bf16"); default float32.
-    overwrite: replace an existing `out_dir` (only once the new one is complete).
+    `mi-jax import-weights`. Everything is read and checked before anything is written; the
+    folder appears whole or not at all.
 
-    Returns the report dict (also saved as `<out_dir>/mi_jax_import.json`): per model the
-    source, the imported modules / tensors / parameter count and the newly initialised modules.
-    Raises CheckpointError (WeightMismatchError) naming the problem; nothing is written then.
+    Args:
+      transformer_dir: a diffusers `HunyuanVideoTransformer3DModel` folder (config.json +
+        safetensors, sharded or not).
+      out_dir: the checkpoint folder to write.
+      vae_dir: an `AutoencoderKLHunyuanVideo` folder (default None: no VAE).
+      wav2vec_dir: a transformers `Wav2Vec2Model` (or task model) folder (default None).
+      audio_dir: an `out/audio` folder of `export` (trained MagicInfinite audio modules). None
+        (default): the audio modules of `config_overrides["audio_blocks"] > 0` are initialised
+        fresh from `seed` (zero output projection: the backbone's output is unchanged).
+      config_overrides: DiTConfig fields that config.json does not hold (audio_*, dtype,
+        scan_layers, ...); architecture fields come from config.json and cannot be overridden.
+      dtype: parameter dtype of every model, "fp32" or "bf16" (default None: float32).
+      seed: the seed of freshly initialised modules (default 0).
+      overwrite: replace an existing `out_dir`, only once the new one is complete (default False).
+
+    Returns:
+      The report (also saved as `<out_dir>/mi_jax_import.json`): per model the source, the
+      imported modules / tensors / parameter count and the newly initialised modules.
+
+    Raises:
+      CheckpointError: a folder of the wrong model, an override of an architecture field, an
+        audio folder with unmerged LoRA or other audio sizes; `WeightMismatchError` (a
+        `CheckpointError`) for missing, unexpected or mis-shaped tensors.
+      ValueError: an unknown `dtype`.
+      FileExistsError: `out_dir` exists and `overwrite` is False.
     """
     out_dir = atomic.check_new_folder(out_dir, overwrite)
     overrides = dict(config_overrides or {})

@@ -23,13 +23,23 @@ VAE_NAME_MAP = NameMap(
 
 
 def load_diffusers_vae(path: str, dtype=None, mesh=None, rules=DEFAULT_RULES):
-    """Reads a diffusers `AutoencoderKLHunyuanVideo` folder (config.json + safetensors) into
-    `(VAEConfig, params)`; `path` may also be a pipeline folder holding `vae/`.
+    """Reads a diffusers `AutoencoderKLHunyuanVideo` folder into `(VAEConfig, params)`.
 
-    dtype: parameter dtype (default float32, whatever the checkpoint stores). mesh: place every
-    parameter with the sharding its logical names give under `rules` (the VAE's names are all
-    replicated by default). Tensors are memory-mapped and copied straight to device. Raises
-    `WeightMismatchError` listing every missing / unexpected / mis-shaped key, before reading data.
+    Tensors are memory-mapped and copied straight to device.
+
+    Args:
+      path: the folder (config.json + safetensors), or a pipeline folder holding `vae/`.
+      dtype: parameter dtype (default None: float32, whatever the checkpoint stores).
+      mesh: place every parameter with the sharding its logical names give under `rules` (the
+        VAE's names are all replicated by default); None (default): the default device.
+      rules: the logical-axis rules (default `DEFAULT_RULES`).
+
+    Returns:
+      `(VAEConfig, params)`.
+
+    Raises:
+      CheckpointError: config.json describes another model.
+      WeightMismatchError: every missing / unexpected / mis-shaped key, before reading data.
     """
     if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "vae")):
         path = os.path.join(path, "vae")

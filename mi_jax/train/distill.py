@@ -88,13 +88,28 @@ def make_adapters(config):
 
 
 def to_dmd2_batch(batch: dict) -> dict:
+    """A training batch as `dmd2.make_dmd2_step` takes it: float32 latents `x0` and the conditions."""
     return {"x0": batch["latents"].astype(jnp.float32), "cond": conditions(batch)}
 
 
 def make_distill_job(config, data, mesh=None, *, rules=None, need_teacher: bool = True):
     """The loop's Job for DMD2 distillation of the teacher at `config.init.checkpoint`.
-    `need_teacher=False` (`mi-jax plan`): no teacher is named; everything but `init_state` works
-    on shapes alone. `rules`: a logical-axis rules table instead of mesh.DEFAULT_RULES."""
+
+    Args:
+      config: a `...:distill` run config (`config.distill`: DMD2's settings).
+      data: the training data (`mi_jax.train.data.TrainData`).
+      mesh: the devices (default None: the mesh `config.mesh` describes).
+      rules: a logical-axis rules table (default None: `mesh.DEFAULT_RULES`).
+      need_teacher: False (`mi-jax plan`) accepts a config naming no teacher; everything but
+        `init_state` then works on shapes alone (default True).
+
+    Returns:
+      `loop.Job` whose state holds the frozen base, the generator's and the critic's adapters
+      and their optimiser states.
+
+    Raises:
+      ValueError: no teacher (`config.init.checkpoint`) while one is needed.
+    """
     if need_teacher and not config.init.checkpoint:
         raise ValueError("distillation needs the teacher: set --config.init.checkpoint=RUN (a stage-2 run)")
     mesh = mesh or make_mesh(config.mesh)

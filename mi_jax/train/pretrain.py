@@ -150,8 +150,23 @@ def initial_params(config, mesh, param_shardings, abstract_params):
 
 
 def make_job(config, data, mesh=None):
-    """Everything `loop.run` needs for stage-1 / stage-2 training of `config` (on `mesh`, by
-    default the one `config.mesh` describes)."""
+    """Everything `loop.run` needs for stage-1 / stage-2 training of `config`.
+
+    Args:
+      config: a run config; `config.stage` says what trains and with which loss,
+        `config.init` where the parameters start (`initial_params`).
+      data: the training data (`mi_jax.train.data.TrainData`): its `element_spec` gives the
+        batch shardings.
+      mesh: the devices (default None: the mesh `config.mesh` describes).
+
+    Returns:
+      `loop.Job`: abstract state and its shardings, the jitted step, a first-state builder
+      (parameters created in their shards), the data and the step count.
+
+    Raises:
+      ValueError: from the first state: both `init.diffusers` and `init.checkpoint` set, or a
+        diffusers folder whose config differs from `config.model`.
+    """
     mesh = mesh or make_mesh(config.mesh)
     mcfg = DiTConfig.coerce(config.model)
     boxed = jax.eval_shape(lambda: DiT(mcfg).init(jax.random.key(0), **example_inputs(mcfg))["params"])
