@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-text", type=float, default=None)
     p.add_argument("--cfg-audio", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", default=None, help="WxH (multiples of 16)")
+    p.add_argument("--size", default=None, help="WxH (multiples of the VAE's spatial factor x the patch "
+                   "size: 16 for an 8x VAE, 8 for a 4x one)")
     p.add_argument("--weights", choices=("ema", "params"), default="ema")
     p.add_argument("--mesh", default=None,
                    help="e.g. fsdp=2: the window step's mesh (default: one device; every device of a "

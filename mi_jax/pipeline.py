@@ -47,7 +47,7 @@ from mi_jax.convert.checkpoint import load_dit
 from mi_jax.convert.hunyuan import abstract_dit_params
 from mi_jax.data import audio_io, controls
 from mi_jax.data.inputs import InputError, load_portrait, prompt_notices, speaker_regions
-from mi_jax.data.prepare import Encoders
+from mi_jax.data.prepare import Encoders, vae_config
 from mi_jax.data.video_io import write_video
 from mi_jax.diffusion.guidance import GuidanceSchedule
 from mi_jax.diffusion.sampler import SamplerConfig, initial_carry, make_window_fn, window_frames
@@ -126,7 +126,7 @@ class Inputs:
 
 
 def read_inputs(config, portrait, audio, prompt="", *, seconds=None, masks=None, size=None, allow_silence=True,
-                timeline=None) -> Inputs:
+                timeline=None, vae=None) -> Inputs:
     """Reads and checks every user input; nothing is compiled.
 
     Args:
@@ -142,6 +142,9 @@ def read_inputs(config, portrait, audio, prompt="", *, seconds=None, masks=None,
         rests there).
       timeline: a file of `START END SPEAKER` lines, or its text / lines, saying who speaks when
         instead of each track's voice activity (default None; mi_jax/data/controls.py).
+      vae: the VAE's `VAEConfig` (default None: the one `config.prepare` names); its spatial
+        factor sets the masks' latent grid and, times the DiT's patch size, the multiple the
+        frame size is rounded to.
 
     Returns:
       `Inputs`: the portrait `[H, W, 3]`, the tracks fitted to the video (muted outside the
@@ -155,8 +158,9 @@ def read_inputs(config, portrait, audio, prompt="", *, seconds=None, masks=None,
     """
     schedule = controls.prompt_schedule(prompt)  # a malformed schedule fails before any file is read
     p = config.prepare
+    sf = (vae or vae_config(p)).spatial_factor
     size = size or (p.height, p.width)
-    image, notices = load_portrait(portrait, size)
+    image, notices = load_portrait(portrait, size, grid=sf * DiTConfig.coerce(config.model).patch_size)
     h, w = image.shape[:2]
     tracks = [audio] if isinstance(audio, (str, np.ndarray)) or hasattr(audio, "__fspath__") else list(audio)
     if not tracks:
@@ -175,7 +179,7 @@ def read_inputs(config, portrait, audio, prompt="", *, seconds=None, masks=None,
                 loaded.append(audio_io.load_audio(a, p.sample_rate, allow_silence=allow_silence, fps=p.fps))
             names.append(os.path.splitext(os.path.basename(os.fspath(a)))[0])
     line = None if timeline is None else controls.read_timeline(timeline, len(loaded), names)
-    mask_lat, mouths, more = speaker_regions(masks, len(loaded), h, w, image)
+    mask_lat, mouths, more = speaker_regions(masks, len(loaded), h, w, image, spatial=sf)
     notices += more
     n = max(len(a) for a in loaded)
     if seconds is not None:
@@ -390,7 +394,7 @@ class Pipeline:
         p = self.config.prepare
         scfg = sampler_config(self.config, steps=steps, cfg_text=cfg_text, cfg_audio=cfg_audio)
         inp = read_inputs(self.config, portrait, audio, prompt, seconds=seconds, masks=masks, size=size,
-                          allow_silence=allow_silence, timeline=timeline)
+                          allow_silence=allow_silence, timeline=timeline, vae=self.enc.vae_config)
         image, tracks, mask_lat, frames = inp.image, inp.tracks, inp.masks, inp.frames
         # words the text encoder never saw in training (its vocabulary; none: no check)
         vocabulary = getattr(self.enc.text, "vocabulary", ())
@@ -414,7 +418,8 @@ class Pipeline:
             cond["speaker_masks"] = np.ascontiguousarray(np.broadcast_to(mask, (1, len(tracks), scfg.window,
                                                                              *mask_lat.shape[1:])))
             windows = _AudioWindows(self.enc, tracks, scfg, frames, float(p.fps))
-        weights = controls.rest_weights(inp.active, scfg.generated_latents(num_windows))  # [S, 1 + L]
+        weights = controls.rest_weights(inp.active, scfg.generated_latents(num_windows),  # [S, 1 + L]
+                                        self.enc.vae_config.temporal_factor)
         if not rest:
             weights = np.zeros_like(weights)
         rest_lat = np.clip(np.einsum("sg,shw->ghw", weights, inp.mouths), 0.0, 1.0).astype(np.float32)

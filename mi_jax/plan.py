@@ -50,7 +50,7 @@ from mi_jax.data.loader import batch_sharding
 from mi_jax.diffusion.guidance import GuidanceSchedule
 from mi_jax.models.dit import DiT, example_inputs
 from mi_jax.models.dit_config import DiTConfig
-from mi_jax.models.vae import SPATIAL_FACTOR, TEMPORAL_FACTOR
+from mi_jax.models.vae import TEMPORAL_FACTOR
 from mi_jax.parallel.mesh import DEFAULT_RULES, MESH_AXES, logical_shardings, make_mesh, with_rules
 from mi_jax.train.distill import make_distill_job
 from mi_jax.train.pretrain import make_job
@@ -114,16 +114,25 @@ def _video_frames(latent_frames: int) -> int:
     return 1 + TEMPORAL_FACTOR * (latent_frames - 1)
 
 
+def _spatial(config) -> int:
+    """Pixels per latent cell side: the `spatial_factor` of the VAE `config.prepare` names (8 for
+    the released HunyuanVideo VAE, 4 for a `spatial_compression_ratio=4` one)."""
+    from mi_jax.data.prepare import vae_config
+
+    return vae_config(config.prepare).spatial_factor
+
+
 def abstract_batch(config, batch: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """The training batch `{field: ShapeDtypeStruct [B, ...]}` that `mi-jax prepare` would write
     for `config.prepare` (see mi_jax/data/store.py), plus the loader's `index`."""
     p, m = config.prepare, config.model
     b = batch or config.data.global_batch
-    grid = SPATIAL_FACTOR * m.patch_size
+    sf = _spatial(config)
+    grid = sf * m.patch_size
     if p.height % grid or p.width % grid:
         raise ValueError(f"prepare.height/width {p.height}x{p.width} must be multiples of {grid} (VAE "
-                         f"{SPATIAL_FACTOR} x patch {m.patch_size}); e.g. 540 -> 544")
-    t, h, w, c = p.latent_frames, p.height // SPATIAL_FACTOR, p.width // SPATIAL_FACTOR, m.out_channels
+                         f"{sf} x patch {m.patch_size}); e.g. 540 -> 544")
+    t, h, w, c = p.latent_frames, p.height // sf, p.width // sf, m.out_channels
     f, s = _video_frames(t), p.speakers
     sds = jax.ShapeDtypeStruct
     spec = dict(
@@ -153,7 +162,8 @@ class AbstractData:
 
 def _tokens(config, latent_frames: int) -> dict:
     p, m = config.prepare, config.model
-    h, w = p.height // SPATIAL_FACTOR // m.patch_size, p.width // SPATIAL_FACTOR // m.patch_size
+    sf = _spatial(config)
+    h, w = p.height // sf // m.patch_size, p.width // sf // m.patch_size
     video = latent_frames // m.patch_size_t * h * w
     return dict(video_tokens=video, text_tokens=p.text_len, tokens=video + p.text_len)
 
@@ -229,8 +239,9 @@ def generate_window(config, mesh, *, latent_frames: int | None = None, branches:
         mcfg = mcfg.replace(dtype=dtype, param_dtype=dtype)
     t = latent_frames or config.prepare.latent_frames
     p = config.prepare
-    inputs = jax.eval_shape(lambda: example_inputs(mcfg, batch=branches, frames=t, height=p.height // SPATIAL_FACTOR,
-                                                   width=p.width // SPATIAL_FACTOR, text_len=p.text_len))
+    sf = _spatial(config)
+    inputs = jax.eval_shape(lambda: example_inputs(mcfg, batch=branches, frames=t, height=p.height // sf,
+                                                   width=p.width // sf, text_len=p.text_len))
     model = DiT(mcfg)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **example_inputs(mcfg))["params"])
     rules = tuple(rules or DEFAULT_RULES)

@@ -14,6 +14,7 @@ from mi_jax.app.jobs import STOPPED, Stops
 from mi_jax.app.studio import Studio
 from mi_jax.data.audio_io import AudioError
 from mi_jax.data.inputs import InputError, load_portrait
+from mi_jax.data.prepare import patch_grid
 
 PREVIEW_SIDE = 256  # the newest frame is shown about this large
 PREVIEW_EVERY = 0.5  # seconds between preview frames at most
@@ -225,7 +226,7 @@ class Handlers:
         if not path:
             return None
         try:
-            image, _ = load_portrait(path, self.studio.size)
+            image, _ = load_portrait(path, self.studio.size, grid=patch_grid(self.studio.config))
         except (InputError, OSError):
             return None
         return _enlarged(image, EDITOR_SIDE)

@@ -41,6 +41,24 @@ def load_diffusers_vae(path: str, dtype=None, mesh=None, rules=DEFAULT_RULES):
       CheckpointError: config.json describes another model.
       WeightMismatchError: every missing / unexpected / mis-shaped key, before reading data.
     """
+    path, config = _vae_folder(path)
+    abstract = abstract_vae_params(config)
+    shardings = logical_shardings(abstract, mesh, rules) if mesh is not None else None
+    params = import_params(
+        nn.unbox(abstract), SafetensorsFolder(path, WEIGHTS_NAME), VAE_NAME_MAP,
+        source=path, shardings=shardings, dtype=dtype,
+    )
+    return config, params
+
+
+def read_vae_config(path: str) -> VAEConfig:
+    """The `VAEConfig` of a diffusers `AutoencoderKLHunyuanVideo` folder (or of a pipeline
+    folder's `vae/`), from its config.json alone: the latent grid (`spatial_factor`,
+    `temporal_factor`) without reading any weights."""
+    return _vae_folder(path)[1]
+
+
+def _vae_folder(path: str) -> tuple[str, VAEConfig]:
     if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "vae")):
         path = os.path.join(path, "vae")
     cfg_json = read_json(os.path.join(path, "config.json"))
@@ -50,11 +68,4 @@ def load_diffusers_vae(path: str, dtype=None, mesh=None, rules=DEFAULT_RULES):
             f"{path}: config.json describes a {found!r}, not a {DIFFUSERS_CLASS}. Point at the vae "
             "folder of a HunyuanVideo diffusers checkpoint (e.g. <model>/vae)."
         )
-    config = VAEConfig.from_diffusers(cfg_json)
-    abstract = abstract_vae_params(config)
-    shardings = logical_shardings(abstract, mesh, rules) if mesh is not None else None
-    params = import_params(
-        nn.unbox(abstract), SafetensorsFolder(path, WEIGHTS_NAME), VAE_NAME_MAP,
-        source=path, shardings=shardings, dtype=dtype,
-    )
-    return config, params
+    return path, VAEConfig.from_diffusers(cfg_json)

@@ -31,6 +31,7 @@ import numpy as np
 
 from mi_jax.data.audio_io import samples_for_frames
 from mi_jax.data.inputs import InputError
+from mi_jax.models.vae import TEMPORAL_FACTOR
 
 _TIMED = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*:(.*)$", re.S)
 SILENCE_DBFS = -60.0
@@ -205,15 +206,16 @@ def mute_outside(audio: np.ndarray, active: np.ndarray, fps: float, sample_rate:
 # ----------------------------------------------------------------------------- rest
 
 
-def rest_weights(active: np.ndarray, latents: int) -> np.ndarray:
+def rest_weights(active: np.ndarray, latents: int, frames_per_latent: int = TEMPORAL_FACTOR) -> np.ndarray:
     """float32 [S, 1 + latents]: per latent g (0 the reference, weight 0; g >= 1 covers video
-    frames 4g - 3 .. 4g), 1 where speaker s is silent over its frames and both neighbours', 0.5
-    where it is silent but a neighbour speaks, 0 where it speaks. active: bool [S, frames];
-    frames past the end count as silent."""
+    frames 4g - 3 .. 4g, 4 = `frames_per_latent`, the VAE's temporal factor), 1 where speaker s
+    is silent over its frames and both neighbours', 0.5 where it is silent but a neighbour
+    speaks, 0 where it speaks. active: bool [S, frames]; frames past the end count as silent."""
     s, frames = active.shape
-    pad = np.zeros((s, 4 * latents + 1), bool)
+    k = frames_per_latent
+    pad = np.zeros((s, k * latents + 1), bool)
     pad[:, : min(frames, pad.shape[1])] = active[:, : pad.shape[1]]
-    speaks = pad[:, 1:].reshape(s, latents, 4).any(-1)  # latent g = frames 4g-3..4g (g from 1)
+    speaks = pad[:, 1:].reshape(s, latents, k).any(-1)  # latent g = frames 4g-3..4g (g from 1)
     silent = ~speaks
     edge = np.pad(speaks, ((0, 0), (1, 1)), constant_values=False)
     near = edge[:, :-2] | edge[:, 2:]

@@ -14,10 +14,12 @@ length filled; longer ones stay empty) -> moving average of the coordinates over
 frames -> mouth box = the lower `mouth_height` of the face box, `mouth_width` of its width, centred
 -> face box dilated by `margin` x its size per side, clipped to the image.
 
-Latent resolution (HunyuanVideo VAE: 4x time with the first frame alone, 8x space): latent frame
-0 = video frame 0, latent frame k >= 1 = video frames 4k-3 .. 4k, so T_lat = 1 + (T - 1) // 4 (video
-frames past 4 (T_lat - 1) are ignored). A latent cell's coverage is the fraction of its
-4 (or 1) x 8 x 8 video pixels inside the region; the cell is in the mask when coverage > 0 and
+Latent resolution (HunyuanVideo VAE: 4x time with the first frame alone, f x f pixels per cell:
+`spatial`, the VAE config's `spatial_factor`, 8 for the released VAE, 4 for a
+`spatial_compression_ratio=4` one): latent frame 0 = video frame 0, latent frame k >= 1 = video
+frames 4k-3 .. 4k, so T_lat = 1 + (T - 1) // 4 (video frames past 4 (T_lat - 1) are ignored; 4 is
+`temporal_factor`, the only one diffusers' HunyuanVideo decoder supports). A latent cell's
+coverage is the fraction of its 4 (or 1) x f x f video pixels inside the region; the cell is in the mask when coverage > 0 and
 >= `min_coverage` (default 0: any pixel). With `exclusive=True` a cell claimed by several
 speakers goes to the one covering most of it, so speaker masks never overlap; mouth masks are
 always kept inside their speaker's face mask.
@@ -41,9 +43,9 @@ from mi_jax.models.vae import TEMPORAL_FACTOR as TEMPORAL
 class FaceMasks:
     """Per-speaker masks at latent resolution, and the pixel boxes they came from."""
 
-    face: np.ndarray  # [S, T_lat, H/8, W/8] bool
-    mouth: np.ndarray  # [S, T_lat, H/8, W/8] bool, inside `face`
-    face_coverage: np.ndarray  # [S, T_lat, H/8, W/8] float32 in [0, 1], before `exclusive`
+    face: np.ndarray  # [S, T_lat, H/f, W/f] bool (f: the VAE's spatial factor)
+    mouth: np.ndarray  # [S, T_lat, H/f, W/f] bool, inside `face`
+    face_coverage: np.ndarray  # [S, T_lat, H/f, W/f] float32 in [0, 1], before `exclusive`
     boxes: np.ndarray  # [T, S, 4] float32 dilated face boxes (NaN: no face in that frame)
     mouth_boxes: np.ndarray  # [T, S, 4] float32
 
@@ -58,11 +60,13 @@ def latent_frame_groups(num_frames: int) -> list[slice]:
     return [slice(0, 1)] + [slice(TEMPORAL * (k - 1) + 1, TEMPORAL * k + 1) for k in rest]
 
 
-def _check_video_size(num_frames: int, height: int, width: int) -> None:
+def _check_video_size(num_frames: int, height: int, width: int, spatial: int = SPATIAL) -> None:
     if num_frames < 1:
         raise ValueError(f"num_frames={num_frames}; need at least one frame.")
-    if height % SPATIAL or width % SPATIAL or height < SPATIAL or width < SPATIAL:
-        raise ValueError(f"video size {width}x{height} (WxH) must be a positive multiple of {SPATIAL} "
+    if spatial < 1:
+        raise ValueError(f"spatial={spatial}: the VAE's spatial factor (pixels per latent cell side) must be >= 1.")
+    if height % spatial or width % spatial or height < spatial or width < spatial:
+        raise ValueError(f"video size {width}x{height} (WxH) must be a positive multiple of {spatial} "
                          "(the VAE's spatial factor); crop or resize the video first.")
 
 
@@ -263,18 +267,19 @@ def pixel_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.transpose(in_y[..., :, None] & in_x[..., None, :], (1, 0, 2, 3))
 
 
-def box_coverage(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """[T, S, 4] boxes -> [S, T, H/8, W/8] float32: fraction of each 8x8 cell inside the box.
+def box_coverage(boxes: np.ndarray, height: int, width: int, spatial: int = SPATIAL) -> np.ndarray:
+    """[T, S, 4] boxes -> [S, T, H/f, W/f] float32: fraction of each f x f cell inside the box
+    (f = `spatial`, the VAE's spatial factor).
 
-    Exactly the 8x8 block mean of `pixel_masks`, computed per axis without the pixel masks."""
+    Exactly the f x f block mean of `pixel_masks`, computed per axis without the pixel masks."""
     def per_axis(lo, hi, size):
         a, b = _pixel_span(lo, hi, size)
-        start = np.arange(0, size, SPATIAL)
-        return np.clip(np.minimum(b[..., None], start + SPATIAL) - np.maximum(a[..., None], start), 0, SPATIAL)
+        start = np.arange(0, size, spatial)
+        return np.clip(np.minimum(b[..., None], start + spatial) - np.maximum(a[..., None], start), 0, spatial)
 
-    cx = per_axis(boxes[..., 0], boxes[..., 2], width)  # [T, S, W/8]
-    cy = per_axis(boxes[..., 1], boxes[..., 3], height)  # [T, S, H/8]
-    cov = cy[..., :, None] * cx[..., None, :] / float(SPATIAL * SPATIAL)
+    cx = per_axis(boxes[..., 0], boxes[..., 2], width)  # [T, S, W/f]
+    cy = per_axis(boxes[..., 1], boxes[..., 3], height)  # [T, S, H/f]
+    cov = cy[..., :, None] * cx[..., None, :] / float(spatial * spatial)
     return np.transpose(cov, (1, 0, 2, 3)).astype(np.float32)
 
 
@@ -318,39 +323,41 @@ def _finish(face_cov, mouth_cov, boxes, mouth, min_coverage, exclusive) -> FaceM
 
 def masks_from_boxes(boxes, num_frames: int, height: int, width: int, *, margin: float = 0.15,
                      smooth_window: int = 5, max_gap: int | None = None, min_coverage: float = 0.0,
-                     exclusive: bool = True, mouth_height: float = 0.4, mouth_width: float = 0.6) -> FaceMasks:
-    """Face and mouth masks [S, T_lat, H/8, W/8] from boxes (see `as_box_track` for the shapes)."""
+                     exclusive: bool = True, mouth_height: float = 0.4, mouth_width: float = 0.6,
+                     spatial: int = SPATIAL) -> FaceMasks:
+    """Face and mouth masks [S, T_lat, H/f, W/f] from boxes (see `as_box_track` for the shapes);
+    f = `spatial`, the VAE's `spatial_factor` (pixels per latent cell side)."""
     _check_options(margin, smooth_window, max_gap, min_coverage, mouth_height, mouth_width)
-    _check_video_size(num_frames, height, width)
+    _check_video_size(num_frames, height, width, spatial)
     track = as_box_track(boxes, num_frames, height, width)
     return _masks_from_track(track, height, width, margin, smooth_window, max_gap, min_coverage, exclusive,
-                             mouth_height, mouth_width)
+                             mouth_height, mouth_width, spatial)
 
 
 def _masks_from_track(track, height, width, margin, smooth_window, max_gap, min_coverage, exclusive,
-                      mouth_height, mouth_width) -> FaceMasks:
+                      mouth_height, mouth_width, spatial=SPATIAL) -> FaceMasks:
     smooth = smooth_boxes(fill_gaps(track, max_gap), smooth_window)
     mouth = np.clip(mouth_boxes(smooth, mouth_height, mouth_width), 0, [width, height, width, height])
     face = dilate_boxes(smooth, margin, height, width)
-    face_cov = temporal_pool(box_coverage(face, height, width))
-    mouth_cov = temporal_pool(box_coverage(mouth, height, width))
+    face_cov = temporal_pool(box_coverage(face, height, width, spatial))
+    mouth_cov = temporal_pool(box_coverage(mouth, height, width, spatial))
     return _finish(face_cov, mouth_cov, face, mouth, min_coverage, exclusive)
 
 
 def masks_from_video(frames: np.ndarray, *, num_speakers: int = 1, detector_kwargs: dict | None = None,
                      margin: float = 0.15, smooth_window: int = 5, max_gap: int | None = None,
                      min_coverage: float = 0.0, exclusive: bool = True, mouth_height: float = 0.4,
-                     mouth_width: float = 0.6) -> FaceMasks:
+                     mouth_width: float = 0.6, spatial: int = SPATIAL) -> FaceMasks:
     """Detect faces in uint8 frames [T, H, W, 3] (`detect_faces`), then mask as `masks_from_boxes`."""
     frames = np.asarray(frames)
     if frames.ndim < 3:
         raise ValueError(f"frames must be [T, H, W, 3], got shape {frames.shape}.")
     T, H, W = frames.shape[:3]
     _check_options(margin, smooth_window, max_gap, min_coverage, mouth_height, mouth_width)
-    _check_video_size(T, H, W)
+    _check_video_size(T, H, W, spatial)
     track = detect_faces(frames, num_speakers=num_speakers, **(detector_kwargs or {}))
     return _masks_from_track(track, H, W, margin, smooth_window, max_gap, min_coverage, exclusive,
-                             mouth_height, mouth_width)
+                             mouth_height, mouth_width, spatial)
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,22 +396,24 @@ def _load_mask(image, index: int, height: int, width: int) -> np.ndarray:
 
 
 def masks_from_images(images: Sequence, num_frames: int, height: int, width: int, *, min_coverage: float = 0.0,
-                      exclusive: bool = True, mouth_height: float = 0.4, mouth_width: float = 0.6) -> FaceMasks:
-    """One mask image per speaker (path or array; white = face), the same for every frame.
+                      exclusive: bool = True, mouth_height: float = 0.4, mouth_width: float = 0.6,
+                      spatial: int = SPATIAL) -> FaceMasks:
+    """One mask image per speaker (path or array; white = face), the same for every frame, pooled
+    to latent cells of `spatial` x `spatial` pixels (the VAE's `spatial_factor`).
 
     Images of another size are resized if their aspect ratio matches the video's. The mouth mask is
     the mask inside the lower-face box of its bounding box (see `mouth_boxes`). `boxes` holds the
     bounding boxes of the masks (no margin is added: the painted region is taken as is).
     """
     _check_options(min_coverage=min_coverage, mouth_height=mouth_height, mouth_width=mouth_width)
-    _check_video_size(num_frames, height, width)
+    _check_video_size(num_frames, height, width, spatial)
     if isinstance(images, (str, os.PathLike, np.ndarray)) or len(images) == 0:
         raise ValueError("images must be a non-empty list with one mask image per speaker.")
     masks = np.stack([_load_mask(im, i, height, width) for i, im in enumerate(images)])  # [S, H, W]
     boxes = np.stack([_bbox(m) for m in masks])  # [S, 4]
     mouth = mouth_boxes(boxes, mouth_height, mouth_width)
     mouth_px = masks & pixel_masks(mouth[None], height, width)[:, 0]
-    pool = lambda m: m.reshape(len(m), height // SPATIAL, SPATIAL, width // SPATIAL, SPATIAL).mean((2, 4))  # noqa: E731
+    pool = lambda m: m.reshape(len(m), height // spatial, spatial, width // spatial, spatial).mean((2, 4))  # noqa: E731
     T_lat = latent_num_frames(num_frames)
     repeat = lambda c: np.repeat(c[:, None], T_lat, axis=1).astype(np.float32)  # noqa: E731
     tile = lambda b: np.broadcast_to(b[None], (num_frames,) + b.shape)  # noqa: E731

@@ -15,9 +15,10 @@ from PIL import Image, UnidentifiedImageError
 
 from mi_jax.data import faces, synthetic
 from mi_jax.data.text_encoder import prompt_words, unknown_words
+from mi_jax.models.vae import SPATIAL_FACTOR
 
 MIN_SIDE = 32
-GRID = 16  # VAE 8x times the DiT's 2x2 patch
+GRID = 2 * SPATIAL_FACTOR  # the default patch grid: the released VAE's 8x times the DiT's 2x2 patch
 
 
 class InputError(ValueError):
@@ -49,11 +50,13 @@ def _open_image(image, what: str):
     return img
 
 
-def load_portrait(image, size: tuple[int, int] | None = None) -> tuple[np.ndarray, list[str]]:
+def load_portrait(image, size: tuple[int, int] | None = None, grid: int = GRID) -> tuple[np.ndarray, list[str]]:
     """Portrait -> uint8 RGB `[H, W, 3]` and notices.
 
     size: (height, width) to produce (centre-cropped to its aspect ratio, then resized); None
-    keeps the image's size rounded down to a multiple of 16 (the latent patch grid).
+    keeps the image's size rounded down to a multiple of `grid`, the latent patch grid in pixels
+    (the VAE's spatial factor x the DiT's patch size: 16 for the released 8x VAE and patch 2, 8
+    for a 4x VAE).
     """
 
     notices: list[str] = []
@@ -71,14 +74,14 @@ def load_portrait(image, size: tuple[int, int] | None = None) -> tuple[np.ndarra
     if min(w, h) < MIN_SIDE:
         raise InputError(f"portrait: {w}x{h} is too small; use an image of at least {MIN_SIDE}x{MIN_SIDE} pixels")
     if size is None:
-        th, tw = (h // GRID) * GRID, (w // GRID) * GRID
+        th, tw = (h // grid) * grid, (w // grid) * grid
         if (th, tw) != (h, w):
-            notices.append(f"portrait: {w}x{h} is not a multiple of {GRID}; cropped to {tw}x{th}")
+            notices.append(f"portrait: {w}x{h} is not a multiple of {grid}; cropped to {tw}x{th}")
     else:
         th, tw = size
-        if th % GRID or tw % GRID:
-            rh, rw = max(GRID, round(th / GRID) * GRID), max(GRID, round(tw / GRID) * GRID)
-            notices.append(f"size {tw}x{th} is not a multiple of {GRID}; rounded to {rw}x{rh}")
+        if th % grid or tw % grid:
+            rh, rw = max(grid, round(th / grid) * grid), max(grid, round(tw / grid) * grid)
+            notices.append(f"size {tw}x{th} is not a multiple of {grid}; rounded to {rw}x{rh}")
             th, tw = rh, rw
     scale = max(th / h, tw / w)
     ch, cw = min(h, round(th / scale)), min(w, round(tw / scale))
@@ -89,18 +92,20 @@ def load_portrait(image, size: tuple[int, int] | None = None) -> tuple[np.ndarra
     return np.asarray(img, np.uint8), notices
 
 
-def speaker_masks(masks, speakers: int, height: int, width: int, portrait: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Per-speaker masks at latent resolution `[S, H/8, W/8]` in [0, 1].
+def speaker_masks(masks, speakers: int, height: int, width: int, portrait: np.ndarray,
+                  spatial: int = SPATIAL_FACTOR) -> tuple[np.ndarray, list[str]]:
+    """Per-speaker masks at latent resolution `[S, H/f, W/f]` in [0, 1] (f = `spatial`, the
+    VAE's spatial factor).
 
     masks: None (one speaker: the face found in the portrait, else the whole frame) or one
     image per speaker (white = that speaker's region)."""
-    face, _, notices = speaker_regions(masks, speakers, height, width, portrait)
+    face, _, notices = speaker_regions(masks, speakers, height, width, portrait, spatial)
     return face, notices
 
 
-def speaker_regions(masks, speakers: int, height: int, width: int,
-                    portrait: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """`speaker_masks`, and each speaker's mouth region at latent resolution `[S, H/8, W/8]`
+def speaker_regions(masks, speakers: int, height: int, width: int, portrait: np.ndarray,
+                    spatial: int = SPATIAL_FACTOR) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """`speaker_masks`, and each speaker's mouth region at latent resolution `[S, H/f, W/f]`
     (float 0 / 1; all zero when no face was found)."""
 
     notices: list[str] = []
@@ -110,17 +115,17 @@ def speaker_regions(masks, speakers: int, height: int, width: int,
                              "(white where that speaker is)")
         try:
             boxes = faces.detect_faces(portrait[None], num_speakers=1)
-            fm = faces.masks_from_boxes(boxes, 1, height, width)
+            fm = faces.masks_from_boxes(boxes, 1, height, width, spatial=spatial)
             return fm.face[:, 0].astype(np.float32), fm.mouth[:, 0].astype(np.float32), notices
         except ValueError:
             notices.append("no face found in the portrait: audio acts on the whole frame (pass --mask to choose)")
-            shape = (1, height // 8, width // 8)
+            shape = (1, height // spatial, width // spatial)
             return np.ones(shape, np.float32), np.zeros(shape, np.float32), notices
     if len(masks) != speakers:
         raise InputError(f"{len(masks)} mask(s) for {speakers} audio track(s): give exactly one mask per --audio, "
                          "in the same order")
     try:
-        fm = faces.masks_from_images(list(masks), 1, height, width)
+        fm = faces.masks_from_images(list(masks), 1, height, width, spatial=spatial)
     except ValueError as e:
         raise InputError(f"mask: {e}") from None
     return fm.face[:, 0].astype(np.float32), fm.mouth[:, 0].astype(np.float32), notices

@@ -35,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mi_jax import atomic
-from mi_jax.convert.vae import load_diffusers_vae
+from mi_jax.convert.vae import load_diffusers_vae, read_vae_config
 from mi_jax.convert.wav2vec2 import load_transformers_wav2vec2
 from mi_jax.data import faces as faces_lib
 from mi_jax.data import synthetic, video_io
@@ -43,7 +43,7 @@ from mi_jax.data.audio_io import mean_std
 from mi_jax.data.store import StoreWriter, done_clips
 from mi_jax.data.text_encoder import HunyuanTextEncoder, TinyTextEncoder
 from mi_jax.models.dit_config import DiTConfig
-from mi_jax.models.vae import SPATIAL_FACTOR, TEMPORAL_FACTOR, CausalVAE, Tiling, VAEConfig, VAEStream
+from mi_jax.models.vae import HUNYUAN_VIDEO_VAE, CausalVAE, Tiling, VAEConfig, VAEStream
 from mi_jax.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, example_inputs
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv")
@@ -130,6 +130,24 @@ def load_clip(clip_id: str, path: str, cfg) -> RawClip:
 # ----------------------------------------------------------------------------- encoders
 
 
+def vae_config(prepare_cfg) -> VAEConfig:
+    """The config of the VAE `prepare` encodes with and generation decodes with (`prepare.vae`),
+    without building it: `random:SEED` -> `prepare.vae_random`; a diffusers folder -> its
+    config.json; "" (no VAE named yet, as the full configs) -> the released HunyuanVideo VAE's.
+    Its `spatial_factor` (pixels per latent cell side) and `temporal_factor` (frames per latent)
+    set the latent grid everything else is built on: masks, latent shapes, the portrait's grid."""
+    spec = prepare_cfg.vae
+    if spec.startswith("random"):
+        return VAEConfig(**prepare_cfg.vae_random.to_dict())
+    return read_vae_config(spec) if spec else HUNYUAN_VIDEO_VAE
+
+
+def patch_grid(config) -> int:
+    """Pixels per side of one DiT token: the VAE's spatial factor x the model's patch size (16 for
+    the released 8x VAE and patch 2; 8 for a 4x VAE). Frame sizes must be multiples of it."""
+    return vae_config(config.prepare).spatial_factor * DiTConfig.coerce(config.model).patch_size
+
+
 class Encoders:
     """The frozen encoders of prepare, built from `config.prepare` (folders or seeded random
     tiny models for tests and the synthetic world) and jitted once."""
@@ -144,7 +162,7 @@ class Encoders:
     def _vae(self):
         spec = self.cfg.vae
         if spec.startswith("random"):
-            vcfg = VAEConfig(**self.cfg.vae_random.to_dict())
+            vcfg = vae_config(self.cfg)
             model = CausalVAE(vcfg)
             dummy = jnp.zeros((1, 1, vcfg.spatial_factor, vcfg.spatial_factor, 3))
             seed = int(spec.partition(":")[2] or 0)
@@ -263,8 +281,8 @@ class Encoders:
 def windows(clip: RawClip, enc: Encoders, cfg) -> Iterator[dict]:
     """The training windows of one decoded clip."""
     n = len(clip.frames)
-    t = cfg.latent_frames
-    f = 1 + TEMPORAL_FACTOR * (t - 1)
+    t, tf = cfg.latent_frames, enc.vae_config.temporal_factor  # frames per latent (4)
+    f = 1 + tf * (t - 1)
     count = (n - 1) // (f - 1)
     if count < 1:
         raise ClipError(f"{n} frames at {cfg.fps} fps is shorter than one window of {f} frames "
@@ -289,11 +307,13 @@ def windows(clip: RawClip, enc: Encoders, cfg) -> Iterator[dict]:
     # one encode of the whole clip, windows cut from it: window k's latents are the clip's latents
     # k (T - 1) .. k (T - 1) + T - 1, what generation's stream of latents holds at those frames
     # (latent j > 0 codes frames 4j - 3 .. 4j; latent 0 of a window is replaced by the portrait)
-    clip_latents = enc.encode_video(clip.frames[: 1 + TEMPORAL_FACTOR * ((t - 1) * count)])
-    h, w = cfg.height // SPATIAL_FACTOR, cfg.width // SPATIAL_FACTOR
+    clip_latents = enc.encode_video(clip.frames[: 1 + tf * ((t - 1) * count)])
+    sf = enc.vae_config.spatial_factor  # pixels per latent cell side (4 or 8)
+    h, w = cfg.height // sf, cfg.width // sf
     for k in range(count):
         s0 = k * (f - 1)
-        masks = faces_lib.masks_from_boxes(boxes[s0 : s0 + f], f, cfg.height, cfg.width, margin=cfg.face_margin)
+        masks = faces_lib.masks_from_boxes(boxes[s0 : s0 + f], f, cfg.height, cfg.width, margin=cfg.face_margin,
+                                           spatial=sf)
         speaker = np.zeros((s_max, t, h, w), np.uint8)
         speaker[:speakers] = masks.face
         audio = np.zeros((s_max, f) + feats[0].shape[1:], np.float16)
@@ -326,8 +346,11 @@ def prepare(config, clips_dir: str, out_dir: str, *, progress: bool = True) -> d
     """Prepares every clip under `clips_dir` not yet in the store `out_dir`; returns the report
     (also written to `out_dir/prepare_report.json`)."""
     cfg = config.prepare
-    if cfg.height % 16 or cfg.width % 16:
-        raise ValueError(f"prepare size {cfg.height}x{cfg.width}: use multiples of 16 (VAE 8x, patch 2)")
+    grid = patch_grid(config)
+    if cfg.height % grid or cfg.width % grid:
+        sf = vae_config(cfg).spatial_factor
+        raise ValueError(f"prepare size {cfg.height}x{cfg.width}: use multiples of {grid} (VAE {sf}x, "
+                         f"patch {grid // sf})")
     clips = find_clips(clips_dir)
     os.makedirs(out_dir, exist_ok=True)
     done = done_clips(out_dir) if os.path.exists(os.path.join(out_dir, "manifest.json")) else set()

@@ -330,7 +330,8 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
         metrics = record.get("last_metrics", {})
     # scaling factor: unit-variance latents as `prepare` stores them (whole-clip VAEStream encodes)
     stream = VAEStream(model, tiling)
-    means = [np.asarray(stream.encode(params, jnp.asarray(c.frames[None, : 1 + 4 * 12], jnp.float32) / 127.5 - 1)[0])
+    n = 1 + vcfg.temporal_factor * 12  # 13 latents of each clip
+    means = [np.asarray(stream.encode(params, jnp.asarray(c.frames[None, :n], jnp.float32) / 127.5 - 1)[0])
              for c in pool.clips[:16]]
     scaling = float(1.0 / np.concatenate([m.ravel() for m in means]).std())
     diffusers_cfg = dict(vcfg.to_diffusers(), scaling_factor=scaling, _class_name="AutoencoderKLHunyuanVideo")
