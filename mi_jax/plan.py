@@ -61,6 +61,9 @@ GB = 1e9  # budgets and reports in GB (10^9 bytes), as GPU memory is sold
 
 @dataclasses.dataclass(frozen=True)
 class GPU:
+    """An accelerator as the time estimate sees it: its name, dense bf16 peak FLOP/s, HBM
+    bandwidth in bytes/s and memory in GB."""
+
     name: str
     bf16_flops: float  # dense peak, FLOP/s
     hbm_bandwidth: float  # bytes/s
@@ -362,11 +365,22 @@ def work_split(mesh, batch: int) -> float:
 
 
 def estimate_seconds(flops_per_device: float, bytes_per_device: float, gpu: GPU, mfu: float) -> float:
+    """A step's seconds: compute at `mfu` of the peak or the matmuls' memory traffic, the slower."""
     return max(flops_per_device / (gpu.bf16_flops * mfu), bytes_per_device / gpu.hbm_bandwidth)
 
 
 def plan_step(spec: StepSpec, gpu: GPU, mfu: float = DEFAULT_MFU) -> dict:
-    """Compile one step and measure it: memory (GB per device), FLOPs, estimated seconds."""
+    """Compiles one step and measures it.
+
+    Args:
+      spec: the step (`StepSpec`).
+      gpu: the accelerator of the time estimate.
+      mfu: the model-FLOPs utilisation assumed (default `DEFAULT_MFU`).
+
+    Returns:
+      `{"shape", "memory_gb", "flops_per_step", "flops_per_device", "xla_flops_per_device",
+      "est_seconds", "compile_seconds"}`; memory in GB per device (`memory_gb`).
+    """
     compiled, seconds = compile_step(spec)
     with with_rules(spec.mesh, spec.rules):
         counted = count_flops(spec.fn, *spec.args)
@@ -476,19 +490,39 @@ def plan(config, mesh_spec=None, *, budget_gb: float = 80.0, gpu: str = "h100",
          generate_mesh_spec=None, window_frames: int | None = None, cfg_branches: int | None = None,
          generate_dtype: str | None = "bfloat16", max_trials: int = 6, rules=None,
          log: Callable[[str], Any] | None = None) -> dict:
-    """Plans each step of `steps` for `config` on the mesh `mesh_spec` ("fsdp=8,context=1").
+    """Compiles each step for `config` on a mesh and reports its memory, FLOPs and time.
 
-    Returns `{"gpu", "budget_gb", "mfu", "steps": {name: {...}}, "warnings": [...]}`; each step
-    has `shape`, `mesh`, `remat_policy`, `attention`, `memory_gb` (arguments, outputs, aliased,
-    temporaries, total per device), `flops_per_step`, `flops_per_device`, `est_seconds`,
-    `compile_seconds`, `fits`, and, over budget with `suggest`, `tried` (the remat policies then
-    meshes compiled, in order, up to `max_trials`, with their totals) and `suggestion`.
-    steps: default `default_steps(config)` (train, then distill for a config with a `distill`
-    section, then generate).
-    generate: `window_frames` latent frames (default config.prepare.latent_frames), `cfg_branches`
-    batch (default: the branches config.sample's guidance runs: 3, or 1 for a distilled model),
-    `generate_dtype` params/compute, on `generate_mesh_spec` (default `mesh_spec`).
-    `rules`: a logical-axis rules table instead of mesh.DEFAULT_RULES (see `rules_with_embed`).
+    `mi-jax plan`. Runs on forced host devices (no GPU needed): the compiled program's buffer
+    sizes are the GPU's.
+
+    Args:
+      config: a run config.
+      mesh_spec: the training mesh, e.g. "fsdp=8,context=1" (default None: every device over fsdp).
+      budget_gb: memory per device a step must fit (default 80).
+      gpu: "h100" (default), "h200" or "a100": the peak FLOP/s and bandwidth of the estimate.
+      steps: step names (default None: `default_steps(config)`: train, then distill for a config
+        with a `distill` section, then generate).
+      mfu: the model-FLOPs utilisation the time estimate assumes (default `DEFAULT_MFU`).
+      suggest: over budget, compile alternatives (default True).
+      generate_mesh_spec: the generate step's mesh (default None: `mesh_spec`).
+      window_frames: the generate step's latent frames (default None: `config.prepare.latent_frames`).
+      cfg_branches: the generate step's batch (default None: the branches `config.sample`'s
+        guidance runs: 3, or 1 for a distilled model).
+      generate_dtype: the generate step's parameter and compute dtype (default "bfloat16").
+      max_trials: alternatives compiled per step at most (default 6).
+      rules: a logical-axis rules table (default None: `mesh.DEFAULT_RULES`; see `rules_with_embed`).
+      log: called with a progress line before each compile (default None: silent).
+
+    Returns:
+      `{"gpu", "budget_gb", "mfu", "steps": {name: {...}}, "warnings": [...]}`; each step has
+      `shape`, `mesh`, `remat_policy`, `attention`, `memory_gb` (arguments, outputs, aliased,
+      temporaries, total per device), `flops_per_step`, `flops_per_device`, `est_seconds`,
+      `compile_seconds`, `fits`, and, over budget with `suggest`, `alternatives` (the remat
+      policies then meshes compiled, in order, with their totals) and `suggestion`.
+
+    Raises:
+      ValueError: an unknown `gpu` or step.
+      RuntimeError: a mesh naming more devices than there are.
     """
     say = log or (lambda _: None)
     steps = default_steps(config) if steps is None else steps
@@ -530,7 +564,7 @@ def _suggest(name, config, mesh, policy, attention, options, card, mfu, budget_g
              max_trials):
     """Remat policies in REMAT_ORDER after the current one, then other meshes (with `full`, and
     for training the grad_accum that keeps per-device tokens falling: `_accum_for`)."""
-    tried = entry["tried"] = []
+    alternatives = entry["alternatives"] = []
     cpu = jax.default_backend() == "cpu"
     accum = config.train.grad_accum if name != "generate" else 1
     candidates = [(p, mesh, attention, accum) for p in REMAT_ORDER[REMAT_ORDER.index(policy) + 1:]
@@ -547,9 +581,9 @@ def _suggest(name, config, mesh, policy, attention, options, card, mfu, budget_g
             step = STEP_BUILDERS[name](_with(config, train, remat_policy=p, attention=attn), m, **options)
             total = plan_step(step, card, mfu)["memory_gb"]["total"]
         except Exception as e:  # noqa: BLE001 - a mesh the model cannot use is a result, not a crash
-            tried.append(dict(row, error=str(e).splitlines()[0][:200]))
+            alternatives.append(dict(row, error=str(e).splitlines()[0][:200]))
             continue
-        tried.append(dict(row, total_gb=total))
+        alternatives.append(dict(row, total_gb=total))
         if total <= budget_gb:
             parts = ([] if name == "generate" else [f"remat_policy={p}"]) + \
                 ([] if m is mesh else [f"mesh {_mesh_str(m)}", f"attention={attn}"]) + \
@@ -560,7 +594,7 @@ def _suggest(name, config, mesh, policy, attention, options, card, mfu, budget_g
     hint = "" if options.get("rules") else (
         "; context / tensor parallelism replicate the weights and optimiser state unless parameters are "
         "also sharded over those axes: try rules_with_embed(('fsdp', 'context')) (--embed-axes fsdp,context)")
-    report["warnings"].append(f"{name}: none of the {len(tried)} alternatives tried fits {budget_gb:g} GB; "
+    report["warnings"].append(f"{name}: none of the {len(alternatives)} alternatives fits {budget_gb:g} GB; "
                               f"lower the batch or the window, or add devices{hint}")
 
 
@@ -572,7 +606,15 @@ def _mesh_str(mesh) -> str:
 
 
 def format_report(report: dict) -> str:
-    """The plan as a text table (one row per step), then the alternatives tried and warnings."""
+    """The plan as text: a table with one row per step, then the alternatives compiled and the
+    warnings.
+
+    Args:
+      report: what `plan` returns.
+
+    Returns:
+      The lines, joined.
+    """
     lines = [f"GPU {report['gpu']}, budget {report['budget_gb']:g} GB per device, est s at "
              f"{report['mfu']:.0%} MFU (assumed; communication not modelled). Memory in GB per device: "
              "total = args + outs - donated + temps.", ""]
@@ -589,9 +631,9 @@ def format_report(report: dict) -> str:
                      f"{e['flops_per_device'] / 1e12:9.4g} {e['est_seconds']:6.3g} {e['compile_seconds']:9.1f} "
                      f"{'yes' if e['fits'] else 'NO'}")
     for name, e in report["steps"].items():
-        for t in e.get("tried", []):
+        for t in e.get("alternatives", []):
             res = f"{t['total_gb']:.3g} GB" if "total_gb" in t else f"failed: {t['error']}"
-            lines.append(f"  {name}: tried remat={t['remat_policy']}, mesh {t['mesh']}, "
+            lines.append(f"  {name}: alternative remat={t['remat_policy']}, mesh {t['mesh']}, "
                          f"attention={t['attention']}, grad_accum={t['grad_accum']}: {res}")
     lines += [f"WARNING {w}" for w in report["warnings"]]
     return "\n".join(lines)

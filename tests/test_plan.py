@@ -75,8 +75,8 @@ def test_over_budget_warns_and_suggests_remat(report):
     assert not entry["fits"]
     assert any("over the" in w for w in over["warnings"])
     # the next policy in REMAT_ORDER (offload_dots is skipped on CPU) is full: it saves memory
-    assert entry["tried"][0]["remat_policy"] == "full"
-    assert entry["tried"][0]["total_gb"] < entry["memory_gb"]["total"]
+    assert entry["alternatives"][0]["remat_policy"] == "full"
+    assert entry["alternatives"][0]["total_gb"] < entry["memory_gb"]["total"]
     assert entry["suggestion"] == "remat_policy=full"
     assert "fits with remat_policy=full" in plan.format_report(over)
 
