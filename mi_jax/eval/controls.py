@@ -46,11 +46,22 @@ EVAL_ACTIONS = ("", "nodding", "shaking head")  # `mi-jax eval`'s clips cycle th
 
 
 def heldout_generation(pipe: Pipeline, index: int, seconds: float):
-    """`mi-jax eval`'s video number `index`: the held-out clip `HELDOUT_SEED_START + index`
-    prompted with `EVAL_ACTIONS[index % 3]` as a user phrases it, generated from its first frame and
-    voice with the face region as the audio mask (as training gated the audio: prepare's truth
-    boxes grown by `prepare.face_margin`; the face detector misses these 64x64 faces).
-    -> (frames uint8 [T, H, W, 3], the clip (its truth), window-seam frame indices)."""
+    """`mi-jax eval`'s video number `index`, generated.
+
+    The held-out clip `HELDOUT_SEED_START + index` prompted with `EVAL_ACTIONS[index % 3]` as a
+    user phrases it, generated from its first frame and voice with the face region as the audio
+    mask (as training gated the audio: prepare's truth boxes grown by `prepare.face_margin`; the
+    face detector misses these 64x64 faces).
+
+    Args:
+      pipe: the model (`Pipeline`).
+      index: which held-out clip.
+      seconds: the video's length.
+
+    Returns:
+      `(frames, clip, boundaries)`: uint8 `[T, H, W, 3]`, the clip (its truth), and the first
+      frame of every sampler window after the first (for the seam score).
+    """
     action = EVAL_ACTIONS[index % len(EVAL_ACTIONS)]
     clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + index, seconds,
                                  size=(pipe.config.prepare.height, pipe.config.prepare.width), prompt=action)

@@ -118,9 +118,21 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def best_offset_correlation(envelope: np.ndarray, mouth: np.ndarray, max_offset: int = 5) -> tuple[float, int]:
-    """(correlation, offset): the highest Pearson correlation of envelope[t] with mouth[t + k] over
-    k in [-max_offset, max_offset] (overlapping frames only), and that k; ties go to the smaller |k|.
-    envelope, mouth: [T]. k > 0 means the mouth moves k frames after the audio."""
+    """The lip-sync correlation: the best Pearson correlation over small lags, and that lag.
+
+    Args:
+      envelope: the audio envelope per video frame, `[T]`.
+      mouth: the mouth opening per video frame, `[T]`.
+      max_offset: lags k in [-max_offset, max_offset] frames are searched (default 5), over the
+        overlapping frames only.
+
+    Returns:
+      `(correlation, k)`: the highest correlation of envelope[t] with mouth[t + k] and its k;
+      ties go to the smaller |k|. k > 0 means the mouth moves k frames after the audio.
+
+    Raises:
+      ValueError: inputs that are not both `[T]`, or `max_offset` outside [0, T - 3].
+    """
     envelope, mouth = np.asarray(envelope), np.asarray(mouth)
     if envelope.shape != mouth.shape or envelope.ndim != 1:
         raise ValueError(f"envelope and mouth must both be [T], got {envelope.shape} and {mouth.shape}.")
@@ -261,8 +273,7 @@ def eye_detail(frames: np.ndarray, eye_boxes: np.ndarray) -> np.ndarray:
     eye band box: forward differences along both axes, sqrt(dx^2 + dy^2), over the box's pixels
     (pixel j counts when it overlaps [x0, x1)). frames uint8 [T, H, W, 3], eye_boxes [T, 4]
     (x0, y0, x1, y1). Sharp eyes, lids and brows give strong edges; a blurred or eyeless face
-    little (a 1 px Gaussian blur of a 64 x 64 renderer clip keeps ~25 % of it). A box less than
-    2 x 2 pixels inside the frame scores 0."""
+    little. A box less than 2 x 2 pixels inside the frame scores 0."""
     frames = _check_frames(frames)
     boxes = np.asarray(eye_boxes, np.float64)
     if boxes.shape != (len(frames), 4):
@@ -413,14 +424,31 @@ def measure(frames: np.ndarray, truth: Truth, speaker_audio: np.ndarray | None =
             max_offset: int = 5, box_mode: str = "track", box_margin: float = 0.1,
             drift_window_s: float = 60.0, boundaries: Sequence[int] | None = None,
             syncnet: SyncNetFn | None = None, frames_per_latent: int | None = None) -> dict:
-    """Every metric of one video, frames uint8 [T, H, W, 3] at truth.fps (T may differ from the
-    truth's: the shorter length is used). speaker_audio float [S, N] or [N]: the driving audio,
-    default the truth's. Boxes are rescaled when the video's size differs from the truth's, and
-    face detail is then expressed per truth pixel (x the scale), so it stays comparable with the
-    renderer's. drift_window_s: the window of `identity_drift` and `colour_shift`.
-    Returns plain floats / lists (JSON-ready), including the series the report plots;
-    "face_detail" is the mean of `eye_detail` over frames and speakers (None when the truth has
-    no eye boxes), "colour_shift" `colour_shift`'s dict for every speaker's face."""
+    """Every metric of one video against its truth.
+
+    Boxes are rescaled when the video's size differs from the truth's, and face detail is then
+    expressed per truth pixel (x the scale), so it stays comparable with the renderer's.
+
+    Args:
+      frames: uint8 `[T, H, W, 3]` at `truth.fps` (T may differ from the truth's: the shorter
+        length is used).
+      truth: the clip's ground truth (`Truth`).
+      speaker_audio: the driving audio, float `[S, N]` or `[N]` (default None: the truth's).
+      max_offset: lip-sync lags searched, +- frames (default 5).
+      box_mode: "track" (default: the truth's frame-0 boxes moved by the head's measured motion)
+        or the truth's own boxes per frame (see the module docstring).
+      box_margin: growth of the face boxes (default 0.1).
+      drift_window_s: the window of `identity_drift` and `colour_shift` (default 60 s).
+      boundaries: the first frame of every sampler window after the first, for the seam score
+        (default None: no seam score).
+      syncnet: an optional SyncNet-style scorer (see `evaluate`).
+      frames_per_latent: the VAE's frames per latent; with boundaries it adds `seam_over_latents`.
+
+    Returns:
+      Plain floats / lists (JSON-ready), including the series the report plots; "face_detail" is
+      the mean of `eye_detail` over frames and speakers (None when the truth has no eye boxes),
+      "colour_shift" `colour_shift`'s dict for every speaker's face.
+    """
     if box_mode not in BOX_MODES:
         raise ValueError(f"box_mode must be one of {BOX_MODES}, got {box_mode!r}.")
     frames = _check_frames(frames)
@@ -512,24 +540,33 @@ def evaluate(videos: Sequence, truths: Sequence, *, boundaries: Sequence | None 
              frames_per_latent: int | None = None) -> dict:
     """Measures generated videos against the truths that drove them, and the truths' own renderings.
 
-    videos: per video, uint8 frames [T, H, W, 3] at the truth's fps, or a video file (decoded and
-      resampled to the truth's fps). truths: per video, a `Truth`, a `synthetic.Clip`, or a
-      folder written by `Clip.save`.
-    boundaries: per video, the first frame index of every sampler window after the first (the
-      caller computes them from the sampler's layout), or None for no seam score.
-    frames_per_latent: the VAE's frames per latent; with boundaries it adds `seam_over_latents`.
-    audios: per video, the driving audio float [S, N] (or [N] for one speaker), default the
-      truth's speaker_audio; e.g. to check that unrelated audio scores low.
-    max_offset: lip-sync offsets searched, +- frames. box_mode / box_margin: see the module
-      docstring. drift_window_s: the window of `identity_drift` and `colour_shift`.
-    syncnet: optional SyncNet-style scorer, called as syncnet(frames=uint8 [T, H, W, 3],
-      audio=float32 [N], fps=float, sample_rate=int, face_boxes=float [T, 4]) -> float confidence
-      per speaker. No SyncNet weights ship with mi_jax or can be fetched here, so without a
-      user-supplied scorer no confidence is reported (nothing is approximated in its place).
+    Args:
+      videos: per video, uint8 frames `[T, H, W, 3]` at the truth's fps, or a video file (decoded
+        and resampled to the truth's fps).
+      truths: per video, a `Truth`, a `synthetic.Clip`, or a folder written by `Clip.save`.
+      boundaries: per video, the first frame index of every sampler window after the first (the
+        caller computes them from the sampler's layout), or None for no seam score (default).
+      audios: per video, the driving audio float `[S, N]` (or `[N]` for one speaker); default
+        None: the truth's speaker_audio (e.g. pass unrelated audio to check that it scores low).
+      max_offset: lip-sync offsets searched, +- frames (default 5).
+      box_mode: see `measure` (default "track").
+      box_margin: see `measure` (default 0.1).
+      drift_window_s: the window of `identity_drift` and `colour_shift` (default 60 s).
+      syncnet: an optional SyncNet-style scorer, called as `syncnet(frames=uint8 [T, H, W, 3],
+        audio=float32 [N], fps=float, sample_rate=int, face_boxes=float [T, 4])` -> float
+        confidence per speaker. No SyncNet weights ship with mi_jax, so without a user-supplied
+        scorer no confidence is reported (nothing is approximated in its place).
+      frames_per_latent: the VAE's frames per latent; with boundaries it adds `seam_over_latents`.
 
-    Returns {"videos": [per video: name, seed, prompt, actions, speakers, fps, "video": measure(...),
-    "truth": measure(...) of the truth's rendering], "summary": `summarize(...)`, "settings"}:
-    plain JSON-ready values, the input of `report.write_report`."""
+    Returns:
+      `{"videos": [per video: name, seed, prompt, actions, speakers, fps, "video": measure(...),
+      "truth": measure(...) of the truth's rendering], "summary": summarize(...), "settings"}`:
+      plain JSON-ready values, the input of `report.write_report`.
+
+    Raises:
+      ValueError: no videos, lists of different lengths, or frames that are not uint8
+        `[T, H, W, 3]`.
+    """
     videos = list(videos)
     truths = _aligned(truths, len(videos), "truths")
     if not videos:

@@ -35,9 +35,21 @@ def _figure(width: float, height: float):
 
 def plot_lip_sync(envelope: np.ndarray, mouth: np.ndarray, fps: float, path: str | os.PathLike,
                   title: str | None = None) -> str:
-    """PNG at `path` of the audio envelope [T] and the mouth opening measured from pixels [T]
-    over time (seconds), each scaled to [0, 1] for display (the mouth measure is uncalibrated),
-    titled with their best-offset correlation. Returns the path."""
+    """Plots the audio envelope against the mouth opening measured from pixels, over time.
+
+    Each curve is scaled to [0, 1] for display (the mouth measure is uncalibrated); the title
+    gives their best-offset correlation.
+
+    Args:
+      envelope: the audio envelope per frame, `[T]`.
+      mouth: the mouth opening per frame, `[T]`.
+      fps: frames per second (the time axis).
+      path: the PNG to write.
+      title: the plot's title (default None: the correlation alone).
+
+    Returns:
+      `path` as a string.
+    """
     envelope, mouth = np.asarray(envelope, np.float64), np.asarray(mouth, np.float64)
     if envelope.shape != mouth.shape or envelope.ndim != 1 or len(envelope) < 3:
         raise ValueError(f"envelope and mouth must both be [T] with T >= 3, got {envelope.shape} and {mouth.shape}.")
@@ -87,14 +99,26 @@ def plot_identity(series: dict[str, np.ndarray], fps: float, path: str | os.Path
 def check(results: dict, *, min_lip_sync_fraction: float = 0.6, max_lip_sync_offset: int = 2,
           min_face_detail: float = 0.7, max_colour_shift: float = 2.0, max_seam: float = 1.3,
           max_identity_drift: float = 0.10, min_routing_margin: float = 0.1) -> list[dict]:
-    """Summary rows {metric, value, truth, ratio, threshold, passed, detail} of `evaluate`'s
-    results; passed is None for rows without a threshold, detail a note shown with the value
-    (else None). Lip sync passes when the mean correlation is >= min_lip_sync_fraction of the
-    renderer's and every video's (and speaker's) best offset is within +-max_lip_sync_offset
-    frames (a well-correlated mouth that lags the audio fails). Face detail: eye band edge energy
-    >= min_face_detail of the renderer's. Colour shift: the worst video's dE76 <= max_colour_shift.
-    Text control passes when nodding's vertical / horizontal variance ratio is > 1 and above the
-    neutral prompt's (shaking head: < 1 and below)."""
+    """The pass / fail table of `evaluate`'s results.
+
+    Args:
+      results: what `metrics.evaluate` returns.
+      min_lip_sync_fraction: lip sync passes when the mean correlation is at least this fraction
+        of the renderer's (default 0.6) ...
+      max_lip_sync_offset: ... and every video's (and speaker's) best offset is within this many
+        frames (default 2): a well-correlated mouth that lags the audio fails.
+      min_face_detail: eye band edge energy as a fraction of the renderer's (default 0.7).
+      max_colour_shift: the worst video's dE76, first vs last window (default 2.0).
+      max_seam: the window-seam score (default 1.3).
+      max_identity_drift: the relative identity drop, first vs last window (default 0.10).
+      min_routing_margin: two-speaker routing margin (default 0.1).
+
+    Returns:
+      Rows `{metric, value, truth, ratio, threshold, passed, detail}`; `passed` is None for rows
+      without a threshold, `detail` a note shown with the value (else None). Text control passes
+      when nodding's vertical / horizontal variance ratio is > 1 and above the neutral prompt's
+      (shaking head: < 1 and below).
+    """
     summary, rows = results["summary"], []
 
     def row(metric, entry, threshold, passed, detail=None):
@@ -166,9 +190,23 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def write_report(results: dict, out_dir: str | os.PathLike, *, min_lip_sync_fraction: float = 0.6,
                  max_lip_sync_offset: int = 2, min_face_detail: float = 0.7, max_colour_shift: float = 2.0,
                  max_seam: float = 1.3, max_identity_drift: float = 0.10, min_routing_margin: float = 0.1) -> str:
-    """Writes report.md, results.json, lip_sync_<k>_<name>.png per video and identity.png into
-    out_dir (created if missing) from `metrics.evaluate`'s results; thresholds as in `check`.
-    Returns the path of report.md."""
+    """Writes the evaluation report: report.md, results.json and its plots.
+
+    Args:
+      results: what `metrics.evaluate` returns.
+      out_dir: the folder (created if missing); gets report.md, results.json,
+        lip_sync_<k>_<name>.png per video and identity.png.
+      min_lip_sync_fraction: as `check` (default 0.6).
+      max_lip_sync_offset: as `check` (default 2).
+      min_face_detail: as `check` (default 0.7).
+      max_colour_shift: as `check` (default 2.0).
+      max_seam: as `check` (default 1.3).
+      max_identity_drift: as `check` (default 0.10).
+      min_routing_margin: as `check` (default 0.1).
+
+    Returns:
+      The path of report.md.
+    """
     if not isinstance(results, dict) or not results.get("videos") or "summary" not in results:
         raise ValueError("results must be the dict returned by mi_jax.eval.metrics.evaluate (with videos and summary).")
     out_dir = os.fspath(out_dir)
