@@ -103,7 +103,7 @@ def cmd_generate(args) -> int:
     except (InputError, AudioError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from mi_jax.data.controls import prompt_schedule
+    from mi_jax.generation.controls import prompt_schedule
 
     # words the model never saw, and the inputs' notices: said now, not after the first window's compute
     told = checked + [n for _, text in prompt_schedule(prompt)

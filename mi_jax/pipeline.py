@@ -42,15 +42,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mi_jax.colour_anchor import ColourAnchor, mouth_pixels
 from mi_jax.convert.checkpoint import load_dit
 from mi_jax.convert.hunyuan import abstract_dit_params
-from mi_jax.data import audio_io, controls
+from mi_jax.data import audio_io
 from mi_jax.data.inputs import InputError, load_portrait, prompt_notices, speaker_regions
 from mi_jax.data.prepare import Encoders, vae_config
 from mi_jax.data.video_io import write_video
 from mi_jax.diffusion.guidance import GuidanceSchedule
 from mi_jax.diffusion.sampler import SamplerConfig, initial_carry, make_window_fn, window_frames
+from mi_jax.generation import controls
+from mi_jax.generation.colour_anchor import ColourAnchor, mouth_pixels
 from mi_jax.models.dit_config import DiTConfig
 from mi_jax.parallel.mesh import DEFAULT_RULES, logical_shardings, make_mesh, with_rules
 
@@ -121,7 +122,7 @@ class Inputs:
     mouths: np.ndarray  # [S, h, w] their mouth regions (0 / 1)
     frames: int  # video frames
     notices: list
-    schedule: list  # [(start s, prompt)] (mi_jax/data/controls.py)
+    schedule: list  # [(start s, prompt)] (mi_jax/generation/controls.py)
     active: np.ndarray  # [S, frames] bool: who speaks when (voice activity or the timeline)
 
 
@@ -141,7 +142,7 @@ def read_inputs(config, portrait, audio, prompt="", *, seconds=None, masks=None,
       allow_silence: whether a silent or partly silent track is valid (default True: the mouth
         rests there).
       timeline: a file of `START END SPEAKER` lines, or its text / lines, saying who speaks when
-        instead of each track's voice activity (default None; mi_jax/data/controls.py).
+        instead of each track's voice activity (default None; mi_jax/generation/controls.py).
       vae: the VAE's `VAEConfig` (default None: the one `config.prepare` names); its spatial
         factor sets the masks' latent grid and, times the DiT's patch size, the multiple the
         frame size is rounded to.
@@ -311,7 +312,7 @@ class _Request:
     ref: np.ndarray  # [1, 1, h, w, C] the portrait's latent (scaled)
     audio: _AudioWindows | None
     texts: list | None = None  # per window, its text conditions when a prompt schedule changes them
-    rest: np.ndarray | None = None  # [1 + latents, h, w] rest weights (mi_jax/data/controls.py)
+    rest: np.ndarray | None = None  # [1 + latents, h, w] rest weights (mi_jax/generation/controls.py)
     anchor: object = None  # a ColourAnchor for the decoded frames, or None
 
     def window_rest(self, k: int) -> np.ndarray:
@@ -530,10 +531,10 @@ class Pipeline:
           size: `(height, width)` (default None: `config.prepare`'s).
           allow_silence: False rejects a silent track (default True).
           timeline: a file of `START END SPEAKER` lines saying who speaks when (default None: each
-            track's voice activity; mi_jax/data/controls.py).
+            track's voice activity; mi_jax/generation/controls.py).
           rest: where a speaker is silent their mouth rests as in the portrait (default True).
           colour_anchor: hold the frames' colour on the portrait's (default None:
-            `COLOUR_ANCHOR_DEFAULT`; mi_jax/colour_anchor.py).
+            `COLOUR_ANCHOR_DEFAULT`; mi_jax/generation/colour_anchor.py).
           progress: called as `progress(done, total)` after every window (default None).
 
         Yields:

@@ -1,4 +1,4 @@
-"""Long-video controls (mi_jax/data/controls.py, mi_jax/colour_anchor.py and their use in the
+"""Long-video controls (mi_jax/generation/controls.py, colour_anchor.py and their use in the
 pipeline): prompt schedule, voice activity and the mouth rest in silence, the speaker timeline,
 the colour anchor. Behaviour on the tiny config, not quality (README "Long-video controls" has
 the demo model's figures)."""
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import write_talk_inputs
-from mi_jax.data import controls, synthetic
+from mi_jax.data import synthetic
+from mi_jax.generation import controls
 from mi_jax.data.inputs import InputError
 
 
@@ -56,7 +57,7 @@ def test_timeline_reads_names_numbers_and_rejects_unknown_speakers(tmp_path):
 
 
 def test_colour_anchor_holds_slow_drift_and_keeps_the_mouth_motion():
-    from mi_jax.colour_anchor import ColourAnchor
+    from mi_jax.generation.colour_anchor import ColourAnchor
 
     rng = np.random.default_rng(0)
     base = rng.integers(60, 190, (32, 32, 3)).astype(np.float32)

@@ -131,7 +131,7 @@ class Checked:
     image: np.ndarray  # the portrait as the model sees it
     frames: int
     notices: list[str]
-    timeline: str | None = None  # a file of START END SPEAKER lines (mi_jax/data/controls.py)
+    timeline: str | None = None  # a file of START END SPEAKER lines (mi_jax/generation/controls.py)
     colour_anchor: bool | None = None
     rest: bool = True
 

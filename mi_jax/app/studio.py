@@ -15,7 +15,7 @@ import numpy as np
 from mi_jax.app.inputs import Checked, bundled_inputs, known_prompts, masks_from_drawing, mouth_box, page_prompt
 from mi_jax.convert.checkpoint import load_run_config
 from mi_jax.data import synthetic
-from mi_jax.data.controls import prompt_schedule
+from mi_jax.generation.controls import prompt_schedule
 from mi_jax.data.inputs import InputError, prompt_notices
 from mi_jax.eval.metrics import best_offset_correlation
 from mi_jax.eval.report import plot_lip_sync

@@ -114,7 +114,7 @@ def make_window_fn(model_config: DiTConfig, cfg: SamplerConfig):
     None: where > 0 the latents are pulled to the reference latent by that weight, at every
     step to the reference noised to the current time and at the end to the clean reference
     (the replacement the motion latents get, RePaint-style: Lugmayr et al. 2022); generation
-    puts a silent speaker's mouth region there (mi_jax/data/controls.py). Zero weights leave
+    puts a silent speaker's mouth region there (mi_jax/generation/controls.py). Zero weights leave
     the window exactly as without. first_motion: window 0's latents at the motion positions
     (later windows' are the carried ones); new: `[B, W - 1 - O, h, w, C]`.
     """

@@ -1,4 +1,4 @@
-"""Scores the long-video controls (mi_jax/data/controls.py, mi_jax/colour_anchor.py) on a model:
+"""Scores the long-video controls (mi_jax/generation/controls.py, colour_anchor.py) on a model:
 prompt schedule, silence, two-speaker turns, colour anchor. Inputs are held-out synthetic clips
 (seeds from `synthetic.HELDOUT_SEED_START`), so every figure has its ground truth; the speaker
 masks are the truth's face boxes (as a user paints them), the metrics `mi_jax.eval.metrics`'.

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mi_jax.data.controls import dilate
+from mi_jax.generation.controls import dilate
 
 
 class ColourAnchor:
