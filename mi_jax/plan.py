@@ -336,6 +336,7 @@ CPU_COMPILER_OPTIONS = dict(xla_backend_optimization_level=0, xla_llvm_disable_e
 
 
 def compiler_options() -> dict:
+    """The compile options planning uses: `CPU_COMPILER_OPTIONS` on CPU, none elsewhere."""
     return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
 
 
@@ -640,6 +641,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """`mi-jax plan` / `python -m mi_jax.plan`: parses `argv`, prints the plan; returns 0."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--mesh", default="fsdp=-1")

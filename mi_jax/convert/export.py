@@ -215,6 +215,8 @@ def split_lora(params: Mapping) -> tuple[dict, dict | None]:
 
 
 def merge_lazily(base: Mapping, lora: Mapping, scale: float) -> dict:
+    """`base` with every LoRA-adapted kernel replaced by a `LoraMerged` (`W + scale * a @ b`,
+    computed only when the tensor is written)."""
     flat = traverse_util.flatten_dict(base)
     for path, (a, b) in lora.items():
         flat[path] = LoraMerged(flat[path], a, b, scale)

@@ -235,7 +235,7 @@ class StoreWriter:
 
     shard_size: records per shard, a target: shards close at the first clip boundary past it.
     compression: ArrayRecord compression, "uncompressed" (default: latents and audio features
-    hardly compress and zstd costs ~4x read time), "snappy", "zstd:N" or "brotli:N".
+    hardly compress and zstd multiplies the read time), "snappy", "zstd:N" or "brotli:N".
     One writer per store at a time (an flock on `dir/.lock`; released if the process dies).
     Leaving a `with` block by an exception drops the open shard; committed shards stay.
     """

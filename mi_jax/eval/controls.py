@@ -168,6 +168,7 @@ def check_anchor(pipe, seconds: float, seed: int) -> dict:
 
 
 def main(argv=None) -> int:
+    """`python -m mi_jax.eval.controls`: runs one check and prints its JSON; returns 0."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="demo/model")
     ap.add_argument("--check", choices=("schedule", "silence", "turns", "anchor"), required=True)

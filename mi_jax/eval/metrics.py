@@ -75,6 +75,7 @@ class Truth:
 
     @classmethod
     def from_clip(cls, clip: synthetic.Clip, name: str | None = None) -> Truth:
+        """The truth of a synthetic clip (default name from its seed and prompt)."""
         return cls(clip.frames, clip.speaker_audio, clip.face_boxes, clip.mouth_boxes, clip.eye_boxes,
                    tuple(clip.actions), clip.prompt, clip.seed, clip.fps, clip.sample_rate,
                    name or _default_name(clip.seed, clip.prompt))
@@ -90,6 +91,7 @@ class Truth:
 
     @property
     def speakers(self) -> int:
+        """The number of speakers (audio tracks)."""
         return len(self.speaker_audio)
 
 

@@ -450,7 +450,7 @@ class DiT(nn.Module):
 
 def scan_unroll(setting: str | int, n: int) -> int:
     """Blocks per iteration of the scanned loop. "auto": every block on CPU (XLA:CPU copies the
-    loop's stacked residuals and zero-fills their buffers; unrolled, the DiT's train step is ~1.15x
+    loop's stacked residuals and zero-fills their buffers; unrolled, the DiT's train step is
     faster there, benchmarks/cpu_vs_torch.py), one elsewhere (one compiled block: compile time
     and memory stay flat in depth). The weights stay stacked either way."""
     if setting == "auto":

@@ -6,8 +6,8 @@ DiT, which cuDNN handles natively) or as a boolean `mask` broadcastable to `[B, 
 
 - `xla`: `jax.nn.dot_product_attention(implementation="xla")`, everywhere.
 - `cudnn`: cuDNN flash attention (GPU, bf16/fp16). Raises on shapes cuDNN does not support.
-- `dense`: the same maths with a hand-written backward from the kept probabilities (1.5x
-  faster than `xla` forward + backward on XLA:CPU; benchmarks/cpu_vs_torch.py).
+- `dense`: the same maths with a hand-written backward from the kept probabilities (faster
+  than `xla` forward + backward on XLA:CPU; benchmarks/cpu_vs_torch.py).
 - `auto`: cuDNN on GPU for half precision inputs without a dense mask, `dense` on CPU, else XLA.
 
 - `blockwise`: exact flash-style attention in plain JAX (memory O(L), custom backward).

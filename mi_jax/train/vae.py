@@ -81,12 +81,15 @@ class ClipPool:
         self.weights, self.portrait_fraction = weights, portrait_fraction
 
     def length(self, i: int) -> int:
+        """The clip length in frames of batch `i` (a function of the seed and `i` only)."""
         rng = np.random.default_rng([self.seed, 11, i])
         if len(self.lengths) == 1 or rng.random() < self.tile_fraction:
             return self.lengths[0]
         return int(self.lengths[1 + rng.integers(len(self.lengths) - 1)])
 
     def batch(self, i: int, batch: int):
+        """Batch `i`: float32 video `[B, T, H, W, 3]` in [-1, 1], loss weights `[B, T, H, W, 1]` and
+        bool `[B]` (latent 0 from the first frame alone); a function of the seed and `i` only."""
         frames = self.length(i)
         rng = np.random.default_rng([self.seed, 13, i])
         video, weight = [], []
