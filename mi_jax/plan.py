@@ -102,8 +102,17 @@ STEP_BUILDERS: dict[str, Callable[..., StepSpec]] = {}
 
 
 def register_step(name: str):
-    """`@register_step("distill")` on a `builder(config, mesh, **options) -> StepSpec`; replaces
-    an existing builder of that name (e.g. the sampler's window step for "generate")."""
+    """Registers a step builder for `plan` under `name`.
+
+    `@register_step("distill")` on a `builder(config, mesh, **options) -> StepSpec`; replaces
+    an existing builder of that name (e.g. the sampler's window step for "generate").
+
+    Args:
+      name: the step's name in `plan(steps=...)` and `mi-jax plan --steps`.
+
+    Returns:
+      The decorator (it returns the builder unchanged).
+    """
 
     def deco(builder):
         STEP_BUILDERS[name] = builder
@@ -126,8 +135,18 @@ def _spatial(config) -> int:
 
 
 def abstract_batch(config, batch: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-    """The training batch `{field: ShapeDtypeStruct [B, ...]}` that `mi-jax prepare` would write
-    for `config.prepare` (see mi_jax/data/store.py), plus the loader's `index`."""
+    """The training batch `mi-jax prepare` would write for `config.prepare`, as shapes.
+
+    Args:
+      config: a run config.
+      batch: the batch size (default None: `config.data.global_batch`).
+
+    Returns:
+      `{field: ShapeDtypeStruct [B, ...]}` (see mi_jax/data/store.py), plus the loader's `index`.
+
+    Raises:
+      ValueError: a frame size that is not a multiple of the VAE's factor times the patch size.
+    """
     p, m = config.prepare, config.model
     b = batch or config.data.global_batch
     sf = _spatial(config)
@@ -172,7 +191,15 @@ def _tokens(config, latent_frames: int) -> dict:
 
 
 def job_step(job, rules=DEFAULT_RULES) -> StepSpec:
-    """The StepSpec of a `make_job` job's train step, placed as `loop.compile_step` places it."""
+    """The StepSpec of a job's train step, placed as `loop.compile_step` places it.
+
+    Args:
+      job: a `loop.Job` (`make_job` or `make_distill_job`).
+      rules: the logical-axis rules (default `DEFAULT_RULES`).
+
+    Returns:
+      `StepSpec` of the donated-state step.
+    """
     config = job.config
     place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
     state = jax.tree.map(place, job.abstract_state, job.state_shardings)
@@ -201,7 +228,20 @@ def _reshard(job, mesh, rules):
 
 @register_step("train")
 def train_step(config, mesh, *, rules=None, **_) -> StepSpec:
-    """The stage-1/2 train step exactly as `loop.compile_step` compiles it (donated state)."""
+    """The stage-1/2 train step exactly as `loop.compile_step` compiles it (donated state).
+
+    Args:
+      config: a run config.
+      mesh: the devices.
+      rules: the logical-axis rules (default None: `DEFAULT_RULES`).
+      **_: other steps' options, ignored.
+
+    Returns:
+      `StepSpec`.
+
+    Raises:
+      ValueError: a micro-batch that does not split over data x fsdp.
+    """
     micro, split = config.data.global_batch // config.train.grad_accum, mesh.shape["data"] * mesh.shape["fsdp"]
     if micro % split:
         raise ValueError(f"train: the micro-batch of {micro} (data.global_batch / train.grad_accum) does not split "
@@ -217,7 +257,20 @@ def distill_step(config, mesh, *, rules=None, **_) -> StepSpec:
     """The DMD2 step (mi_jax/train/distill.py) exactly as `mi-jax distill` compiles it (donated
     state): generator and critic (LoRA factors over the one frozen base, or full copies with
     `distill.lora_rank=0`), the real score with its CFG branches, backward simulation, TTUR's
-    generator update under `lax.cond` (the plan counts its larger branch)."""
+    generator update under `lax.cond` (the plan counts its larger branch).
+
+    Args:
+      config: a `...:distill` run config.
+      mesh: the devices.
+      rules: the logical-axis rules (default None: `DEFAULT_RULES`).
+      **_: other steps' options, ignored.
+
+    Returns:
+      `StepSpec`.
+
+    Raises:
+      ValueError: no `distill` section, or a batch that does not split over data x fsdp.
+    """
     if "distill" not in config:
         raise ValueError("distill: the config has no `distill` section; use e.g. configs/magicinfinite.py:tiny,distill")
     batch, split = config.data.global_batch, mesh.shape["data"] * mesh.shape["fsdp"]
@@ -234,9 +287,21 @@ def distill_step(config, mesh, *, rules=None, **_) -> StepSpec:
 @register_step("generate")
 def generate_window(config, mesh, *, latent_frames: int | None = None, branches: int = 3,
                     dtype: str | None = "bfloat16", rules=None, **_) -> StepSpec:
-    """One DiT evaluation of a generation window: batch = `branches` CFG branches (text / audio /
-    reference unconditional + conditional), `latent_frames` (default config.prepare's) at
-    config.prepare's size; params and compute in `dtype` (None: the config's)."""
+    """One DiT evaluation of a generation window, at config.prepare's size.
+
+    Args:
+      config: a run config.
+      mesh: the devices.
+      latent_frames: the window's latent frames (default None: `config.prepare.latent_frames`).
+      branches: the batch, one per CFG branch (text / audio / reference unconditional +
+        conditional; default 3).
+      dtype: parameter and compute dtype (default "bfloat16"; None: the config's).
+      rules: the logical-axis rules (default None: `DEFAULT_RULES`).
+      **_: other steps' options, ignored.
+
+    Returns:
+      `StepSpec` of the forward pass.
+    """
     mcfg = DiTConfig.coerce(config.model)
     if dtype:
         mcfg = mcfg.replace(dtype=dtype, param_dtype=dtype)
@@ -316,7 +381,18 @@ def _walk(jaxpr) -> np.ndarray:
 
 
 def count_flops(fn, *args) -> dict[str, float]:
-    """Matmul/conv FLOPs and matmul operand bytes of `fn(*args)` for the whole (global) step."""
+    """Matmul / conv FLOPs and matmul operand bytes of `fn(*args)` for the whole (global) step.
+
+    Scans count `length` times, shard_map bodies times their mesh, `cond` its larger branch,
+    while loops once (their trip count is unknown).
+
+    Args:
+      fn: the step function.
+      *args: its arguments (abstract values are enough).
+
+    Returns:
+      `{"flops", "matmul_bytes"}`.
+    """
     flops, nbytes = _walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return dict(flops=float(flops), matmul_bytes=float(nbytes))
 
@@ -341,7 +417,11 @@ def compiler_options() -> dict:
 
 
 def compile_step(spec: StepSpec):
-    """-> (compiled, seconds). The lowering `loop.compile_step` does for the train step."""
+    """Compiles a step as `loop.compile_step` does for the train step.
+
+    Returns:
+      `(compiled, seconds)`.
+    """
     t0 = time.time()
     with with_rules(spec.mesh, spec.rules):
         compiled = jax.jit(spec.fn, **spec.jit_kwargs).lower(*spec.args).compile(compiler_options=compiler_options())
@@ -349,8 +429,12 @@ def compile_step(spec: StepSpec):
 
 
 def memory_gb(compiled) -> dict[str, float]:
-    """Per-device bytes of a compiled step, in GB. total = arguments + outputs - aliased (donated
-    buffers reused for outputs) + temporaries + generated code."""
+    """Per-device memory of a compiled step, in GB.
+
+    Returns:
+      `{"arguments", "outputs", "aliased", "temporaries", "code", "total"}`; total = arguments +
+      outputs - aliased (donated buffers reused for outputs) + temporaries + generated code.
+    """
     m = compiled.memory_analysis()
     parts = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
                  temporaries=m.temp_size_in_bytes, code=m.generated_code_size_in_bytes)
@@ -431,7 +515,11 @@ def _named_devices(mesh_spec) -> int | None:
 
 
 def ensure_devices(mesh_spec) -> jax.sharding.Mesh:
-    """The mesh for `mesh_spec` over the first devices; a clear error when too few exist."""
+    """The mesh for `mesh_spec` over the first devices.
+
+    Raises:
+      RuntimeError: fewer devices than the spec names (with how to force host devices).
+    """
     n = _named_devices(mesh_spec) or jax.device_count()
     if jax.device_count() < n:
         raise RuntimeError(

@@ -71,8 +71,18 @@ def heldout_generation(pipe: Pipeline, index: int, seconds: float):
 
 
 def check_schedule(pipe, seconds: float, switch: float, seed: int) -> dict:
-    """'a person talking' -> 'a person talking, nodding' at `switch` s: head motion per half,
-    and the seam score at the switch (the window boundaries within 1 s of it)."""
+    """The prompt schedule: 'a person talking' -> 'a person talking, nodding' at `switch` s.
+
+    Args:
+      pipe: the model (`Pipeline`).
+      seconds: the video's length.
+      switch: when the prompt changes, in seconds.
+      seed: the noise seed.
+
+    Returns:
+      Head motion per half and the seam score at the switch (the window boundaries within 1 s of
+      it), as a JSON-ready dict.
+    """
     p = pipe.config.prepare
     clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + seed, seconds, size=(p.height, p.width))
     schedule = [(0.0, synthetic.prompt_for("")), (switch, synthetic.prompt_for("nodding"))]
@@ -90,8 +100,19 @@ def check_schedule(pipe, seconds: float, switch: float, seed: int) -> dict:
 
 
 def check_silence(pipe, seconds: float, gap: float, seed: int, rest: bool = True) -> dict:
-    """A voice with `gap` s of digital silence in the middle: mouth opening in the silence vs
-    the talking parts, identity and face detail in the silence vs the talking parts."""
+    """The mouth rest: a voice with `gap` s of digital silence in the middle.
+
+    Args:
+      pipe: the model (`Pipeline`).
+      seconds: the video's length.
+      gap: the silence in seconds.
+      seed: the noise seed.
+      rest: generate with the mouth rest (default True; False for the comparison).
+
+    Returns:
+      Mouth opening, identity and face detail in the silence vs the talking parts, as a
+      JSON-ready dict.
+    """
     p = pipe.config.prepare
     clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + seed, seconds, size=(p.height, p.width))
     audio = clip.audio.copy()
@@ -124,8 +145,18 @@ def check_silence(pipe, seconds: float, gap: float, seed: int, rest: bool = True
 
 
 def check_turns(pipe, seconds: float, seed: int, rest: bool = True) -> dict:
-    """Two speakers taking turns (the synthetic world's `speaking_turns`): routing margins and
-    each mouth's opening outside its own turns vs inside them."""
+    """Two speakers taking turns (the synthetic world's `speaking_turns`).
+
+    Args:
+      pipe: the model (`Pipeline`).
+      seconds: the video's length.
+      seed: the noise seed.
+      rest: generate with the mouth rest (default True).
+
+    Returns:
+      Routing margins and each mouth's opening outside its own turns vs inside them, as a
+      JSON-ready dict.
+    """
     p = pipe.config.prepare
     clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + seed, seconds, size=(p.height, p.width), speakers=2)
     tracks = [a for a in clip.speaker_audio]
@@ -151,8 +182,17 @@ def check_turns(pipe, seconds: float, seed: int, rest: bool = True) -> dict:
 
 
 def check_anchor(pipe, seconds: float, seed: int) -> dict:
-    """The same long video with and without the colour anchor: colour shift first vs last
-    minute (dE76 over the face) and lip sync."""
+    """The same long video with and without the colour anchor.
+
+    Args:
+      pipe: the model (`Pipeline`).
+      seconds: the video's length.
+      seed: the noise seed.
+
+    Returns:
+      Colour shift first vs last minute (dE76 over the face) and lip sync, with and without the
+      anchor, as a JSON-ready dict.
+    """
     p = pipe.config.prepare
     clip = synthetic.render_clip(synthetic.HELDOUT_SEED_START + seed, seconds, size=(p.height, p.width))
     truth = metrics.Truth.from_clip(clip)

@@ -256,10 +256,22 @@ def _crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
 
 
 def identity_drift(similarity: np.ndarray, fps: float, window_s: float = 60.0) -> dict:
-    """Relative drop of the mean similarity from the first to the last window:
-    drift = (first - last) / first (0 = none, 0.1 = 10 % lower at the end). The window is
-    `window_s` seconds when the video spans at least three of them (the first and last minute
-    of a 3-minute video), else the first / last 20 % of the frames."""
+    """Relative drop of the mean identity similarity from the first to the last window.
+
+    Args:
+      similarity: `identity_similarity`'s `[T]`, T >= 2.
+      fps: frames per second.
+      window_s: the window in seconds (default 60), used when the video spans at least three
+        of them (the first and last minute of a 3-minute video); else the first / last 20 % of
+        the frames.
+
+    Returns:
+      A dict with `drift` = (first - last) / first (0 = none, 0.1 = 10 % lower at the end), the
+      two means and the window in frames.
+
+    Raises:
+      ValueError: `similarity` is not `[T]` with T >= 2.
+    """
     similarity = np.asarray(similarity, np.float64)
     if similarity.ndim != 1 or len(similarity) < 2:
         raise ValueError(f"similarity must be [T] with T >= 2, got shape {similarity.shape}.")
@@ -317,15 +329,28 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 def colour_shift(frames: np.ndarray, fps: float, window_s: float = 60.0,
                  face_boxes: np.ndarray | None = None) -> dict:
     """Mean colour shift from the first to the last window: dE76 (Euclidean distance in CIE Lab)
-    between the mean Lab colours of the two windows. The window is `window_s` seconds when the
-    video spans at least two of them (the first and last minute), else the first / last third.
+    between the mean Lab colours of the two windows.
 
-    The region is the face: the ellipses inscribed in face_boxes [T, 4] or [S, T, 4] (every
-    speaker's; pixel centres inside), as `measure` passes them, because a face sliding to another
-    colour is the failure that matters and the background around it would dilute it; the whole
-    frame when face_boxes is None. Frames where no pixel falls in the region are skipped.
-    frames uint8 [T, H, W, 3]. Returns {"delta_e", "first", "last" (mean L, a, b), "window_frames",
-    "region" ("face" or "frame")}."""
+    The region is the face, because a face sliding to another colour is the failure that
+    matters and the background around it would dilute it. Frames where no pixel falls in the
+    region are skipped.
+
+    Args:
+      frames: uint8 `[T, H, W, 3]`, T >= 2.
+      fps: frames per second.
+      window_s: the window in seconds (default 60), used when the video spans at least two of
+        them (the first and last minute); else the first / last third.
+      face_boxes: `[T, 4]` or `[S, T, 4]` (every speaker's) boxes whose inscribed ellipses
+        (pixel centres inside) are the region, as `measure` passes them; None (default): the
+        whole frame.
+
+    Returns:
+      `{"delta_e", "first", "last" (mean L, a, b), "window_frames", "region" ("face" or "frame")}`.
+
+    Raises:
+      ValueError: non-positive fps or window, fewer than 2 frames, boxes of the wrong shape, or
+        no face pixel in the first or the last window.
+    """
     frames = _check_frames(frames)
     if not fps > 0 or not window_s > 0:
         raise ValueError(f"fps and window_s must be positive, got fps={fps}, window_s={window_s}.")
@@ -367,9 +392,19 @@ def colour_shift(frames: np.ndarray, fps: float, window_s: float = 60.0,
 
 
 def seam_score(frames: np.ndarray, boundaries: Sequence[int]) -> float:
-    """Mean |frame b - frame b-1| over boundary frames b (the first frame of each new sampler
-    window) divided by the mean over all other consecutive pairs: 1.0 = seamless, > 1 = visible
-    jumps. frames uint8 [T, H, W, 3]. A video with no change at all scores 1.0."""
+    """How much the frames jump where sampler windows meet, relative to elsewhere.
+
+    Args:
+      frames: uint8 `[T, H, W, 3]`.
+      boundaries: the first frame of each new sampler window, in [1, T - 1].
+
+    Returns:
+      Mean |frame b - frame b-1| over the boundary frames b divided by the mean over all other
+      consecutive pairs: 1.0 = seamless, > 1 = visible jumps. A video with no change scores 1.0.
+
+    Raises:
+      ValueError: a boundary outside [1, T - 1].
+    """
     frames = _check_frames(frames)
     b = np.unique(np.asarray(list(boundaries), np.int64))
     if b.size == 0 or b.min() < 1 or b.max() > len(frames) - 1 or b.size >= len(frames) - 1:
@@ -409,8 +444,19 @@ def seam_over_latents(frames: np.ndarray, boundaries: Sequence[int], frames_per_
 
 
 def routing(mouths: np.ndarray, envelopes: np.ndarray, max_offset: int = 5) -> dict:
-    """Two-speaker routing from mouths [S, T] (measured) and envelopes [S, T] (each speaker's own
-    stream): correlations [S, S] (mouth s vs stream r, best offset) and margins [S] = own - other."""
+    """Two-speaker routing: does each mouth follow its own voice rather than the other's?
+
+    Args:
+      mouths: measured mouth openings `[2, T]`.
+      envelopes: each speaker's own audio envelope `[2, T]`.
+      max_offset: lip-sync lags searched, +- frames (default 5).
+
+    Returns:
+      `{"correlations": [S, S] (mouth s vs stream r, best offset), "margins": [S] (own - other)}`.
+
+    Raises:
+      ValueError: inputs that are not both `[2, T]`.
+    """
     mouths, envelopes = np.asarray(mouths), np.asarray(envelopes)
     if mouths.shape != envelopes.shape or mouths.ndim != 2 or len(mouths) != 2:
         raise ValueError(f"routing needs mouths and envelopes of shape [2, T], got {mouths.shape} and "
