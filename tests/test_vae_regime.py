@@ -123,8 +123,8 @@ def test_a_pretrained_vae_widened_to_more_latent_channels_decodes_as_before():
     c = old_cfg.latent_channels
     # equal up to float32 round-off: the widened encoder's last convolution has twice the output
     # channels, so the native kernels (or XLA) block and order its sums of 3x3x3xCi terms otherwise
-    for new, old in ((mean[..., :c], old_mean), (logvar[..., :c], old_logvar)):
-        np.testing.assert_allclose(new, old, rtol=0, atol=1e-5 * float(jnp.abs(old).max()))
+    for got, want in ((mean[..., :c], old_mean), (logvar[..., :c], old_logvar)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
     assert np.allclose(logvar[..., c:], -8.0) and float(jnp.abs(mean[..., c:]).max()) > 0
     noisy = mean.at[..., c:].add(1.0)  # the new channels do not reach the decoder yet
     # equal up to float32 round-off: on CPU the decoder's first convolution takes another form
