@@ -139,7 +139,7 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     g.embedded_guidance = 1.0
     # live streams (mi_jax/live.py): audio read past a window's last frame before it runs, and the
     # audio-to-frame latency past which a frame counts as late (runs saved without these use the same)
-    g.stream_lookahead_s = 0.4
+    g.stream_lookahead_s = 0.2
     g.stream_max_latency_s = 1.0
 
     c.init = ml_collections.ConfigDict()

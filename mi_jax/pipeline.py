@@ -582,6 +582,17 @@ class Pipeline:
         return Generation(np.concatenate(chunks), self.last_audio, float(self.config.prepare.fps),
                           int(self.config.prepare.sample_rate), list(self.notices))
 
+    def live(self, portrait, audio_chunks, prompt="", **kw):
+        """Audio in as it arrives (an iterator of mono float32 chunks of any size, or
+        `(samples, rate)` pairs), frames out as each window finishes: a `LiveStream` of
+        `LiveFrames` (frames, their audio, latency) with a `report()`. Each window reads its
+        frames' audio plus `lookahead_s` (config `sample.stream_lookahead_s`), no more; frames
+        later than `max_latency_s` after their audio are counted and warned about. Arguments as
+        `stream`'s, plus `lookahead_s`, `pace`, `max_latency_s`: see mi_jax/live.py."""
+        from mi_jax.live import LiveStream
+
+        return LiveStream(self, portrait, audio_chunks, prompt, **kw)
+
     def write(self, path: str, frames: Iterable[np.ndarray]) -> str | None:
         """Encodes streamed frames with the last call's audio into an mp4, holding no frames.
 
