@@ -1,10 +1,11 @@
 """`mi-jax`: the command line.
 
-    mi-jax synth    --out DIR [--clips N] [--seconds S] [--seed-start K] [--size HxW]
+    mi-jax synth    --out DIR [--clips N] [--seconds S] [--seed-start K] [--size HxW] [--voice espeak]
     mi-jax prepare  --clips DIR --out DIR --config configs/FILE.py:VARIANT [--config.FIELD=VALUE ...]
     mi-jax train    --config configs/FILE.py:VARIANT --workdir DIR [--config.FIELD=VALUE ...]
     mi-jax distill  --config configs/magicinfinite.py:tiny,distill --workdir DIR --config.init.checkpoint=RUN
     mi-jax generate --checkpoint RUN --portrait IMG --audio WAV [--audio WAV --mask IMG ...]
+                    | --say TEXT [--voice en-us+f3]          (typed words spoken by espeak-ng: .[speech])
                     --prompt TEXT | --prompt 0:TEXT --prompt SECONDS:TEXT ... --out OUT.mp4
                     [--timeline FILE] [--no-rest] [--colour-anchor] [--seconds S] [--steps N]
                     [--cfg-text X] [--cfg-audio Y] [--seed K] [--size WxH]
@@ -35,7 +36,7 @@ def cmd_synth(args) -> int:
 
     h, w = (int(v) for v in args.size.lower().split("x"))
     synthetic.write_clips(args.out, args.clips, args.seconds, seed_start=args.seed_start, size=(h, w),
-                          speakers=args.speakers)
+                          speakers=args.speakers, voice=args.voice)
     print(f"wrote {args.clips} clips to {args.out}")
     return 0
 
@@ -92,6 +93,28 @@ def cmd_generate(args) -> int:
     from mi_jax.pipeline import check_inputs
     from mi_jax.convert.checkpoint import load_run_config
 
+    if (args.say is None) == (not args.audio):
+        print("error: give --audio FILE (one per speaker) or --say TEXT, not both" if args.audio else
+              "error: give --audio FILE or --say TEXT (the words to speak)", file=sys.stderr)
+        return 2
+    if args.voice is not None and args.say is None:
+        print("error: --voice goes with --say (an audio file has its own voice)", file=sys.stderr)
+        return 2
+    if args.say is not None:  # spoken here, once, before the model is loaded (espeak-ng: milliseconds)
+        from mi_jax.data import speech
+        from mi_jax.convert.checkpoint import load_run_config as _run_config
+        from mi_jax.pipeline import spoken as _spoken
+
+        try:
+            speech.check_voice(args.voice or speech.DEFAULT_VOICE)  # text and voice: before the run is read
+            speech.check_text(args.say)
+            spoken = _spoken(_run_config(args.checkpoint), args.say, args.voice)
+        except (InputError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"said {len(args.say.split())} words in {spoken.seconds:.1f} s ({spoken.voice}, "
+              f"{len(spoken.phonemes)} phonemes)", file=sys.stderr)
+        args.audio = [spoken.audio]
     audio = args.audio if len(args.audio) > 1 else args.audio[0]
     prompts = args.prompt or [""]
     prompt = prompts[0] if len(prompts) == 1 else prompts
@@ -238,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-start", type=int, default=0, help="seeds >= 1000000 are the held-out split")
     p.add_argument("--size", default="64x64", help="HxW")
     p.add_argument("--speakers", type=int, default=1)
+    p.add_argument("--voice", choices=("synthetic", "espeak"), default="synthetic",
+                   help="the clips' voice: the synthetic one, or espeak-ng sentences with a viseme truth "
+                        "(pip install -e .[speech])")
 
     p = sub.add_parser("prepare", help="clips -> a sample store for training")
     p.add_argument("--clips", required=True)
@@ -254,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="portrait + voice + prompt -> talking video (mp4 with the audio)")
     p.add_argument("--checkpoint", required=True, help="a training or distillation run folder")
     p.add_argument("--portrait", required=True)
-    p.add_argument("--audio", required=True, action="append", help="one per speaker")
+    p.add_argument("--audio", action="append", help="one per speaker (or --say)")
+    p.add_argument("--say", default=None, help="text to speak instead of --audio (espeak-ng, offline; "
+                   "pip install -e .[speech]); the spoken audio is animated and muxed into the mp4")
+    p.add_argument("--voice", default=None, help="the espeak-ng voice for --say: LANGUAGE or LANGUAGE+VARIANT "
+                   "(default en-us; e.g. en-us+f3, en-gb-x-rp+m4, fr)")
     p.add_argument("--mask", action="append", help="one mask image per speaker (white = that speaker)")
     p.add_argument("--prompt", action="append",
                    help="the prompt; repeat as 'SECONDS:TEXT' for a schedule (e.g. --prompt '0:a person talking' "

@@ -238,6 +238,52 @@ def check_inputs(config, portrait, audio, *, seconds=None, masks=None, size=None
     return r.image, r.tracks, r.masks, r.frames, r.notices
 
 
+def spoken(config, say: str, voice: str | None = None):
+    """`say` spoken with espeak-ng (mi_jax/data/speech.py) as an audio file would be read: at the
+    config's sample rate, loudness-normalised as `audio_io.load_audio` does.
+
+    Returns:
+      `speech.Speech` (audio, phonemes, words).
+
+    Raises:
+      SpeechError (an InputError): empty or unspeakable text, an unknown voice, text past the
+        length limit, or espeak-ng missing (`pip install -e .[speech]`).
+    """
+    from mi_jax.data import speech
+
+    said = speech.speak(say, voice or speech.DEFAULT_VOICE, sample_rate=int(config.prepare.sample_rate))
+    return dataclasses.replace(said, audio=audio_io.normalize_loudness(said.audio, "rms"))
+
+
+def spoken_audio(config, audio=None, say: str | None = None, voice: str | None = None):
+    """The audio to animate: `audio` as given, or the text `say` spoken with espeak-ng.
+
+    Args:
+      config: the run's config (`prepare.sample_rate`).
+      audio: a track or list of tracks (`read_inputs`), or None with `say`.
+      say: text to speak instead of an audio track (needs `pip install -e .[speech]`;
+        mi_jax/data/speech.py).
+      voice: the espeak-ng voice for `say` (default None: "en-us"; e.g. "en-us+f3").
+
+    Returns:
+      `audio`, or the spoken mono float32 track at the config's sample rate (`spoken`).
+
+    Raises:
+      InputError: neither or both of `audio` and `say`, `voice` without `say`; `SpeechError`
+        (an InputError) for empty or unspeakable text, an unknown voice, text past the length
+        limit, or espeak-ng missing.
+    """
+    if say is None:
+        if voice is not None:
+            raise InputError("voice: a voice goes with text to say (say=... / --say); an audio track has its own")
+        if audio is None:
+            raise InputError("audio: give an audio track, or text to speak (say=... / --say TEXT)")
+        return audio
+    if audio is not None:
+        raise InputError("say: give an audio track or text to say, not both")
+    return spoken(config, say, voice).audio
+
+
 def generation_mesh(spec: str | None = None) -> jax.sharding.Mesh:
     """The devices generation runs on.
 
@@ -470,9 +516,9 @@ class Pipeline:
             if progress is not None:
                 progress(k + 1, req.num_windows)
 
-    def latents(self, portrait, audio, prompt="", *, seconds=None, masks: Sequence | None = None,
+    def latents(self, portrait, audio=None, prompt="", *, seconds=None, masks: Sequence | None = None,
                 seed: int = 0, steps=None, cfg_text=None, cfg_audio=None, size=None, allow_silence=True,
-                timeline=None, rest=True, progress=None) -> Iterator[np.ndarray]:
+                timeline=None, rest=True, progress=None, say=None, voice=None) -> Iterator[np.ndarray]:
         """The generated latents, window by window, before decoding.
 
         Takes `stream`'s arguments but `colour_anchor` (it acts on pixels).
@@ -492,6 +538,8 @@ class Pipeline:
           timeline: who speaks when (default None).
           rest: mouths rest in silence (default True).
           progress: `progress(done, total)` after every window (default None).
+          say: text to speak instead of `audio` (default None; as `stream`).
+          voice: the espeak-ng voice for `say` (default None: "en-us").
 
         Returns:
           An iterator of float32 `[1, n, h, w, C]` latents (after the reference, scaled as the DiT
@@ -503,14 +551,16 @@ class Pipeline:
           AudioError: as `read_inputs`.
           ValueError: a seed outside int32 (on the first `next()`).
         """
+        audio = spoken_audio(self.config, audio, say, voice)
         req = self._request(portrait, audio, prompt, seconds=seconds, masks=masks, steps=steps, cfg_text=cfg_text,
                             cfg_audio=cfg_audio, size=size, allow_silence=allow_silence, timeline=timeline,
                             rest=rest, colour_anchor=False)
         return self._windows(req, seed, progress)
 
-    def stream(self, portrait, audio, prompt="", *, seconds=None, masks: Sequence | None = None,
+    def stream(self, portrait, audio=None, prompt="", *, seconds=None, masks: Sequence | None = None,
                seed: int = 0, steps=None, cfg_text=None, cfg_audio=None, size=None, allow_silence=True,
-               timeline=None, rest=True, colour_anchor=None, progress=None) -> Iterator[np.ndarray]:
+               timeline=None, rest=True, colour_anchor=None, progress=None, say: str | None = None,
+               voice: str | None = None) -> Iterator[np.ndarray]:
         """Generates the video as frame chunks, window by window, in constant memory.
 
         In a multi-process job only process 0 decodes (it writes the video); the others run
@@ -536,15 +586,19 @@ class Pipeline:
           colour_anchor: hold the frames' colour on the portrait's (default None:
             `COLOUR_ANCHOR_DEFAULT`; mi_jax/generation/colour_anchor.py).
           progress: called as `progress(done, total)` after every window (default None).
+          say: text to speak instead of `audio` (espeak-ng, `pip install -e .[speech]`; the
+            spoken track is animated and is the audio `write` muxes) (default None).
+          voice: the espeak-ng voice for `say` (default None: "en-us"; mi_jax/data/speech.py).
 
         Yields:
           uint8 `[n, H, W, 3]` frame chunks, the portrait's frame first.
 
         Raises:
-          InputError: as `read_inputs`, on the first `next()`.
+          InputError: as `read_inputs`, on the first `next()`; for `say`, as `spoken_audio`.
           AudioError: as `read_inputs`, on the first `next()`.
           ValueError: a seed outside int32.
         """
+        audio = spoken_audio(self.config, audio, say, voice)
         req = self._request(portrait, audio, prompt, seconds=seconds, masks=masks, steps=steps, cfg_text=cfg_text,
                             cfg_audio=cfg_audio, size=size, allow_silence=allow_silence, timeline=timeline,
                             rest=rest, colour_anchor=colour_anchor)
@@ -561,14 +615,17 @@ class Pipeline:
             if len(chunk):
                 yield chunk if req.anchor is None else req.anchor(chunk)
 
-    def generate(self, portrait, audio, prompt: str = "", **kw) -> Generation:
+    def generate(self, portrait, audio=None, prompt: str = "", **kw) -> Generation:
         """The whole video in memory.
+
+            pipe.generate("portrait.png", say="Hello, this is a test.", voice="en-us+f3").save("x.mp4")
 
         Args:
           portrait: as `stream`.
-          audio: as `stream`.
+          audio: as `stream` (None with `say=`).
           prompt: as `stream` (default "").
-          **kw: `stream`'s keyword arguments.
+          **kw: `stream`'s keyword arguments (`say=`, `voice=`: text spoken with espeak-ng as
+            the audio track).
 
         Returns:
           `Generation` (frames, mixed audio, fps, notices); `.save(path)` writes the mp4.

@@ -122,7 +122,7 @@ class Checked:
     """A request whose inputs passed the CLI's checks."""
 
     portrait: str
-    audio: str | list[str]
+    audio: str | list  # file paths, or for typed words the spoken track (float32 at the config's rate)
     prompt: str
     seconds: float | None
     masks: list | None
@@ -155,12 +155,13 @@ def upload_path(value) -> str | None:
 
 
 def page_values(portrait, voice, prompt, seconds, seed, steps, voice2, mask_files, mask_drawing, timeline=None,
-                colour_anchor=False, rest=True) -> tuple:
+                colour_anchor=False, rest=True, *say) -> tuple:
     """The page's inputs, sent without preprocessing, as `Studio.check` takes them.
 
     Returns:
       The same twelve values in order, uploads as paths (None when empty), the mask files as a
-      list of paths or None, the painted layers as `{"layers": [RGBA arrays]}`.
+      list of paths or None, the painted layers as `{"layers": [RGBA arrays]}`; then `say` as
+      given (the Say box's text and its espeak-ng voice, when the page sends them).
     """
 
     layers = []
@@ -170,7 +171,7 @@ def page_values(portrait, voice, prompt, seconds, seed, steps, voice2, mask_file
                 layers.append(np.asarray(im.convert("RGBA")))
     files = [upload_path(f) for f in (mask_files or []) if upload_path(f)]
     return (upload_path(portrait), upload_path(voice), prompt, seconds, seed, steps, upload_path(voice2),
-            files or None, {"layers": layers}, upload_path(timeline), colour_anchor, rest)
+            files or None, {"layers": layers}, upload_path(timeline), colour_anchor, rest, *say)
 
 
 def shown(message: str, values) -> str:

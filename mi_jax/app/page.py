@@ -19,6 +19,8 @@ from mi_jax.data.prepare import patch_grid
 PREVIEW_SIDE = 256  # the newest frame is shown about this large
 PREVIEW_EVERY = 0.5  # seconds between preview frames at most
 EDITOR_SIDE = 512  # the portrait is shown this large in the mask painter (the masks are resized back)
+# offered for typed words (any espeak-ng voice may be typed in: mi_jax.data.speech.voices(), variants())
+SAY_VOICES = ("en-us", "en-us+f3", "en-us+m3", "en-gb-x-rp", "en-gb-x-rp+f2", "fr", "de", "es")
 
 
 def build_page(studio: Studio) -> gr.Blocks:
@@ -56,6 +58,8 @@ class Controls:
     timeline: gr.File
     colour_anchor: gr.Checkbox
     rest: gr.Checkbox
+    say: gr.Textbox
+    say_voice: gr.Dropdown
     generate: gr.Button
     stop: gr.Button
     status: gr.Markdown
@@ -67,7 +71,8 @@ class Controls:
     @property
     def inputs(self) -> list:
         return [self.portrait, self.voice, self.prompt, self.seconds, self.seed, self.steps, self.voice2,
-                self.mask_files, self.mask_drawing, self.timeline, self.colour_anchor, self.rest]
+                self.mask_files, self.mask_drawing, self.timeline, self.colour_anchor, self.rest, self.say,
+                self.say_voice]
 
     @property
     def outputs(self) -> list:
@@ -95,6 +100,11 @@ def _input_column(studio: Studio) -> dict:
     c["voice"] = gr.Audio(label="Voice (upload or record)", sources=["upload", "microphone"], type="filepath",
                           elem_id="voice")
     gr.Examples([[studio.bundled.voice]], inputs=[c["voice"]], label="Bundled voice")
+    with gr.Row():
+        c["say"] = gr.Textbox(label="...or type what to say (spoken offline by espeak-ng when no voice is given)",
+                              placeholder="Hello, this is a test of the demo.", elem_id="say", lines=2, scale=3)
+        c["say_voice"] = gr.Dropdown(list(SAY_VOICES), value=SAY_VOICES[0], allow_custom_value=True,
+                                     label="Voice for the words (espeak-ng)", elem_id="say-voice", scale=1)
     c["prompt"] = gr.Textbox(label="Prompt (one, or one 'SECONDS:TEXT' per line to change it over time)",
                              value=studio.prompts[0], elem_id="prompt", lines=1, max_lines=8)
     gr.Examples([[p] for p in studio.prompts], inputs=[c["prompt"]], label="Actions this model knows")

@@ -19,7 +19,7 @@ from mi_jax.generation.controls import prompt_schedule
 from mi_jax.data.inputs import InputError, prompt_notices
 from mi_jax.eval.metrics import best_offset_correlation
 from mi_jax.eval.report import plot_lip_sync
-from mi_jax.pipeline import Pipeline, check_inputs
+from mi_jax.pipeline import Pipeline, check_inputs, spoken
 
 
 class Studio:
@@ -57,7 +57,7 @@ class Studio:
         return int(self.config.sample.steps)
 
     def check(self, portrait, voice, prompt, seconds=None, seed=0, steps=None, voice2=None, mask_files=None,
-              mask_drawing=None, timeline=None, colour_anchor=None, rest=True) -> Checked:
+              mask_drawing=None, timeline=None, colour_anchor=None, rest=True, say=None, say_voice=None) -> Checked:
         """Every input checked as `mi-jax generate` checks it; nothing computed.
 
         Args:
@@ -73,6 +73,9 @@ class Studio:
           timeline: a START END SPEAKER file path (default None).
           colour_anchor: None (default: the pipeline's default) or a bool.
           rest: the mouth rests in silence (default True).
+          say: words to speak with espeak-ng when there is no voice file (default None;
+            mi_jax/data/speech.py, `pip install -e .[speech]`).
+          say_voice: the espeak-ng voice for `say` (default None: "en-us").
 
         Returns:
           `Checked`, with the portrait as the model sees it, the frame count and the notices.
@@ -85,8 +88,15 @@ class Studio:
 
         if not portrait:
             raise InputError("portrait: upload an image or pick one of the bundled portraits")
-        if not voice:
-            raise InputError("voice: upload or record a voice, or pick the bundled one")
+        typed = say if isinstance(say, str) and say.strip() else None
+        said_notice = []
+        if voice and typed:
+            said_notice = ["say: a voice file is given, so the typed words are not spoken (clear the voice to "
+                           "speak them)"]
+        elif typed:
+            voice = spoken(self.config, typed, say_voice).audio  # as the CLI's --say
+        if voice is None or (isinstance(voice, str) and not voice):
+            raise InputError("voice: upload or record a voice, pick the bundled one, or type words to say")
         prompt = page_prompt(prompt) if isinstance(prompt, str) or prompt is None else prompt
         seconds = None if seconds in (None, "", 0) else float(seconds)  # 0 / empty: the voice's length
         if seed is None or float(seed) != int(seed) or not -(2**31) <= int(seed) < 2**31:
@@ -99,7 +109,8 @@ class Studio:
                                                     prompt=prompt, timeline=timeline or None)
 
         vocabulary = self.config.prepare.get("text_vocabulary", ())
-        notices = notices + [n for _, text in prompt_schedule(prompt) for n in prompt_notices(text, vocabulary)]
+        notices = notices + said_notice + [n for _, text in prompt_schedule(prompt)
+                                           for n in prompt_notices(text, vocabulary)]
         return Checked(portrait, audio, prompt, seconds, masks, int(seed), None if steps is None else int(steps),
                        image, frames, notices, timeline or None, colour_anchor, bool(rest))
 

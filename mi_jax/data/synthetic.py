@@ -27,6 +27,20 @@ separate random streams, so the same seed with another prompt or style changes o
 
 Splits: seeds 0 .. 999_999 are "train", seeds >= HELDOUT_SEED_START (1_000_000) are "heldout"
 (`split(seed)`), so held-out identities and utterances are never trained on.
+
+espeak-ng speech (`render_clip(..., voice="espeak")`, needs `pip install -e .[speech]`, GPL-3:
+mi_jax/data/speech.py): instead of the synthetic voice, each speaker says seeded sentences
+(`speech.sentence`) in an espeak-ng voice (`speech.TRAIN_VOICES` for train seeds,
+`speech.HELDOUT_VOICES` for held-out ones: voices, variants and sentence words never trained
+on), at a drawn rate and pitch, inside their turns. The mouth opening follows the speech
+envelope as above, and its shape follows the phonemes: per frame the viseme of the phoneme
+overlapping it most (`speech.frame_visemes`), whose (width, height) factors
+(`speech.VISEME_SHAPES`: open /a/, wide /i/ /e/, round /o/ /u/, closed /m/ /b/ /p/), smoothed
+like the envelope, scale the rendered mouth. Truth adds visemes [S, T] (index into
+`speech.VISEMES`), mouth_width [S, T] (the inner width over the identity's closed width,
+smile included) and mouth_height [S, T] in [0, 1] (the opening the mouth is rendered with: the
+envelope times the height factor); meta.json adds each speaker's voice, sentences and phonemes.
+The default synthetic voice's clips are unchanged, bit for bit.
 """
 
 from __future__ import annotations
@@ -241,6 +255,53 @@ def speech_audio(
     return audio * (peak / top) if top > 0 else audio
 
 
+VOICES = ("synthetic", "espeak")
+
+
+def espeak_audio(rng: np.random.Generator, num_samples: int, turns: list[tuple[float, float]], voices,
+                 split_name: str = "train", sample_rate: int = SAMPLE_RATE, peak: float = 0.35):
+    """espeak-ng speech float32 [num_samples] inside `turns` (seconds), peak-normalised to `peak`:
+    one voice drawn from `voices`, a rate (130-210 words per minute) and pitch (35-65), then
+    `speech.sentence(rng, split_name)` after sentence, 0.2-0.6 s apart, each cut at its turn's
+    end. Returns (audio, phonemes with clip times, {voice, rate, pitch, sentences, phonemes})."""
+    from mi_jax.data import speech
+
+    voice = voices[int(rng.integers(len(voices)))]
+    rate, pitch = int(rng.integers(130, 211)), int(rng.integers(35, 66))
+    audio = np.zeros(num_samples, np.float32)
+    phonemes, sentences = [], []
+    for start, end in turns:
+        t = start + rng.uniform(0.05, 0.25)
+        while t < end - 0.3:
+            text = speech.sentence(rng, split_name)
+            said = speech.speak(text, voice, sample_rate=sample_rate, rate=rate, pitch=pitch)
+            n0 = round(t * sample_rate)
+            n = max(0, min(len(said.audio), round(end * sample_rate) - n0, num_samples - n0))
+            audio[n0 : n0 + n] += said.audio[:n]
+            stop = t + n / sample_rate
+            phonemes += [speech.Phoneme(round(t + p.start, 4), round(min(t + p.end, stop), 4), p.ipa, p.viseme)
+                         for p in said.phonemes if t + p.start < stop]
+            sentences.append([round(t, 4), text])
+            t = stop + rng.uniform(0.2, 0.6)
+    top = float(np.max(np.abs(audio)))
+    audio = audio * (peak / top) if top > 0 else audio
+    info = {"voice": voice, "rate": rate, "pitch": pitch, "sentences": sentences,
+            "phonemes": [[p.start, p.end, p.ipa] for p in phonemes]}
+    return audio.astype(np.float32), phonemes, info
+
+
+def viseme_shape(phonemes, num_frames: int, fps: float = FPS):
+    """Per frame: the viseme index [T] int8 (`speech.frame_visemes`) and its (width, height)
+    factors [T] float32 each (`speech.VISEME_SHAPES`), smoothed with the envelope's [1, 2, 1] / 4."""
+    from mi_jax.data import speech
+
+    visemes = speech.frame_visemes(phonemes, num_frames, fps)
+    table = np.array([speech.VISEME_SHAPES[v] for v in speech.VISEMES], np.float64)  # [V, 2]
+    padded = np.pad(table[visemes], ((1, 1), (0, 0)), mode="edge")
+    smooth = 0.25 * padded[:-2] + 0.5 * padded[1:-1] + 0.25 * padded[2:]
+    return visemes, smooth[:, 0].astype(np.float32), smooth[:, 1].astype(np.float32)
+
+
 def mouth_envelope(audio: np.ndarray, num_frames: int, fps: float = FPS, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Mouth opening float32 [num_frames] in [0, 1] from `audio: [samples]` (module docstring);
     all zeros for silent audio."""
@@ -327,19 +388,27 @@ class _Speaker:
     smile: np.ndarray
     eye_open: np.ndarray
     mouth_open: np.ndarray
+    # espeak-ng clips: per-frame viseme width / height factors of the mouth (None: 1, as before)
+    mouth_width_scale: np.ndarray | None = None
+    mouth_height_scale: np.ndarray | None = None
 
     def mouth_geometry(self):
         """Mouth centre x, y, inner half-width, inner half-height, corner lift: each [T]."""
         ident = self.identity
         a = ident.mouth_width * self.ax * (1 + 0.25 * self.smile)
+        if self.mouth_width_scale is not None:
+            a = a * self.mouth_width_scale
         closed = 0.03 * self.ay
-        b = closed + self.mouth_open * (ident.mouth_open_height * self.ay - closed)
+        opening = self.mouth_open if self.mouth_height_scale is None else self.mouth_open * self.mouth_height_scale
+        b = closed + opening * (ident.mouth_open_height * self.ay - closed)
         return self.cx + self.feature_dx, self.cy + ident.mouth_y * self.ay, a, b, SMILE_LIFT * self.ay * self.smile
 
     def mouth_boxes(self) -> np.ndarray:
         """[T, 4] box holding the mouth at any opening and smile (fixed size, follows the mouth)."""
         mx, my, _, _, _ = self.mouth_geometry()
         half_w = 1.1 * self.identity.mouth_width * self.ax * 1.25 + 1.0
+        if self.mouth_width_scale is not None:  # a viseme can widen the mouth past a smile's width
+            half_w = 1.1 * self.identity.mouth_width * self.ax * 1.25 * max(1.0, float(self.mouth_width_scale.max())) + 1.0
         half_h = 1.1 * self.identity.mouth_open_height * self.ay + SMILE_LIFT * self.ay + 1.0
         return np.stack([mx - half_w, my - half_h, mx + half_w, my + half_h], axis=-1)
 
@@ -462,6 +531,11 @@ class Clip:
     seed: int
     fps: float = FPS
     sample_rate: int = SAMPLE_RATE
+    # espeak-ng clips only (None otherwise; module docstring)
+    visemes: np.ndarray | None = None  # int8 [S, T]: index into speech.VISEMES
+    mouth_width: np.ndarray | None = None  # float32 [S, T]: inner width / the identity's closed width
+    mouth_height: np.ndarray | None = None  # float32 [S, T] in [0, 1]: the rendered opening
+    speech: list[dict] | None = None  # per speaker: voice, rate, pitch, sentences, phonemes
 
     @property
     def split(self) -> str:
@@ -482,7 +556,7 @@ class Clip:
             "fps": self.fps,
             "sample_rate": self.sample_rate,
             "identities": [dataclasses.asdict(i) for i in self.identities],
-        }
+        } | ({} if self.speech is None else {"voice": "espeak", "speech": self.speech})
 
     def save(self, folder: str | os.PathLike) -> dict[str, str]:
         """Writes clip.mp4 (H.264 + the mixed audio as AAC), audio.wav (the mixed audio, 16-bit PCM),
@@ -517,11 +591,15 @@ def render_clip(
     speakers: int = 1,
     style: str | None = None,
     sample_rate: int = SAMPLE_RATE,
+    voice: str = "synthetic",
 ) -> Clip:
     """Renders `round(seconds * fps)` frames of size (H, W) with matching audio; see the module
     docstring. style None draws it from the seed; with two speakers both share the first's style
-    and background, each in its own half of the frame."""
+    and background, each in its own half of the frame. voice: "synthetic" (default) or "espeak"
+    (espeak-ng sentences with a viseme truth; module docstring)."""
     split(seed)
+    if voice not in VOICES:
+        raise ValueError(f"voice must be one of {VOICES}, got {voice!r}.")
     if not seconds > 0:
         raise ValueError(f"seconds must be positive, got {seconds}.")
     if speakers not in (1, 2):
@@ -539,13 +617,25 @@ def render_clip(
     panel = width / speakers
     unit = min(panel, height)
 
-    identities, streams, people = [], [], []
+    identities, streams, people, said = [], [], [], []
     for s in range(speakers):
         # a second speaker shares the first one's scene: style and background
         shared_style = style or (identities[0].style if identities else None)
         background = identities[0].background if identities else None
         ident = Identity.sample(np.random.default_rng([seed, 0, s]), shared_style, background)
-        audio = speech_audio(np.random.default_rng([seed, 1, s]), num_samples, ident.voice_hz, turns[s], sample_rate)
+        shape = {}
+        if voice == "espeak":
+            from mi_jax.data import speech
+
+            voices = speech.TRAIN_VOICES if split(seed) == "train" else speech.HELDOUT_VOICES
+            audio, phonemes, info = espeak_audio(np.random.default_rng([seed, 5, s]), num_samples, turns[s], voices,
+                                                 split(seed), sample_rate)
+            visemes, width_scale, height_scale = viseme_shape(phonemes, num_frames, fps)
+            shape = dict(mouth_width_scale=width_scale, mouth_height_scale=height_scale)
+            said.append((visemes, info))
+        else:
+            audio = speech_audio(np.random.default_rng([seed, 1, s]), num_samples, ident.voice_hz, turns[s],
+                                 sample_rate)
         motion_rng = np.random.default_rng([seed, 3, s])
         eye_open = blinks(motion_rng, times)
         motion = head_motion(motion_rng, times, actions, unit)
@@ -563,6 +653,7 @@ def render_clip(
                 smile=motion["smile"],
                 eye_open=eye_open,
                 mouth_open=mouth_envelope(audio, num_frames, fps, sample_rate),
+                **shape,
             )
         )
         identities.append(ident)
@@ -571,6 +662,14 @@ def render_clip(
     frames, masks = _render(people, (height, width), num_frames)
     clip_box = np.array([width, height, width, height], np.float32)
     speaker_audio = np.stack(streams).astype(np.float32)
+    espeak = {}
+    if said:
+        espeak = dict(
+            visemes=np.stack([v for v, _ in said]).astype(np.int8),
+            mouth_width=np.stack([p.mouth_width_scale * (1 + 0.25 * p.smile) for p in people]).astype(np.float32),
+            mouth_height=np.stack([p.mouth_open * p.mouth_height_scale for p in people]).astype(np.float32),
+            speech=[info for _, info in said],
+        )
     return Clip(
         frames=frames,
         audio=speaker_audio.sum(0),
@@ -587,19 +686,20 @@ def render_clip(
         seed=int(seed),
         fps=float(fps),
         sample_rate=sample_rate,
+        **espeak,
     )
 
 
 def write_clips(out: str, clips: int, seconds: float, *, seed_start: int = 0, size: tuple[int, int] = (64, 64),
-                speakers: int = 1) -> list[str]:
+                speakers: int = 1, voice: str = "synthetic") -> list[str]:
     """Renders `clips` clips of seeds `seed_start...` into `out/clip_<seed>` folders (`mi-jax
     synth`); each seed's prompt is one of `TRAINING_PROMPTS` (the words
-    `prepare.text_vocabulary` lists). Returns the folders."""
+    `prepare.text_vocabulary` lists); `voice` as `render_clip`'s. Returns the folders."""
     os.makedirs(out, exist_ok=True)
     folders = []
     for seed in range(seed_start, seed_start + clips):
         clip = render_clip(seed, seconds, size=size, prompt=TRAINING_PROMPTS[seed % len(TRAINING_PROMPTS)],
-                           speakers=speakers)
+                           speakers=speakers, voice=voice)
         folders.append(os.path.join(out, f"clip_{seed:07d}"))
         clip.save(folders[-1])
     return folders
@@ -640,4 +740,25 @@ def measure_mouth_open(frames: np.ndarray, mouth_boxes: np.ndarray) -> np.ndarra
         luma = pixels.astype(np.float32) @ (LUMA / 255)
         skin = max(float(np.percentile(luma, 90)), 1e-3)
         out[t] = np.clip((0.55 * skin - luma) / (0.3 * skin), 0, 1).mean()
+    return out
+
+
+def measure_mouth_shape(frames: np.ndarray, mouth_boxes: np.ndarray) -> np.ndarray:
+    """Mouth width and height measured from pixels: float32 [T, 2] in pixels, the widest row and the
+    tallest column of dark mouth interior in each box (pixels weighted as in `measure_mouth_open`).
+    frames: uint8 [T, H, W, 3]; mouth_boxes: [T, 4]. Compare with the truth's mouth_width /
+    mouth_height (espeak-ng clips) by correlation."""
+    frames = np.asarray(frames)
+    boxes = np.asarray(mouth_boxes, np.float64)
+    if frames.ndim != 4 or boxes.shape != (len(frames), 4):
+        raise ValueError(f"expected frames [T, H, W, 3] and boxes [T, 4], got {frames.shape} and {boxes.shape}.")
+    out = np.zeros((len(frames), 2), np.float32)
+    for t, box in enumerate(boxes):
+        pixels = box_pixels(frames[t], box)
+        if pixels.size == 0:
+            continue
+        luma = pixels.astype(np.float32) @ (LUMA / 255)
+        skin = max(float(np.percentile(luma, 90)), 1e-3)
+        dark = np.clip((0.55 * skin - luma) / (0.3 * skin), 0, 1)
+        out[t] = dark.sum(1).max(), dark.sum(0).max()
     return out
