@@ -378,3 +378,103 @@ def test_stops_a_waiting_job_before_it_starts_and_a_running_one_after_its_window
     second = stops.start("a")
     assert second is not None and not stops.stopped(second)  # a new request after the stop runs
     assert stops.stop("c") is None  # nothing of that session to stop
+
+
+# ----------------------------------------------------------------------------- typed words and the microphone
+
+
+def _portrait_only(page, portrait, steps=1):
+    page.locator("#portrait input[type=file]").set_input_files(str(portrait))
+    page.wait_for_selector("#portrait img", state="attached", timeout=30_000)
+    page.locator("#steps input[type=number]").fill(str(steps))
+    page.locator("#steps input[type=number]").press("Enter")
+
+
+def _played(page) -> dict:
+    """Plays the page's video (muted, as a test may) for half a second: its duration, position, size, source."""
+    page.wait_for_function("() => { const v = document.querySelector('#video video'); return v && v.readyState >= 2 }",
+                           timeout=30_000)
+    return page.evaluate("""async () => {
+        const v = document.querySelector('#video video');
+        v.muted = true;
+        await v.play();
+        await new Promise(r => setTimeout(r, 500));
+        return {duration: v.duration, time: v.currentTime, error: v.error && v.error.code, src: v.currentSrc};
+    }""")
+
+
+def test_typed_words_are_spoken_and_animated_in_chromium(app, page, inputs, tmp_path):
+    """The Say box with no voice file: the words are spoken by espeak-ng in the chosen voice, the
+    video lasts as long as the speech and plays with it as its audio; an unknown voice gets the
+    CLI's message before any compute."""
+    from mi_jax.data import speech, synthetic
+    from mi_jax.data.video_io import probe, read_audio
+
+    text, voice = "Hello, this is a test.", "en-us+f3"
+    said = speech.speak(text, voice)
+    _portrait_only(page, inputs / "portrait.png")
+    page.locator("#say textarea").fill(text)
+    page.locator("#say-voice input").fill(voice)
+    page.locator("#say-voice input").press("Enter")
+    page.locator("#generate").click()
+    done = _wait_status(page, "^(Done|error)", 300)
+    m = re.match(r"Done: (\d+) frames", done)
+    assert m and abs(int(m.group(1)) - said.seconds * 25) <= 1, (done, said.seconds)
+    played = _played(page)
+    assert played["error"] is None and played["time"] > 0 and abs(played["duration"] - said.seconds) < 0.1, played
+    mp4 = tmp_path / "said.mp4"
+    mp4.write_bytes(page.request.get(played["src"]).body())
+    info, audio = probe(str(mp4)), read_audio(str(mp4))
+    assert abs(len(audio) / 16000 - said.seconds) < 0.05
+    env = [synthetic.mouth_envelope(a, info.num_frames) for a in (audio, said.audio)]
+    assert np.corrcoef(*env)[0, 1] > 0.9  # the spoken words are the video's audio
+    page.locator("#say-voice input").fill("nosuchvoice")
+    page.locator("#say-voice input").press("Enter")
+    page.locator("#generate").click()
+    told = _wait_status(page, "^error", 60)
+    assert "no language 'nosuchvoice'" in told and "en-us" in told, told
+    assert not list((app.folder / "runs").iterdir()) and "Traceback" not in app.log.read_text()
+
+
+def test_a_recording_from_the_microphone_is_animated(app, browser, inputs, tmp_path):
+    """Chromium's fake microphone plays a spoken sentence (a wav file); the page records it with
+    its Record / Stop buttons and generates from the recording: the video lasts as long as the
+    recording and its audio is speech."""
+    import soundfile as sf
+    import soxr
+
+    from mi_jax.data import speech
+    from mi_jax.data.video_io import probe, read_audio
+
+    said = speech.speak("Hello, this is a test of the microphone.", "en-us")
+    wav = tmp_path / "mic.wav"
+    pause = np.zeros(48000 // 2, np.float32)
+    sf.write(wav, np.concatenate([pause, soxr.resample(said.audio, 16000, 48000), pause]), 48000, subtype="PCM_16")
+    mic = browser.browser_type.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS + [
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}"])
+    try:
+        page = mic.new_context(viewport={"width": 1280, "height": 1000}, permissions=["microphone"]).new_page()
+        page.goto(app.url)
+        page.wait_for_selector("#generate")
+        _portrait_only(page, inputs / "portrait.png")
+        page.locator("#voice button[aria-label='Record audio']").click()
+        page.locator("#voice .record-button").click()
+        time.sleep(3.0)
+        page.locator("#voice .stop-button").click()
+        page.wait_for_selector("#voice [data-testid='waveform-controls']", state="attached", timeout=30_000)
+        page.locator("#generate").click()
+        done = _wait_status(page, "^(Done|error)", 300)
+        m = re.match(r"Done: (\d+) frames \(([\d.]+) s\)", done)
+        assert m and 2.0 <= float(m.group(2)) <= 4.5, done  # about the 3 s recorded
+        played = _played(page)
+        assert played["error"] is None and played["time"] > 0, played
+        mp4 = tmp_path / "recorded.mp4"
+        mp4.write_bytes(page.request.get(played["src"]).body())
+        audio = read_audio(str(mp4))
+        assert probe(str(mp4)).num_frames == int(m.group(1))
+        rms = np.sqrt(np.convolve(np.square(audio), np.ones(800) / 800, "valid"))  # 50 ms
+        assert rms.max() > 0.05 and (rms > 0.1 * rms.max()).mean() > 0.3, rms.max()  # speech heard, not silence
+    finally:
+        mic.close()
+    assert not list((app.folder / "runs").iterdir()) and "Traceback" not in app.log.read_text()
