@@ -12,7 +12,7 @@
     mi-jax import-weights --transformer DIR [--vae DIR] [--wav2vec DIR] --out CKPT [--config FILE:VARIANT]
     mi-jax export   --checkpoint CKPT --out DIR [--dtype bf16|fp32] [--merge-lora] [--ema]
     mi-jax train-vae --out DIR [--config FILE:VARIANT] [--config.vae_train.steps=N]   (the demo VAE)
-    mi-jax eval     --checkpoint RUN --out DIR [--clips N] [--seconds S]
+    mi-jax eval     --checkpoint RUN --out DIR [--clips N] [--seconds S] [--voice synthetic|espeak|both]
     mi-jax plan     --config FILE:VARIANT --mesh fsdp=8 [--budget 80] [--gpu h100]   (AOT memory / FLOPs)
     mi-jax demo     [--model demo/model] [--seconds 60] [--out out]
     mi-jax demo-model [--out demo/model]                            (rebuilds the bundled demo model)
@@ -212,6 +212,24 @@ def cmd_eval(args) -> int:
     from mi_jax.eval.report import check, write_report
     from mi_jax.pipeline import Pipeline
 
+    if args.voice != "synthetic":  # espeak-ng speech, alone or beside the synthetic voice (mi_jax/eval/voices.py)
+        from mi_jax.data import speech
+        from mi_jax.eval.voices import check_voices, evaluate_voice, write_voices
+
+        if not speech.available():
+            print(f"error: --voice {args.voice} needs espeak-ng: {speech.INSTALL}", file=sys.stderr)
+            return 2
+        pipe = Pipeline.from_checkpoint(args.checkpoint)
+        voices = ("synthetic", "espeak") if args.voice == "both" else ("espeak",)
+        by_voice = {v: evaluate_voice(pipe, v, args.clips, args.seconds) for v in voices}
+        path = write_voices(by_voice, args.out)
+        rows = check_voices(by_voice)
+        for r in rows:
+            value = "n/a" if r["value"] is None else f"{r['value']:.3f}"
+            print(f"{r['voice']:>9}  {r['metric']}: {value}" + ("" if r["passed"] is None else
+                                                               ("  pass" if r["passed"] else "  FAIL")))
+        print(f"wrote {path}")
+        return 0 if all(r["passed"] is not False for r in rows) else 1
     pipe = Pipeline.from_checkpoint(args.checkpoint)
     videos, truths, bounds = [], [], []
     for i in range(args.clips):
@@ -338,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--clips", type=int, default=3)
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--voice", choices=("synthetic", "espeak", "both"), default="synthetic",
+                   help="the clips' voice: synthetic (default), espeak (held-out espeak-ng speech: lip sync and "
+                        "viseme shape; pip install -e .[speech]) or both, side by side (OUT/voices.md)")
 
     sub.add_parser("plan", help="compile train / generate steps on abstract shapes: per-device memory, FLOPs, "
                                 "time estimate (see `mi-jax plan --help`)", add_help=False)
