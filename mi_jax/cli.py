@@ -1,6 +1,6 @@
 """`mi-jax`: the command line.
 
-    mi-jax synth    --out DIR [--clips N] [--seconds S] [--seed-start K] [--size HxW] [--voice espeak]
+    mi-jax synth    --out DIR [--clips N] [--seconds S] [--seed-start K] [--size HxW] [--voice espeak|mixed]
     mi-jax prepare  --clips DIR --out DIR --config configs/FILE.py:VARIANT [--config.FIELD=VALUE ...]
     mi-jax train    --config configs/FILE.py:VARIANT --workdir DIR [--config.FIELD=VALUE ...]
     mi-jax distill  --config configs/magicinfinite.py:tiny,distill --workdir DIR --config.init.checkpoint=RUN
@@ -279,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-start", type=int, default=0, help="seeds >= 1000000 are the held-out split")
     p.add_argument("--size", default="64x64", help="HxW")
     p.add_argument("--speakers", type=int, default=1)
-    p.add_argument("--voice", choices=("synthetic", "espeak"), default="synthetic",
-                   help="the clips' voice: the synthetic one, or espeak-ng sentences with a viseme truth "
-                        "(pip install -e .[speech])")
+    p.add_argument("--voice", choices=("synthetic", "espeak", "mixed"), default="synthetic",
+                   help="the clips' voice: the synthetic one, espeak-ng sentences with a viseme truth "
+                        "(pip install -e .[speech]), or mixed (both in turn, every 6 seeds)")
 
     p = sub.add_parser("prepare", help="clips -> a sample store for training")
     p.add_argument("--clips", required=True)

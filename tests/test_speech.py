@@ -268,3 +268,17 @@ def test_eval_voice_both_reports_espeak_beside_the_synthetic_voice(tiny_run, tmp
     shape = next(r for r in rows if r["metric"] == "viseme shape correlation")
     assert shape["renderer"] > 0.8  # the renderer's own frames follow the viseme truth
     assert "viseme shape correlation" in printed and "espeak" in (out / "voices.md").read_text()
+
+
+def test_mixed_clips_prepare_into_a_store(tmp_path):
+    """`mi-jax synth --voice mixed` (the synthetic voice and espeak-ng speech in turn, every 6
+    seeds) writes clips that `prepare` takes as it takes the synthetic ones."""
+    from mi_jax.config_utils import load_config
+    from mi_jax.data.prepare import prepare
+
+    folders = synthetic.write_clips(str(tmp_path / "clips"), 2, 1.2, seed_start=5, voice="mixed")
+    voices = [json.load(open(os.path.join(f, "meta.json"))).get("voice", "synthetic") for f in folders]
+    assert voices == ["synthetic", "espeak"]  # seeds 5 and 6: prompts 5 and 0, the voice turns at seed 6
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "magicinfinite.py:tiny,stage1"))
+    report = prepare(config, str(tmp_path / "clips"), str(tmp_path / "store"), progress=False)
+    assert report["clips"] == 2 and not report["skipped"], report

@@ -694,12 +694,17 @@ def write_clips(out: str, clips: int, seconds: float, *, seed_start: int = 0, si
                 speakers: int = 1, voice: str = "synthetic") -> list[str]:
     """Renders `clips` clips of seeds `seed_start...` into `out/clip_<seed>` folders (`mi-jax
     synth`); each seed's prompt is one of `TRAINING_PROMPTS` (the words
-    `prepare.text_vocabulary` lists); `voice` as `render_clip`'s. Returns the folders."""
+    `prepare.text_vocabulary` lists); `voice` as `render_clip`'s, or "mixed": the synthetic voice
+    and espeak-ng speech in turn, every `len(TRAINING_PROMPTS)` seeds (so every prompt is
+    spoken in both). Returns the folders."""
+    if voice not in VOICES + ("mixed",):
+        raise ValueError(f"voice must be one of {VOICES + ('mixed',)}, got {voice!r}.")
     os.makedirs(out, exist_ok=True)
     folders = []
     for seed in range(seed_start, seed_start + clips):
         clip = render_clip(seed, seconds, size=size, prompt=TRAINING_PROMPTS[seed % len(TRAINING_PROMPTS)],
-                           speakers=speakers, voice=voice)
+                           speakers=speakers,
+                           voice=voice if voice != "mixed" else VOICES[(seed // len(TRAINING_PROMPTS)) % 2])
         folders.append(os.path.join(out, f"clip_{seed:07d}"))
         clip.save(folders[-1])
     return folders
