@@ -156,15 +156,48 @@ def cmd_generate(args) -> int:
         if note not in told:
             print(f"note: {note}", file=sys.stderr)
 
+    mouths: list = []  # one voice (e.g. --say): the mouth opening measured as the frames pass, for its lip sync
+    measure = len(args.audio) == 1 and writer and len(first)
+    if measure:
+        import numpy as np
+
+        from mi_jax.app.inputs import mouth_box
+        from mi_jax.data import synthetic
+
+        box, found = mouth_box(first[0])
+
     def frames():
-        yield first
-        yield from chunks
+        for chunk in _chain_chunks(first, chunks):
+            if measure:
+                mouths.append(synthetic.measure_mouth_open(chunk, np.broadcast_to(box, (len(chunk), 4))))
+            yield chunk
 
     written = pipe.write(args.out, frames())  # process 0 writes (atomically); the others compute their part
     bar.close()
     if written:
         print(f"wrote {written}")
+    if written and measure:
+        _print_lip_sync(pipe, np.concatenate(mouths), found)
     return 0
+
+
+def _chain_chunks(first, rest):
+    yield first
+    yield from rest
+
+
+def _print_lip_sync(pipe, mouth, found: str) -> None:
+    """The video's lip sync: the voice's envelope against the mouth opening measured in its frames."""
+    from mi_jax.data import synthetic
+    from mi_jax.eval.metrics import best_offset_correlation
+
+    p = pipe.config.prepare
+    if len(mouth) < 8:
+        return
+    envelope = synthetic.mouth_envelope(pipe.last_audio, len(mouth), float(p.fps), int(p.sample_rate))
+    r, k = best_offset_correlation(envelope, mouth, min(5, len(mouth) - 3))
+    print(f"lip sync: r = {r:.2f} at {k:+d} frames (the voice's loudness against the mouth opening measured at "
+          f"{found})")
 
 
 def cmd_import_weights(args, overrides) -> int:

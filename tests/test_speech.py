@@ -5,6 +5,7 @@ nothing written, and `mi-jax generate --say` writing an mp4 with its audio."""
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -211,8 +212,10 @@ def test_generate_say_writes_an_mp4_with_the_spoken_audio(tiny_run, talk_inputs,
     text = "Hi, Bob."
     code = cli(["generate", "--checkpoint", tiny_run, "--portrait", str(talk_inputs / "portrait.png"), "--say", text,
                 "--voice", "en-us+f3", "--out", str(out), "--steps", "1"])
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     assert code == 0 and out.exists(), err
+    assert re.search(r"lip sync: r = -?[\d.]+ at [+-]\d+ frames", printed.out), printed.out
     said = speech.speak(text, "en-us+f3")
     info = probe(str(out))
     assert info.fps == 25 and abs(info.num_frames / 25 - said.seconds) < 0.05
