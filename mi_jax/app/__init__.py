@@ -11,6 +11,8 @@ time: the page's queue runs one job and shows every other user their place in it
   functions (`check_inputs`, `prompt_notices`), so the page shows the CLI's messages;
 * the progress (windows done / total, the time left) and the newest frame show while the video
   is being made; the mp4 (with the voice) is written as the frames come, atomically;
+* typed words: with no voice file, the Say box's text is spoken by espeak-ng in the chosen voice
+  (`mi-jax generate --say`; the `speech` extra, mi_jax/data/speech.py) and animated;
 * the long-video controls of `mi-jax generate`: a prompt schedule (one 'SECONDS:TEXT' per line
   of the prompt box), a timeline file, the colour anchor and the mouth rest (checkboxes);
 * at the end: the video, the lip-sync plot (the voice's envelope against the mouth opening
