@@ -11,7 +11,8 @@ from conftest import CONFIGS
 from mi_jax.config_utils import load_config
 
 
-@pytest.mark.parametrize("variant, stage", itertools.product(("tiny", "demo", "full"), ("stage1", "stage2", "distill")))
+@pytest.mark.parametrize("variant, stage",
+                         list(itertools.product(("tiny", "demo", "full"), ("stage1", "stage2", "distill"))))
 def test_generation_windows_are_the_training_windows(variant, stage):
     c = load_config(os.path.join(CONFIGS, f"magicinfinite.py:{variant},{stage}"))
     assert c.sample.window == c.prepare.latent_frames

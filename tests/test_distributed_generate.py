@@ -53,6 +53,7 @@ def _env(**extra):
     return env
 
 
+@pytest.mark.slow  # three generation processes
 def test_two_processes_write_what_one_process_writes(tiny_run, inputs, tmp_path):
     def generate(out, *extra):
         return [sys.executable, "-m", "mi_jax.cli", "generate", "--checkpoint", tiny_run,

@@ -142,6 +142,7 @@ def test_multinode_launcher_runs_one_process_per_gpu(tmp_path):
 # ------------------------------------------------------------------ benchmarks/gpu_window.py
 
 
+@pytest.mark.slow  # compiles and runs both benchmark workloads end to end
 def test_gpu_benchmark_dry_run(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("gpu_window", os.path.join(ROOT, "benchmarks", "gpu_window.py"))
     bench = importlib.util.module_from_spec(spec)

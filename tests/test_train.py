@@ -145,6 +145,7 @@ def _final_params(workdir):
     return step, state
 
 
+@pytest.mark.slow  # four training processes
 def test_sigkill_resume_is_bit_identical_and_sigterm_saves(tiny_store, tmp_path):
     common = ("train.steps=20", "train.checkpoint_every=5", "train.log_every=1", "mesh='fsdp=1'")
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
@@ -178,6 +179,7 @@ def test_sigkill_resume_is_bit_identical_and_sigterm_saves(tiny_store, tmp_path)
     assert step >= 3
 
 
+@pytest.mark.slow  # three processes (one alone, two with gloo)
 def test_two_processes_match_one(tiny_store, tmp_path):
     common = ("train.steps=6", "train.log_every=1", "train.checkpoint_every=1000", "mesh='fsdp=4'")
     one = tmp_path / "one"

@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import CONFIGS, max_abs
 from mi_jax.config_utils import load_config
@@ -56,6 +57,7 @@ def test_the_pipeline_decodes_with_its_encoders_stream(tiny_run):
     assert pipe.vae_stream is pipe.enc.vae_stream
 
 
+@pytest.mark.slow  # three VAE training runs, one stopped and resumed
 def test_train_vae_runs_the_stream_regime_and_resumes_to_the_same_weights(tmp_path):
     """The VAE trainer's clip lengths are VAEStream's (tile, shorter ends, the lone portrait
     frame); killed after its first checkpoint and started again, it ends with the weights of a
