@@ -464,8 +464,10 @@ def test_a_recording_from_the_microphone_is_animated(app, browser, inputs, tmp_p
         t1 = time.monotonic()
         time.sleep(3.0)
         t2 = time.monotonic()
-        page.locator("#voice .stop-button").click()
-        t3 = time.monotonic()
+        # the recording becomes the voice once it is uploaded: Generate before that finds no voice
+        with page.expect_response(lambda r: "/upload" in r.url and r.request.method == "POST", timeout=60_000):
+            page.locator("#voice .stop-button").click()
+            t3 = time.monotonic()
         # the recording lasts from the Record click to the Stop click: bounded by when those clicks
         # started and returned (a loaded machine delays them), with 0.5 s for the recorder to start
         shortest, longest = t2 - t1 - 0.5, t3 - t0 + 0.5
