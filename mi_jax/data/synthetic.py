@@ -733,19 +733,26 @@ def measure_mouth_open(frames: np.ndarray, mouth_boxes: np.ndarray) -> np.ndarra
     percentile), not at all above 0.55x, linearly between: relative to the skin, so it works for
     every skin tone and shading, and partial (anti-aliased or compressed) edge pixels count partly.
     The value is monotone in the opening, not calibrated to [0, 1]: compare by correlation."""
+    out = np.zeros(len(frames), np.float32)
+    for t, dark in _mouth_darkness(frames, mouth_boxes):
+        out[t] = dark.mean()
+    return out
+
+
+def _mouth_darkness(frames, mouth_boxes):
+    """(t, dark) per frame with a non-empty box: how dark each pixel of the box is against the
+    face's skin, in [0, 1]. Raises ValueError on shapes other than [T, H, W, 3] and [T, 4]."""
     frames = np.asarray(frames)
     boxes = np.asarray(mouth_boxes, np.float64)
     if frames.ndim != 4 or boxes.shape != (len(frames), 4):
         raise ValueError(f"expected frames [T, H, W, 3] and boxes [T, 4], got {frames.shape} and {boxes.shape}.")
-    out = np.zeros(len(frames), np.float32)
     for t, box in enumerate(boxes):
         pixels = box_pixels(frames[t], box)
         if pixels.size == 0:
             continue
         luma = pixels.astype(np.float32) @ (LUMA / 255)
         skin = max(float(np.percentile(luma, 90)), 1e-3)
-        out[t] = np.clip((0.55 * skin - luma) / (0.3 * skin), 0, 1).mean()
-    return out
+        yield t, np.clip((0.55 * skin - luma) / (0.3 * skin), 0, 1)
 
 
 def measure_mouth_shape(frames: np.ndarray, mouth_boxes: np.ndarray) -> np.ndarray:
@@ -753,17 +760,7 @@ def measure_mouth_shape(frames: np.ndarray, mouth_boxes: np.ndarray) -> np.ndarr
     tallest column of dark mouth interior in each box (pixels weighted as in `measure_mouth_open`).
     frames: uint8 [T, H, W, 3]; mouth_boxes: [T, 4]. Compare with the truth's mouth_width /
     mouth_height (espeak-ng clips) by correlation."""
-    frames = np.asarray(frames)
-    boxes = np.asarray(mouth_boxes, np.float64)
-    if frames.ndim != 4 or boxes.shape != (len(frames), 4):
-        raise ValueError(f"expected frames [T, H, W, 3] and boxes [T, 4], got {frames.shape} and {boxes.shape}.")
-    out = np.zeros((len(frames), 2), np.float32)
-    for t, box in enumerate(boxes):
-        pixels = box_pixels(frames[t], box)
-        if pixels.size == 0:
-            continue
-        luma = pixels.astype(np.float32) @ (LUMA / 255)
-        skin = max(float(np.percentile(luma, 90)), 1e-3)
-        dark = np.clip((0.55 * skin - luma) / (0.3 * skin), 0, 1)
+    out = np.zeros((len(np.asarray(frames)), 2), np.float32)
+    for t, dark in _mouth_darkness(frames, mouth_boxes):
         out[t] = dark.sum(1).max(), dark.sum(0).max()
     return out
