@@ -62,19 +62,21 @@ GB = 1e9  # budgets and reports in GB (10^9 bytes), as GPU memory is sold
 @dataclasses.dataclass(frozen=True)
 class GPU:
     """An accelerator as the time estimate sees it: its name, dense bf16 peak FLOP/s, HBM
-    bandwidth in bytes/s and memory in GB."""
+    bandwidth in bytes/s, memory in GB and dense TF32 peak FLOP/s (float32 matmuls and
+    convolutions, as the VAE and Wav2Vec2 run)."""
 
     name: str
     bf16_flops: float  # dense peak, FLOP/s
     hbm_bandwidth: float  # bytes/s
     memory_gb: float
+    tf32_flops: float = 0.0  # dense peak, FLOP/s; 0: half the bf16 peak
 
 
-# Vendor datasheets: dense (no sparsity) bf16 tensor-core peak and HBM bandwidth.
+# Vendor datasheets: dense (no sparsity) bf16 and TF32 tensor-core peaks and HBM bandwidth.
 GPUS = {
-    "h100": GPU("H100 SXM", 989e12, 3.35e12, 80),
-    "h200": GPU("H200 SXM", 989e12, 4.8e12, 141),
-    "a100": GPU("A100 SXM", 312e12, 2.0e12, 80),
+    "h100": GPU("H100 SXM", 989e12, 3.35e12, 80, 494.5e12),
+    "h200": GPU("H200 SXM", 989e12, 4.8e12, 141, 494.5e12),
+    "a100": GPU("A100 SXM", 312e12, 2.0e12, 80, 156e12),
 }
 DEFAULT_MFU = 0.4
 # cheapest recomputation first; each saves more memory than the one before
@@ -335,26 +337,29 @@ def _axes(entry) -> tuple:
 # ------------------------------------------------------------------ FLOPs from the jaxpr
 
 
-def _dot_flops(eqn) -> tuple[float, float]:
+def _dot_flops(eqn) -> tuple[float, float, float]:
+    """[flops, operand + result bytes, the same bytes again for a batched dot (attention's
+    per-head score and value products; a layer's x @ W has no batch dimension) else 0]."""
     lhs, rhs = (v.aval for v in eqn.invars)
     out = eqn.outvars[0].aval
-    (lc, _), _ = eqn.params["dimension_numbers"]
+    (lc, _), (lb, _) = eqn.params["dimension_numbers"]
     k = math.prod(lhs.shape[i] for i in lc)
-    nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in (lhs, rhs, out))
-    return 2.0 * math.prod(out.shape) * k, float(nbytes)
+    nbytes = float(sum(math.prod(a.shape) * a.dtype.itemsize for a in (lhs, rhs, out)))
+    return 2.0 * math.prod(out.shape) * k, nbytes, nbytes if len(lb) else 0.0
 
 
-def _conv_flops(eqn) -> tuple[float, float]:
+def _conv_flops(eqn) -> tuple[float, float, float]:
     lhs, rhs = (v.aval for v in eqn.invars)
     out = eqn.outvars[0].aval
     out_features = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
     nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in (lhs, rhs, out))
-    return 2.0 * math.prod(out.shape) * math.prod(rhs.shape) / out_features, float(nbytes)
+    return 2.0 * math.prod(out.shape) * math.prod(rhs.shape) / out_features, float(nbytes), 0.0
 
 
 def _walk(jaxpr) -> np.ndarray:
-    """[flops, matmul bytes] of a jaxpr (global shapes; shard_map bodies scaled by their mesh)."""
-    total = np.zeros(2)
+    """[flops, matmul bytes, batched-dot bytes] of a jaxpr (global shapes; shard_map bodies
+    scaled by their mesh)."""
+    total = np.zeros(3)
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "dot_general":
@@ -391,10 +396,12 @@ def count_flops(fn, *args) -> dict[str, float]:
       *args: its arguments (abstract values are enough).
 
     Returns:
-      `{"flops", "matmul_bytes"}`.
+      `{"flops", "matmul_bytes", "batched_dot_bytes"}`: the last is the part of matmul_bytes in
+      dots with batch dimensions (attention's scores and values per head), which a fused
+      flash-attention kernel keeps on chip.
     """
-    flops, nbytes = _walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return dict(flops=float(flops), matmul_bytes=float(nbytes))
+    flops, nbytes, batched = _walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return dict(flops=float(flops), matmul_bytes=float(nbytes), batched_dot_bytes=float(batched))
 
 
 # ------------------------------------------------------------------ one compile
@@ -577,8 +584,8 @@ def sampling_branches(config) -> int:
 def plan(config, mesh_spec=None, *, budget_gb: float = 80.0, gpu: str = "h100",
          steps: Sequence[str] | None = None, mfu: float = DEFAULT_MFU, suggest: bool = True,
          generate_mesh_spec=None, window_frames: int | None = None, cfg_branches: int | None = None,
-         generate_dtype: str | None = "bfloat16", max_trials: int = 6, rules=None,
-         log: Callable[[str], Any] | None = None) -> dict:
+         generate_dtype: str | None = "bfloat16", max_trials: int = 6, rules=None, gpus: int | None = None,
+         pipelined: bool = False, log: Callable[[str], Any] | None = None) -> dict:
     """Compiles each step for `config` on a mesh and reports its memory, FLOPs and time.
 
     `mi-jax plan`. Runs on forced host devices (no GPU needed): the compiled program's buffer
@@ -600,17 +607,21 @@ def plan(config, mesh_spec=None, *, budget_gb: float = 80.0, gpu: str = "h100",
       generate_dtype: the generate step's parameter and compute dtype (default "bfloat16").
       max_trials: alternatives compiled per step at most (default 6).
       rules: a logical-axis rules table (default None: `mesh.DEFAULT_RULES`; see `rules_with_embed`).
+      gpus: with the generate step, the GPUs of the live-streaming estimate (`latency`; default
+        None: the generate mesh's devices).
+      pipelined: the live-streaming estimate decodes beside the next window's steps (default False).
       log: called with a progress line before each compile (default None: silent).
 
     Returns:
-      `{"gpu", "budget_gb", "mfu", "steps": {name: {...}}, "warnings": [...]}`; each step has
+      `{"gpu", "budget_gb", "mfu", "steps": {name: {...}}, "warnings": [...]}`, with the generate
+      step also `"latency"`: `latency(config, gpus=...)` (live streaming on GPUs); each step has
       `shape`, `mesh`, `remat_policy`, `attention`, `memory_gb` (arguments, outputs, aliased,
       temporaries, total per device), `flops_per_step`, `flops_per_device`, `est_seconds`,
       `compile_seconds`, `fits`, and, over budget with `suggest`, `alternatives` (the remat
       policies then meshes compiled, in order, with their totals) and `suggestion`.
 
     Raises:
-      ValueError: an unknown `gpu` or step.
+      ValueError: an unknown `gpu` or step, `gpus` < 1 or `mfu` outside (0, 1].
       RuntimeError: a mesh naming more devices than there are.
     """
     say = log or (lambda _: None)
@@ -622,6 +633,7 @@ def plan(config, mesh_spec=None, *, budget_gb: float = 80.0, gpu: str = "h100",
     unknown = [s for s in steps if s not in STEP_BUILDERS]
     if unknown:
         raise ValueError(f"unknown step(s) {unknown}; registered: {sorted(STEP_BUILDERS)}")
+    _check_gpus(gpus, mfu, optional=True)
     card = GPUS[gpu.lower()]
     report = dict(gpu=card.name, budget_gb=budget_gb, mfu=mfu, steps={}, warnings=[])
     for name in steps:
@@ -646,6 +658,10 @@ def plan(config, mesh_spec=None, *, budget_gb: float = 80.0, gpu: str = "h100",
                 _suggest(name, config, mesh, policy, attention, options, card, mfu, budget_gb, entry, report, say,
                          max_trials)
         report["steps"][name] = entry
+        if name == "generate":
+            say("plan latency: counting a live window's DiT, VAE and Wav2Vec2 work ...")
+            report["latency"] = latency(config, gpu=gpu, gpus=gpus or int(mesh.devices.size), mfu=mfu,
+                                        pipelined=pipelined)
     return report
 
 
@@ -691,6 +707,301 @@ def _mesh_str(mesh) -> str:
     return ",".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES if mesh.shape[a] > 1) or "single device"
 
 
+# ------------------------------------------------------------------ live streaming: latency on GPUs
+
+
+def _wav2vec2_config(prepare_cfg):
+    """The Wav2Vec2 `prepare.wav2vec2` names, without its weights: `random:SEED` ->
+    `prepare.wav2vec2_random`; a transformers folder -> its config.json; "" (the full configs,
+    no folder named yet) -> wav2vec2-base, the encoder MagicInfinite's audio path uses."""
+    from mi_jax.models.wav2vec2 import WAV2VEC2_BASE, Wav2Vec2Config
+
+    spec = prepare_cfg.wav2vec2
+    if spec.startswith("random"):
+        return Wav2Vec2Config(**prepare_cfg.wav2vec2_random.to_dict())
+    if spec:
+        with open(os.path.join(spec, "config.json")) as f:
+            return Wav2Vec2Config.from_transformers(json.load(f))
+    return WAV2VEC2_BASE
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowWork:
+    """The counted work of one live window, each part `{"flops", "matmul_bytes"}` of the whole
+    computation (`count_flops`): `dit` one denoising step (all CFG branches batched), `dit_param_bytes`
+    the DiT's weights (read whole by every GPU that splits the step), `vae_chunk` one
+    `VAEStream.decode_chunk` (`latents_per_chunk` latents -> `frames_per_chunk` frames), `audio` one
+    Wav2Vec2 call on the window's audio segment of `audio_seconds`."""
+
+    dit: dict
+    dit_param_bytes: float
+    vae_chunk: dict
+    audio: dict
+    audio_seconds: float
+    latents_first: int
+    latents_per_chunk: int
+    frames_per_chunk: int
+    heads: int
+
+
+def count_window_work(config, *, branches: int | None = None, dtype: str | None = "bfloat16") -> WindowWork:
+    """Counts the FLOPs of one live window's parts at the config's shapes, on abstract values.
+
+    Traces (no compile, nothing allocated) the DiT's window forward at `sample.window` latents of
+    `prepare.height x width`, one streaming VAE decode chunk and Wav2Vec2 on the segment
+    mi_jax/live.py feeds it (1 s of context + the window's frames + the lookahead).
+
+    Args:
+      config: a run config.
+      branches: the DiT's batch, one per CFG branch (default None: `sampling_branches(config)`).
+      dtype: the DiT's parameter and compute dtype (default "bfloat16"; None: the config's).
+
+    Returns:
+      `WindowWork`.
+    """
+    from mi_jax.data.prepare import vae_config
+    from mi_jax.live import CONTEXT_S, LOOKAHEAD_S
+    from mi_jax.models import wav2vec2
+    from mi_jax.models.vae import CausalVAE, Tiling, VAEStream, abstract_vae_params
+
+    branches = sampling_branches(config) if branches is None else branches
+    mesh = make_mesh("fsdp=1", jax.devices()[:1])
+    planned = _with(config, remat_policy="none", attention=_planned_attention(config.model.attention))
+    spec = generate_window(planned, mesh, latent_frames=config.sample.window, branches=branches, dtype=dtype)
+    with with_rules(mesh, spec.rules):
+        dit = count_flops(spec.fn, *spec.args)
+    param_bytes = float(sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(spec.args[0])))
+
+    p = config.prepare
+    vcfg = vae_config(p)
+    stream = VAEStream(CausalVAE(vcfg), Tiling(**dict(p.get("vae_tiling") or {})))
+    params = nn.unbox(abstract_vae_params(vcfg))
+    sf = vcfg.spatial_factor
+    latents = lambda n: jax.ShapeDtypeStruct((1, n, p.height // sf, p.width // sf, vcfg.latent_channels),  # noqa: E731
+                                             jnp.float32)
+    state = jax.eval_shape(stream.decode_start, params, latents(stream.latents_first))[1]
+    vae_chunk = count_flops(stream.decode_chunk, params, state, latents(stream.latents_per_chunk))
+
+    wcfg = _wav2vec2_config(p)
+    w2v = wav2vec2.Wav2Vec2(wcfg)
+    w2v_params = nn.unbox(wav2vec2.abstract_params(wcfg))
+    fps, rate = float(p.fps), int(p.sample_rate)
+    lookahead = float(config.sample.get("stream_lookahead_s", LOOKAHEAD_S))
+    span = _video_frames(config.sample.window)
+    samples = round(CONTEXT_S * rate) + math.ceil((span + math.ceil(lookahead * fps - 1e-9)) * rate / fps)
+    audio = count_flops(lambda q, x: w2v.apply({"params": q}, x).last_hidden_state, w2v_params,
+                        jax.ShapeDtypeStruct((1, samples), jnp.float32))
+    tiles = stream.tiling
+    return WindowWork(dit=dit, dit_param_bytes=param_bytes, vae_chunk=vae_chunk, audio=audio,
+                      audio_seconds=samples / rate, latents_first=stream.latents_first,
+                      latents_per_chunk=stream.latents_per_chunk,
+                      frames_per_chunk=tiles.tile_sample_stride_num_frames,
+                      heads=DiTConfig.coerce(config.model).num_attention_heads)
+
+
+def dit_step_seconds(work: WindowWork, gpu: GPU, gpus: int, mfu: float) -> float:
+    """One denoising step of the window split `gpus` ways by sequence (context) parallelism.
+
+    Each GPU computes 1/`gpus` of the FLOPs and moves 1/`gpus` of the activations' matmul
+    bytes, but reads every weight (the weights are replicated over the context axis);
+    attention's score and value products (`batched_dot_bytes`) stay on chip, as in a fused
+    flash-attention kernel (cuDNN's on GPUs); communication is not modelled. `estimate_seconds`
+    of that share.
+
+    Args:
+      work: `count_window_work`'s result.
+      gpu: the card.
+      gpus: the GPUs splitting the step (>= 1).
+      mfu: the model-FLOPs utilisation assumed.
+
+    Returns:
+      Seconds.
+    """
+    activations = max(work.dit["matmul_bytes"] - work.dit["batched_dot_bytes"] - work.dit_param_bytes, 0.0)
+    return estimate_seconds(work.dit["flops"] / gpus, activations / gpus + work.dit_param_bytes, gpu, mfu)
+
+
+def _fp32_seconds(counted: dict, gpu: GPU, mfu: float) -> float:
+    """float32 work (the VAE, Wav2Vec2) on one GPU: at the TF32 tensor-core peak x `mfu`."""
+    peak = gpu.tf32_flops or gpu.bf16_flops / 2
+    return max(counted["flops"] / (peak * mfu), counted["matmul_bytes"] / gpu.hbm_bandwidth)
+
+
+def stream_timeline(*, window: int, overlap: int, fps: float, lookahead_s: float, compute_s: float,
+                    chunk_s: float, latents_first: int, latents_per_chunk: int, frames_per_chunk: int,
+                    pipelined: bool = False, windows: int = 24) -> dict:
+    """When each frame of a live stream comes out, given each part's seconds: mi_jax/live.py's
+    loop as a discrete-event model.
+
+    The audio is spoken in real time from t = 0. Window k runs once the audio of its frames plus
+    the lookahead is in (frame `4 k (W - 1 - O) + 1 + 4 (W - 1)` + lookahead frames) and the
+    previous work is done: its audio features and denoising steps (`compute_s`), then the
+    streaming VAE decodes every full tile its latents complete (`chunk_s` each; a first tile of
+    `latents_first` latents, then `latents_per_chunk` at a time; leftovers wait for the next
+    window), each tile's frames yielded when it is decoded. `pipelined` gives the decoder a
+    resource of its own (window k + 1's steps run while window k decodes).
+
+    Args:
+      window: latents per window W (`sample.window`).
+      overlap: latents carried O (`sample.overlap`).
+      fps: video frames per second.
+      lookahead_s: audio read past a window's last frame before it runs.
+      compute_s: a window's audio features + denoising steps, seconds.
+      chunk_s: one VAE decode tile, seconds.
+      latents_first: latents of the first decode tile.
+      latents_per_chunk: latents of each later tile.
+      frames_per_chunk: frames a later tile yields (the first yields one more).
+      pipelined: the decoder runs beside the DiT (default False: one after the other, as live.py).
+      windows: windows simulated (default 24).
+
+    Returns:
+      `{"first_frame_s", "latency_s"}`: when the first frame comes out (from the first audio) and
+      each frame's latency (yield time minus the end of its audio), float64 [frames].
+    """
+    tf = TEMPORAL_FACTOR
+    new = window - 1 - overlap
+    ahead = math.ceil(lookahead_s * fps - 1e-9)
+    dit_free = dec_free = 0.0
+    buffered, started, emitted, out = 1, False, 0, []  # the decoder's buffer starts with the portrait's latent
+    for k in range(windows):
+        ready = (tf * new * k + 1 + tf * (window - 1) + ahead) / fps
+        done = max(dit_free, ready) + compute_s
+        dit_free = done
+        buffered += window - 1 if k == 0 else new
+        t = max(dec_free, done) if pipelined else done
+        while True:
+            if not started and buffered >= latents_first:
+                take, frames, started = latents_first, frames_per_chunk + 1, True
+            elif started and buffered >= latents_per_chunk:
+                take, frames = latents_per_chunk, frames_per_chunk
+            else:
+                break
+            t += chunk_s
+            buffered -= take
+            out.append(t - (emitted + 1 + np.arange(frames)) / fps)
+            emitted += frames
+        if pipelined:
+            dec_free = t
+        else:
+            dit_free = t
+    latency = np.concatenate(out) if out else np.zeros(0)
+    return dict(first_frame_s=float(latency[0]) if latency.size else None, latency_s=latency)
+
+
+def _check_gpus(gpus, mfu, optional: bool = False) -> None:
+    """Raises ValueError for a GPU count that is not a whole number >= 1 (None passes when
+    `optional`) or an MFU outside (0, 1]."""
+    if not (optional and gpus is None) and (isinstance(gpus, bool) or not isinstance(gpus, (int, np.integer))
+                                            or gpus < 1):
+        raise ValueError(f"gpus={gpus!r}: the GPUs splitting a window must be a whole number >= 1")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu={mfu!r}: the assumed model-FLOPs utilisation must be in (0, 1]")
+
+
+def latency(config, *, gpu: str = "h100", gpus: int = 1, mfu: float = DEFAULT_MFU, pipelined: bool = False,
+            max_gpus: int = 4096, work: WindowWork | None = None) -> dict:
+    """Live streaming on `gpus` GPUs: seconds per window, real-time factor and latencies.
+
+    A window (`sample.window` latents, `sample.overlap` carried) gives `4 (W - 1 - O)` new frames.
+    Its compute is `sample.steps` DiT evaluations of all its CFG branches at once (FLOPs counted
+    at the config's shapes, split over `gpus` by sequence parallelism), Wav2Vec2 on its audio
+    segment and the VAE decode of its new latents (float32, on one GPU, not split). The
+    latencies come from `stream_timeline` (mi_jax/live.py's loop) with those times. Why: what a
+    full-size model needs for real time, before renting the GPUs.
+
+    Args:
+      config: a run config (the distilled one for few-step sampling).
+      gpu: "h100" (default), "h200" or "a100".
+      gpus: GPUs splitting each window's DiT steps (default 1).
+      mfu: the model-FLOPs utilisation assumed for every part (default `DEFAULT_MFU`).
+      pipelined: the VAE decode of window k runs beside window k + 1's steps (default False:
+        one after the other, as mi_jax/live.py runs them).
+      max_gpus: the largest GPU count searched for real time (default 4096).
+      work: the counted work (default None: `count_window_work(config)`).
+
+    Returns:
+      A dict: `gpu`, `gpus`, `mfu`, `pipelined`, `window` (latents, overlap, new_frames,
+      new_seconds, steps, cfg_branches, tokens), `seconds` (dit_step, dit, audio, vae, per_window:
+      the time between windows, compute: all parts of one window), `tflop` (dit_step, audio,
+      vae), `realtime_factor` (video seconds per compute second), `realtime` (bool),
+      `min_gpus_realtime` (the fewest GPUs with factor >= 1, None when none up to `max_gpus`:
+      the unsplit parts alone are too slow), `latency_s` (steady-state p50 and max, None
+      when slower than real time: it then grows by `latency_growth_s_per_window`),
+      `first_frame_s`, `lookahead_s`, `max_latency_s` (the lateness budget), `within_budget`
+      and `assumptions` (lines).
+
+    Raises:
+      ValueError: an unknown gpu, gpus < 1, mfu outside (0, 1] or a window with no new frames.
+    """
+    from mi_jax.live import LOOKAHEAD_S, MAX_LATENCY_S
+
+    if not isinstance(gpu, str) or gpu.lower() not in GPUS:
+        raise ValueError(f"unknown gpu {gpu!r}; choose one of {sorted(GPUS)}")
+    _check_gpus(gpus, mfu)
+    s, p = config.sample, config.prepare
+    new = s.window - 1 - s.overlap
+    if new < 1:
+        raise ValueError(f"sample.window={s.window} with sample.overlap={s.overlap} leaves no new latents per window")
+    card = GPUS[gpu.lower()]
+    work = work or count_window_work(config)
+    fps = float(p.fps)
+    lookahead = float(s.get("stream_lookahead_s", LOOKAHEAD_S))
+    budget = float(s.get("stream_max_latency_s", MAX_LATENCY_S))
+    steps, branches = int(s.steps), sampling_branches(config)
+    new_frames = TEMPORAL_FACTOR * new
+    span = new_frames / fps
+    audio_s = _fp32_seconds(work.audio, card, mfu)
+    chunk_s = _fp32_seconds(work.vae_chunk, card, mfu)
+    vae_s = chunk_s * new / work.latents_per_chunk  # the tiles a window completes, on average
+
+    def times(n: int) -> tuple[float, float, float]:
+        step = dit_step_seconds(work, card, n, mfu)
+        busy = audio_s + steps * step
+        return step, busy, max(busy, vae_s) if pipelined else busy + vae_s
+
+    step_s, busy_s, period = times(gpus)
+    rtf = span / period
+    need = next((n for n in range(1, max_gpus + 1) if span / times(n)[2] >= 1), None)
+    timeline = stream_timeline(window=s.window, overlap=s.overlap, fps=fps, lookahead_s=lookahead, compute_s=busy_s,
+                               chunk_s=chunk_s, latents_first=work.latents_first,
+                               latents_per_chunk=work.latents_per_chunk, frames_per_chunk=work.frames_per_chunk,
+                               pipelined=pipelined)
+    steady = timeline["latency_s"][_video_frames(s.window):]  # after the first window (its warm-up)
+    realtime = rtf >= 1
+    p50 = round(float(np.median(steady)), 4) if realtime and steady.size else None
+    worst = round(float(steady.max()), 4) if realtime and steady.size else None
+    tokens = _tokens(config, s.window)
+    return dict(
+        gpu=card.name, gpus=int(gpus), mfu=mfu, pipelined=pipelined,
+        window=dict(latents=int(s.window), overlap=int(s.overlap), new_frames=new_frames, new_seconds=round(span, 4),
+                    fps=fps, steps=steps, cfg_branches=branches, tokens=tokens["tokens"],
+                    audio_seconds=round(work.audio_seconds, 4)),
+        seconds=dict(dit_step=step_s, dit=steps * step_s, audio=audio_s, vae=vae_s, per_window=period,
+                     compute=busy_s + vae_s),
+        tflop=dict(dit_step=work.dit["flops"] / 1e12, audio=work.audio["flops"] / 1e12,
+                   vae=work.vae_chunk["flops"] * new / work.latents_per_chunk / 1e12),
+        realtime_factor=rtf, realtime=realtime, min_gpus_realtime=need,
+        attention_for_gpus="ulysses" if work.heads % gpus == 0 else "ring",
+        latency_s=dict(p50=p50, max=worst),
+        latency_growth_s_per_window=None if realtime else round(period - span, 4),
+        first_frame_s=round(timeline["first_frame_s"], 4),
+        lookahead_s=lookahead, max_latency_s=budget, within_budget=bool(realtime and worst <= budget),
+        assumptions=[
+            f"{mfu:.0%} MFU for every part (assumed): the DiT in bf16 at the {card.bf16_flops / 1e12:.0f} TFLOP/s "
+            f"peak, the VAE and Wav2Vec2 in float32 at the {(card.tf32_flops or card.bf16_flops / 2) / 1e12:.0f} "
+            f"TFLOP/s TF32 peak; a part is the slower of its FLOPs at that rate and its matmul bytes at "
+            f"{card.hbm_bandwidth / 1e12:.2f} TB/s, attention's score and value products kept on chip (flash "
+            "attention; the step table's est s counts them as memory traffic)",
+            f"the DiT step split evenly over {gpus} GPU(s) by sequence parallelism ({'Ulysses' if work.heads % gpus == 0 else 'ring'} "
+            "attention for this count), every GPU reading all weights; communication not modelled",
+            "the VAE decode and Wav2Vec2 on one GPU, not split; "
+            + ("the decode of window k beside window k+1's steps (pipelined)" if pipelined else
+               "one after the other (audio features, steps, decode), as mi_jax/live.py runs them"),
+            f"audio spoken in real time; a window runs once its frames' audio + {lookahead:g} s lookahead is in; "
+            "compilation and the one-off text / portrait encoding not counted",
+        ])
+
+
 # ------------------------------------------------------------------ printing
 
 
@@ -724,8 +1035,59 @@ def format_report(report: dict) -> str:
             res = f"{t['total_gb']:.3g} GB" if "total_gb" in t else f"failed: {t['error']}"
             lines.append(f"  {name}: alternative remat={t['remat_policy']}, mesh {t['mesh']}, "
                          f"attention={t['attention']}, grad_accum={t['grad_accum']}: {res}")
+    if "latency" in report:
+        lines += ["", format_latency(report["latency"])]
     lines += [f"WARNING {w}" for w in report["warnings"]]
     return "\n".join(lines)
+
+
+def format_latency(lat: dict) -> str:
+    """Live streaming on GPUs as text: the window, the seconds per part, the real-time factor,
+    the GPUs real time needs, the latencies and the assumptions.
+
+    Args:
+      lat: what `latency` returns.
+
+    Returns:
+      The lines, joined.
+    """
+    w, sec = lat["window"], lat["seconds"]
+    ms = lambda x: f"{x:.3g} s" if x >= 1 else f"{x * 1e3:.3g} ms" if x >= 1e-3 else f"{x * 1e6:.3g} us"  # noqa: E731
+    lines = [
+        f"Live streaming on {lat['gpus']} x {lat['gpu']}: window of {w['latents']} latents, {w['overlap']} carried -> "
+        f"{w['new_frames']} new frames = {w['new_seconds']:g} s of video per window ({w['tokens']} tokens); "
+        f"{w['steps']} steps x {w['cfg_branches']} CFG branch(es)",
+        f"  per window: DiT {w['steps']} x {ms(sec['dit_step'])} = {ms(sec['dit'])} "
+        f"({lat['tflop']['dit_step']:.4g} TFLOP per step, split over {lat['gpus']} GPU(s), "
+        f"{lat['attention_for_gpus']} attention), Wav2Vec2 {ms(sec['audio'])} ({w['audio_seconds']:g} s of audio, "
+        f"{lat['tflop']['audio']:.3g} TFLOP), VAE decode {ms(sec['vae'])} ({lat['tflop']['vae']:.3g} TFLOP); "
+        f"one window every {ms(sec['per_window'])}",
+        f"  real-time factor {lat['realtime_factor']:.3g} (video s per compute s): "
+        + ("real time" if lat["realtime"] else "slower than real time")
+        + (f"; real time from {lat['min_gpus_realtime']} GPU(s)" if lat["min_gpus_realtime"] else
+           "; no GPU count reaches real time (the unsplit VAE decode and Wav2Vec2 alone are too slow)"),
+    ]
+    if lat["realtime"]:
+        lines.append(f"  audio-to-frame latency (steady state): p50 {lat['latency_s']['p50']:.3g} s, max "
+                     f"{lat['latency_s']['max']:.3g} s (a frame waits for the audio of its window's last frame + "
+                     f"{lat['lookahead_s']:g} s lookahead, then the window's compute and its VAE tile); "
+                     f"budget {lat['max_latency_s']:g} s: " + ("met" if lat["within_budget"] else "late"))
+    else:
+        lines.append(f"  audio-to-frame latency grows by {lat['latency_growth_s_per_window']:.3g} s per window")
+    lines.append(f"  first frame {lat['first_frame_s']:.3g} s after the first audio")
+    lines += [f"  assumes: {a}" for a in lat["assumptions"]]
+    return "\n".join(lines)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of GPUs >= 1")
+    return value
 
 
 def main(argv=None) -> int:
@@ -744,8 +1106,17 @@ def main(argv=None) -> int:
     ap.add_argument("--max-trials", type=int, default=6)
     ap.add_argument("--embed-axes", default=None,
                     help="shard parameters' embed dimension over these mesh axes, e.g. fsdp,context (default: fsdp)")
+    ap.add_argument("--gpus", type=_positive_int, default=None,
+                    help="GPUs splitting each live window (sequence parallel) in the latency estimate "
+                         "(default: the generate mesh's devices)")
+    ap.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                    help="model-FLOPs utilisation the time estimates assume (default %(default)s)")
+    ap.add_argument("--pipelined", action="store_true",
+                    help="latency: decode window k beside window k+1's denoising steps (default: one after the other)")
     ap.add_argument("--json", default=None, help="also write the report here")
     args, overrides = parse_args(ap, argv)
+    if not 0 < args.mfu <= 1:
+        ap.error(f"--mfu {args.mfu}: the assumed model-FLOPs utilisation must be in (0, 1]")
 
     n = max(_named_devices(args.mesh) or 8, _named_devices(args.generate_mesh) or 0)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -757,8 +1128,8 @@ def main(argv=None) -> int:
     steps = args.steps.split(",") if args.steps else None
     report = plan(config, args.mesh, budget_gb=args.budget, gpu=args.gpu, steps=steps,
                   suggest=not args.no_suggest, max_trials=args.max_trials, rules=rules,
-                  generate_mesh_spec=args.generate_mesh, window_frames=args.window_frames,
-                  log=lambda s: print(s, flush=True))
+                  generate_mesh_spec=args.generate_mesh, window_frames=args.window_frames, mfu=args.mfu,
+                  gpus=args.gpus, pipelined=args.pipelined, log=lambda s: print(s, flush=True))
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:

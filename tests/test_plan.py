@@ -199,3 +199,124 @@ def test_plan_takes_config_overrides_and_refuses_other_arguments(capsys):
     with pytest.raises(SystemExit):
         plan.main(["--config", CONFIG, "--frobnicate", "--config.model.num_layers=3"])
     assert "unrecognised arguments: --frobnicate" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ live streaming on GPUs
+
+
+def _work(dit_tflop: float, *, vae_tflop: float = 0.0, audio_tflop: float = 0.0) -> "plan.WindowWork":
+    """A window's work with round numbers (no bytes: compute-bound), for exact checks."""
+    part = lambda tflop: dict(flops=tflop * 1e12, matmul_bytes=0.0, batched_dot_bytes=0.0)  # noqa: E731
+    return plan.WindowWork(dit=part(dit_tflop), dit_param_bytes=0.0, vae_chunk=part(vae_tflop), audio=part(audio_tflop),
+                           audio_seconds=1.0, latents_first=5, latents_per_chunk=3, frames_per_chunk=12, heads=24)
+
+
+def _live_config(steps: int = 4, window: int = 33, overlap: int = 3):
+    config = load_config(os.path.join(ROOT, "configs", "magicinfinite.py") + ":tiny,distill")
+    config.sample.update(steps=steps, window=window, overlap=overlap)
+    return config
+
+
+def test_plan_reports_live_latency(report):
+    """The plan's generate step brings the live-streaming estimate, on the generate mesh's GPUs,
+    counted from the tiny model's DiT, VAE decoder and Wav2Vec2; the text shows it."""
+    lat = report["latency"]
+    assert lat["gpus"] == 2 and lat["window"]["cfg_branches"] == 3 and lat["window"]["steps"] == 20
+    assert lat["window"]["new_frames"] == 4 * (3 - 1 - 1)
+    assert all(lat["tflop"][k] > 0 for k in ("dit_step", "vae", "audio"))
+    sec = lat["seconds"]
+    assert math.isclose(sec["dit"], 20 * sec["dit_step"])
+    assert math.isclose(sec["per_window"], sec["audio"] + sec["dit"] + sec["vae"])
+    assert math.isclose(lat["realtime_factor"], lat["window"]["new_seconds"] / sec["per_window"])
+    text = plan.format_report(report)
+    assert "Live streaming on 2 x H100 SXM" in text and "real-time factor" in text and "assumes: 40% MFU" in text
+
+
+def test_latency_scales_with_steps_and_gpus():
+    """Seconds per window follow the model: the DiT part grows with the steps and divides over
+    the GPUs; the unsplit VAE and Wav2Vec2 parts do not change; the fewest GPUs for real time is
+    the first count whose factor reaches 1."""
+    config = _live_config()
+    work = _work(1638.0, vae_tflop=2.0, audio_tflop=0.1)
+    card, mfu = plan.GPUS["h100"], 0.4
+    one = plan.latency(config, gpus=1, work=work)
+    assert math.isclose(one["seconds"]["dit_step"], 1638e12 / (card.bf16_flops * mfu))
+    assert math.isclose(one["seconds"]["vae"], 2e12 * 29 / 3 / (card.tf32_flops * mfu))  # 29 new latents, 3 per tile
+    twice = plan.latency(_live_config(steps=8), gpus=2, work=work)
+    assert math.isclose(twice["seconds"]["dit"], one["seconds"]["dit"])  # twice the steps on twice the GPUs
+    assert plan.latency(_live_config(steps=8), gpus=1, work=work)["realtime_factor"] < one["realtime_factor"]
+    four = plan.latency(config, gpus=4, work=work)
+    assert math.isclose(four["seconds"]["dit"], one["seconds"]["dit"] / 4)
+    assert four["seconds"]["vae"] == one["seconds"]["vae"] and four["seconds"]["audio"] == one["seconds"]["audio"]
+    n = one["min_gpus_realtime"]
+    assert n == four["min_gpus_realtime"] and n > 1
+    rtf = lambda g: plan.latency(config, gpus=g, work=work)["realtime_factor"]  # noqa: E731
+    assert rtf(n) >= 1 > rtf(n - 1)
+    assert plan.latency(config, gpus=n, work=work)["latency_s"]["max"] is not None
+    assert plan.latency(config, gpus=n - 1, work=work)["latency_s"]["max"] is None  # behind: grows every window
+    # pipelined: the decode beside the next window's steps, never slower
+    assert plan.latency(config, gpus=n - 1, work=work, pipelined=True)["realtime_factor"] >= rtf(n - 1)
+    # a decoder alone slower than real time: no GPU count helps
+    slow = plan.latency(config, gpus=1, work=_work(1.0, vae_tflop=1e4), max_gpus=64)
+    assert slow["min_gpus_realtime"] is None and "no GPU count reaches real time" in plan.format_latency(slow)
+
+
+def test_stream_timeline_is_live_loop_arithmetic():
+    """With instant compute a frame waits only for its window's audio and the VAE's tiles; compute
+    time adds to every frame's latency one for one while the stream keeps up."""
+    kw = dict(window=9, overlap=2, fps=25.0, lookahead_s=0.2, latents_first=5, latents_per_chunk=3, frames_per_chunk=12)
+    free = plan.stream_timeline(compute_s=0.0, chunk_s=0.0, **kw)
+    # window 0 runs when frame 1 + 4 * 8 = 33 and 5 lookahead frames are heard; its 5-latent first tile
+    # yields 13 frames
+    assert math.isclose(free["first_frame_s"], 38 / 25 - 1 / 25)
+    assert free["latency_s"].min() >= 5 / 25 - 1e-12  # never earlier than the lookahead
+    busy = plan.stream_timeline(compute_s=0.05, chunk_s=0.01, **kw)
+    steady = slice(33, 33 + 120)
+    first_tile = free["latency_s"][steady]
+    # each frame waits for its window's compute and its own tile's decode, after earlier tiles of that window
+    assert ((busy["latency_s"][steady] - first_tile) >= 0.05 + 0.01 - 1e-9).all()
+    assert ((busy["latency_s"][steady] - first_tile) <= 0.05 + 0.01 * 3 + 1e-9).all()
+
+
+def test_latency_on_the_full_model_and_bad_input(capsys):
+    """The full 13B distilled config, counted on abstract shapes: one step of a 540p (544x544)
+    window is at least 2 FLOPs per parameter per token, and the GPU count the plan names for real
+    time is the first that reaches it. 0 GPUs or an unknown GPU fail before anything is traced."""
+    full = load_config(os.path.join(ROOT, "configs", "magicinfinite.py") + ":full,distill")
+    work = plan.count_window_work(full)
+    params = work.dit_param_bytes / 2  # bf16
+    tokens = plan._tokens(full, full.sample.window)["video_tokens"]
+    assert work.dit["flops"] >= 2 * params * tokens and params > 12e9
+    lat = plan.latency(full, gpus=1, work=work)
+    n = lat["min_gpus_realtime"]
+    assert lat["window"]["new_frames"] == 116 and lat["window"]["cfg_branches"] == 1 and lat["window"]["steps"] == 4
+    assert plan.latency(full, gpus=n, work=work)["realtime_factor"] >= 1 > plan.latency(full, gpus=n - 1, work=work)[
+        "realtime_factor"]
+
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="whole number >= 1"):
+            plan.latency(full, gpus=bad, work=work)
+    with pytest.raises(ValueError, match="unknown gpu 'tpu'"):
+        plan.latency(full, gpu="tpu", work=work)
+    with pytest.raises(ValueError, match="mfu"):
+        plan.latency(full, mfu=0.0, work=work)
+    said = []
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        plan.plan(_config(), MESH, gpus=0, log=said.append)
+    assert not said  # refused before compiling anything
+    with pytest.raises(SystemExit):
+        plan.main(["--config", CONFIG, "--gpus", "0"])
+    assert "a whole number of GPUs >= 1" in capsys.readouterr().err
+
+
+def test_plan_cli_prints_and_writes_latency(tmp_path, capsys):
+    """`mi-jax plan --gpus N` puts the live-streaming estimate in the text and the JSON."""
+    import json
+
+    out = tmp_path / "plan.json"
+    assert plan.main(["--config", CONFIG, "--mesh", MESH, "--steps", "generate", "--gpus", "3", "--mfu", "0.2",
+                      "--pipelined", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Live streaming on 3 x H100 SXM" in printed and "beside window k+1's steps" in printed
+    lat = json.loads(out.read_text())["latency"]
+    assert lat["gpus"] == 3 and lat["mfu"] == 0.2 and lat["pipelined"] and lat["realtime_factor"] > 0
