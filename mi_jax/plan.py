@@ -927,8 +927,10 @@ def latency(config, *, gpu: str = "h100", gpus: int = 1, mfu: float = DEFAULT_MF
       `min_gpus_realtime` (the fewest GPUs with factor >= 1, None when none up to `max_gpus`:
       the unsplit parts alone are too slow), `latency_s` (steady-state p50 and max, None
       when slower than real time: it then grows by `latency_growth_s_per_window`),
-      `first_frame_s`, `lookahead_s`, `max_latency_s` (the lateness budget), `within_budget`
-      and `assumptions` (lines).
+      `first_frame_s`, `lookahead_s`, `max_latency_s` (the lateness budget), `within_budget`,
+      `min_gpus_within_budget` (the fewest GPUs whose steady max latency is within the budget,
+      None when none up to `max_gpus`: the window's own span is too long) and `assumptions`
+      (lines).
 
     Raises:
       ValueError: an unknown gpu, gpus < 1, mfu outside (0, 1] or a window with no new frames.
@@ -959,18 +961,36 @@ def latency(config, *, gpu: str = "h100", gpus: int = 1, mfu: float = DEFAULT_MF
         busy = audio_s + steps * step
         return step, busy, max(busy, vae_s) if pipelined else busy + vae_s
 
+    def stream(n: int) -> tuple[float, float | None, float | None, float]:
+        """(real-time factor, steady p50, steady max, first frame) on n GPUs."""
+        busy, period = times(n)[1:]
+        timeline = stream_timeline(window=s.window, overlap=s.overlap, fps=fps, lookahead_s=lookahead, compute_s=busy,
+                                   chunk_s=chunk_s, latents_first=work.latents_first,
+                                   latents_per_chunk=work.latents_per_chunk,
+                                   frames_per_chunk=work.frames_per_chunk, pipelined=pipelined)
+        steady = timeline["latency_s"][_video_frames(s.window):]  # after the first window (its warm-up)
+        keeps_up = span / period >= 1 and steady.size
+        return (span / period, round(float(np.median(steady)), 4) if keeps_up else None,
+                round(float(steady.max()), 4) if keeps_up else None, timeline["first_frame_s"])
+
+    def within(n: int) -> bool:
+        worst = stream(n)[2]
+        return worst is not None and worst <= budget
+
     step_s, busy_s, period = times(gpus)
-    rtf = span / period
-    need = next((n for n in range(1, max_gpus + 1) if span / times(n)[2] >= 1), None)
-    timeline = stream_timeline(window=s.window, overlap=s.overlap, fps=fps, lookahead_s=lookahead, compute_s=busy_s,
-                               chunk_s=chunk_s, latents_first=work.latents_first,
-                               latents_per_chunk=work.latents_per_chunk, frames_per_chunk=work.frames_per_chunk,
-                               pipelined=pipelined)
-    steady = timeline["latency_s"][_video_frames(s.window):]  # after the first window (its warm-up)
+    rtf, p50, worst, first = stream(gpus)
     realtime = rtf >= 1
-    p50 = round(float(np.median(steady)), 4) if realtime and steady.size else None
-    worst = round(float(steady.max()), 4) if realtime and steady.size else None
+    need = next((n for n in range(1, max_gpus + 1) if span / times(n)[2] >= 1), None)
+    # the latency falls as GPUs are added, towards what the unsplit parts and the audio's wait leave
+    in_budget = None
+    if need is not None and within(max_gpus):
+        lo, hi = need, max_gpus
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if within(mid) else (mid + 1, hi)
+        in_budget = lo
     tokens = _tokens(config, s.window)
+    attention = "ulysses" if work.heads % gpus == 0 else "ring"  # Ulysses splits heads, ring any sequence
     return dict(
         gpu=card.name, gpus=int(gpus), mfu=mfu, pipelined=pipelined,
         window=dict(latents=int(s.window), overlap=int(s.overlap), new_frames=new_frames, new_seconds=round(span, 4),
@@ -980,11 +1000,11 @@ def latency(config, *, gpu: str = "h100", gpus: int = 1, mfu: float = DEFAULT_MF
                      compute=busy_s + vae_s),
         tflop=dict(dit_step=work.dit["flops"] / 1e12, audio=work.audio["flops"] / 1e12,
                    vae=work.vae_chunk["flops"] * new / work.latents_per_chunk / 1e12),
-        realtime_factor=rtf, realtime=realtime, min_gpus_realtime=need,
-        attention_for_gpus="ulysses" if work.heads % gpus == 0 else "ring",
+        realtime_factor=rtf, realtime=realtime, min_gpus_realtime=need, min_gpus_within_budget=in_budget,
+        attention_for_gpus=attention,
         latency_s=dict(p50=p50, max=worst),
         latency_growth_s_per_window=None if realtime else round(period - span, 4),
-        first_frame_s=round(timeline["first_frame_s"], 4),
+        first_frame_s=round(first, 4),
         lookahead_s=lookahead, max_latency_s=budget, within_budget=bool(realtime and worst <= budget),
         assumptions=[
             f"{mfu:.0%} MFU for every part (assumed): the DiT in bf16 at the {card.bf16_flops / 1e12:.0f} TFLOP/s "
@@ -992,8 +1012,8 @@ def latency(config, *, gpu: str = "h100", gpus: int = 1, mfu: float = DEFAULT_MF
             f"TFLOP/s TF32 peak; a part is the slower of its FLOPs at that rate and its matmul bytes at "
             f"{card.hbm_bandwidth / 1e12:.2f} TB/s, attention's score and value products kept on chip (flash "
             "attention; the step table's est s counts them as memory traffic)",
-            f"the DiT step split evenly over {gpus} GPU(s) by sequence parallelism ({'Ulysses' if work.heads % gpus == 0 else 'ring'} "
-            "attention for this count), every GPU reading all weights; communication not modelled",
+            f"the DiT step split evenly over {gpus} GPU(s) by sequence parallelism ({attention} attention for "
+            "this count), every GPU reading all weights; communication not modelled",
             "the VAE decode and Wav2Vec2 on one GPU, not split; "
             + ("the decode of window k beside window k+1's steps (pipelined)" if pipelined else
                "one after the other (audio features, steps, decode), as mi_jax/live.py runs them"),
@@ -1074,6 +1094,12 @@ def format_latency(lat: dict) -> str:
                      f"budget {lat['max_latency_s']:g} s: " + ("met" if lat["within_budget"] else "late"))
     else:
         lines.append(f"  audio-to-frame latency grows by {lat['latency_growth_s_per_window']:.3g} s per window")
+    if lat["min_gpus_within_budget"]:
+        lines.append(f"  every frame within the {lat['max_latency_s']:g} s budget from {lat['min_gpus_within_budget']} "
+                     "GPU(s)")
+    else:
+        lines.append(f"  no GPU count keeps every frame within the {lat['max_latency_s']:g} s budget: the window's "
+                     f"{w['new_seconds']:g} s of new frames wait for their audio (a shorter sample.window shortens it)")
     lines.append(f"  first frame {lat['first_frame_s']:.3g} s after the first audio")
     lines += [f"  assumes: {a}" for a in lat["assumptions"]]
     return "\n".join(lines)

@@ -256,6 +256,13 @@ def test_latency_scales_with_steps_and_gpus():
     assert plan.latency(config, gpus=n - 1, work=work)["latency_s"]["max"] is None  # behind: grows every window
     # pipelined: the decode beside the next window's steps, never slower
     assert plan.latency(config, gpus=n - 1, work=work, pipelined=True)["realtime_factor"] >= rtf(n - 1)
+    # 116 new frames (4.64 s) wait for their audio: no GPU count meets the 1 s budget; a window of 3 new
+    # latents (one VAE tile, 0.48 s) does from some count on, and not with one GPU fewer
+    assert one["min_gpus_within_budget"] is None and "no GPU count keeps every frame" in plan.format_latency(one)
+    short = _live_config(window=5, overlap=1)
+    m = plan.latency(short, gpus=1, work=work)["min_gpus_within_budget"]
+    assert m and plan.latency(short, gpus=m, work=work)["within_budget"]
+    assert not plan.latency(short, gpus=m - 1, work=work)["within_budget"]
     # a decoder alone slower than real time: no GPU count helps
     slow = plan.latency(config, gpus=1, work=_work(1.0, vae_tflop=1e4), max_gpus=64)
     assert slow["min_gpus_realtime"] is None and "no GPU count reaches real time" in plan.format_latency(slow)
