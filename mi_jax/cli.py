@@ -17,6 +17,7 @@
     mi-jax demo     [--model demo/model] [--seconds 60] [--out out]
     mi-jax demo-model [--out demo/model]                            (rebuilds the bundled demo model)
     mi-jax app      [--checkpoint demo/model] [--port 7860] [--host 127.0.0.1]   (a local web page; needs .[app])
+    mi-jax serve    [--checkpoint demo/model] [--port 7861] [--max-streams 2]   (live streams over HTTP; .[app])
 
 Config overrides use the config's own field paths (`--config.train.steps=100`).
 """
@@ -301,6 +302,20 @@ def cmd_app(args) -> int:
         return 2
 
 
+def cmd_serve(args) -> int:
+    from mi_jax.app import InstallError
+    from mi_jax.serve import ServeSettings, serve
+
+    if args.max_streams < 1:
+        print(f"error: --max-streams {args.max_streams}: serve at least 1 stream", file=sys.stderr)
+        return 2
+    try:
+        return serve(ServeSettings(args.checkpoint, args.host, args.port, args.max_streams))
+    except (InstallError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mi-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -412,6 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--host", default="127.0.0.1",
                    help="the address to listen on (default: this machine only; 0.0.0.0: every network)")
+
+    p = sub.add_parser("serve", help="one model, several live streams over HTTP: audio in as it is spoken, frames "
+                                     "out as they are made (pip install -e '.[app]'; API in mi_jax/serve.py)")
+    p.add_argument("--checkpoint", default="demo/model", help="a training or distillation run folder")
+    p.add_argument("--port", type=int, default=7861)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default: this machine only; 0.0.0.0: every network)")
+    p.add_argument("--max-streams", type=int, default=2,
+                   help="live streams at once (default 2); more are refused with HTTP 503 until one ends")
     return parser
 
 
@@ -424,7 +448,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     plain = {"synth": cmd_synth, "generate": cmd_generate, "export": cmd_export, "eval": cmd_eval, "demo": cmd_demo,
-             "demo-model": cmd_demo_model, "app": cmd_app}
+             "demo-model": cmd_demo_model, "app": cmd_app, "serve": cmd_serve}
     if args.command in plain:
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
