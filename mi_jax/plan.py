@@ -19,6 +19,10 @@ Where the numbers come from:
   layers it undercounts by the layer count; it is reported as `xla_flops_per_device` only.
 - time: max(FLOPs per device / (peak bf16 rate x MFU), matmul operand bytes / HBM bandwidth);
   communication is not modelled. The MFU is an assumption (default 40%), stated in the report.
+- live streaming on GPUs (with the generate step; `latency`, `--gpus N`): a live window's DiT
+  steps, Wav2Vec2 and VAE decode, each counted the same way at the config's shapes, give the
+  seconds per window, the real-time factor, the fewest GPUs for real time and the audio-to-frame
+  latency of mi_jax/live.py's loop (`stream_timeline`).
 
 Steps are registered with `register_step(name)`: `train` (stage 1/2), `distill` (DMD2, planned
 by default for a config with a `distill` section), `generate` (one sampler window).
@@ -713,7 +717,7 @@ def _mesh_str(mesh) -> str:
 def _wav2vec2_config(prepare_cfg):
     """The Wav2Vec2 `prepare.wav2vec2` names, without its weights: `random:SEED` ->
     `prepare.wav2vec2_random`; a transformers folder -> its config.json; "" (the full configs,
-    no folder named yet) -> wav2vec2-base, the encoder MagicInfinite's audio path uses."""
+    no folder named yet) -> wav2vec2-base, whose 12 layers of 768 the full configs' audio path takes."""
     from mi_jax.models.wav2vec2 import WAV2VEC2_BASE, Wav2Vec2Config
 
     spec = prepare_cfg.wav2vec2
