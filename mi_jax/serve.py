@@ -110,7 +110,7 @@ class LiveSession:
         self.dropped = 0  # samples dropped because the backlog passed max_buffer_s
         self.status = "open"  # open -> reading -> ended | closed: <reason> | failed: <message>
         self._resamplers: dict[int, object] = {}
-        self.touched = time.monotonic()
+        self.touched = self.fed = time.monotonic()
         self.warning: str | None = None
 
     # ------------------------------------------------------------------ the client's side
@@ -140,7 +140,7 @@ class LiveSession:
         with self._lock:
             if self.status.startswith(("closed", "ended", "failed")) or self._ended:
                 raise StreamClosed(f"stream {self.id}: {self.status if not self._ended else 'its audio ended'}")
-            self.touched = time.monotonic()
+            self.touched = self.fed = time.monotonic()
             if (self._queued + len(x)) / self.rate > self.hub.max_buffer_s:
                 self.dropped += len(x)  # the model is behind by more than the buffer: said, not hidden
                 self.warning = (f"behind: {self._queued / self.rate:.1f} s of audio not yet animated; "
@@ -150,8 +150,21 @@ class LiveSession:
                 self._inbox.put(x)
             return self._backlog()
 
-    def end(self) -> None:
-        """The audio is over: the stream animates what it has and finishes."""
+    def end(self, quiet_s: float = 0.0) -> None:
+        """The audio is over: the stream animates what it has and finishes.
+
+        Args:
+          quiet_s: end only once no audio was fed for this long (in a background thread): for
+            sources whose last chunks may come after their stop signal (a browser's recorder).
+        """
+        if quiet_s > 0:
+            def later():
+                while (left := self.fed + quiet_s - time.monotonic()) > 0:
+                    time.sleep(left)
+                self.end()
+
+            threading.Thread(target=later, name=f"mi-jax-live-end-{self.id}", daemon=True).start()
+            return
         with self._lock:
             if not self._ended:
                 self._ended = True
@@ -232,17 +245,19 @@ class LiveHub:
         `ServerBusy`.
       max_buffer_s: unread audio a stream may hold; newer audio is dropped and counted.
       idle_s: a stream with no audio and no reader for this long is closed.
+      log: called with one line when a stream ends or is closed (default: nothing).
 
     Raises:
       ValueError: a setting out of range.
     """
 
     def __init__(self, pipe, *, max_streams: int = DEFAULT_MAX_STREAMS, max_buffer_s: float = MAX_BUFFER_S,
-                 idle_s: float = IDLE_S):
+                 idle_s: float = IDLE_S, log=None):
         if max_streams < 1 or max_buffer_s <= 0 or idle_s <= 0:
             raise ValueError(f"max_streams={max_streams}, max_buffer_s={max_buffer_s}, idle_s={idle_s}: "
                              "use at least 1 stream and positive seconds")
         self.pipe, self.max_streams, self.max_buffer_s, self.idle_s = pipe, max_streams, max_buffer_s, idle_s
+        self.log = log
         config = pipe.config.prepare
         self.fps, self.sample_rate = float(config.fps), int(config.sample_rate)
         self._sessions: dict[str, LiveSession] = {}
@@ -345,7 +360,11 @@ class LiveHub:
         with session._lock:
             session.status = status
         session._inbox.put(_CLOSE)
-        self.finished = (self.finished + [session.report()])[-16:]
+        report = session.report()
+        self.finished = (self.finished + [report])[-16:]
+        if self.log is not None:
+            self.log(f"live stream {session.id} {status}: {report['frames']} frames, {report['late']} late, "
+                     f"p95 {report['latency_p95_s']} s, {report['dropped_s']} s of audio dropped")
 
     def _reap(self) -> None:
         """Closes streams idle past `idle_s` (no reader and no audio)."""
@@ -579,7 +598,7 @@ def serve(settings: ServeSettings, log=print) -> int:
 
     t0 = time.monotonic()
     pipe = Pipeline.from_checkpoint(settings.checkpoint)
-    hub = LiveHub(pipe, max_streams=settings.max_streams)
+    hub = LiveHub(pipe, max_streams=settings.max_streams, log=log)
     log(f"loaded {settings.checkpoint} in {time.monotonic() - t0:.1f} s; up to {settings.max_streams} live streams")
     log(f"compiled the stream's steps in {hub.warm_up():.1f} s")
     log(f"serving live streams on http://{settings.host}:{settings.port}/streams (see mi_jax/serve.py)")

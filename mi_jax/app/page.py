@@ -11,10 +11,12 @@ import numpy as np
 
 from mi_jax.app.inputs import notes, page_values, shown, upload_path
 from mi_jax.app.jobs import STOPPED, Stops
+from mi_jax.app.live import LiveHandlers, enlarged, live_tab, wire_live
 from mi_jax.app.studio import Studio
 from mi_jax.data.audio_io import AudioError
 from mi_jax.data.inputs import InputError, load_portrait
 from mi_jax.data.prepare import patch_grid
+from mi_jax.serve import DEFAULT_MAX_STREAMS, LiveHub
 
 PREVIEW_SIDE = 256  # the newest frame is shown about this large
 PREVIEW_EVERY = 0.5  # seconds between preview frames at most
@@ -23,19 +25,27 @@ EDITOR_SIDE = 512  # the portrait is shown this large in the mask painter (the m
 SAY_VOICES = ("en-us", "en-us+f3", "en-us+m3", "en-gb-x-rp", "en-gb-x-rp+f2", "fr", "de", "es")
 
 
-def build_page(studio: Studio) -> gr.Blocks:
-    """The page's Gradio Blocks, not launched.
+def build_page(studio: Studio, hub: LiveHub | None = None) -> gr.Blocks:
+    """The page's Gradio Blocks, not launched: the Generate tab and the Live tab.
 
     Args:
       studio: the loaded model the page's jobs run on.
+      hub: the live streams' hub on `studio.pipe` (default: a new one, `DEFAULT_MAX_STREAMS` streams).
 
     Returns:
       `gr.Blocks`; the caller queues (`page.queue(default_concurrency_limit=1)`) and launches it.
     """
+    hub = LiveHub(studio.pipe, max_streams=DEFAULT_MAX_STREAMS) if hub is None else hub
     with gr.Blocks(title="mi_jax: talking portrait", analytics_enabled=False,
                    delete_cache=(1800, 3600)) as page:
-        controls = layout(studio)
+        _header(studio)
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate-tab"):
+                controls = layout(studio)
+            with gr.Tab("Live", id="live-tab", elem_id="live-tab"):
+                live = live_tab(studio, hub.max_streams)
         wire(controls, Handlers(studio, Stops()))
+        wire_live(live, LiveHandlers(studio, hub), page)
     return page
 
 
@@ -79,12 +89,16 @@ class Controls:
         return [self.status, self.preview, self.video, self.plot, self.timing]
 
 
-def layout(studio: Studio) -> Controls:
-    """The page's components, inside the current `gr.Blocks`: a header, the inputs on the left,
-    the outputs on the right."""
+def _header(studio: Studio) -> None:
     gr.Markdown(f"## mi_jax: portrait + voice + prompt → talking video\n"
                 f"Model `{studio.checkpoint}` ({studio.size[1]}x{studio.size[0]}, {studio.fps:g} fps). "
-                "One generation at a time on this machine; others wait in the queue.")
+                "One generation at a time on this machine; others wait in the queue. "
+                "Live: the face answers your microphone as you speak.")
+
+
+def layout(studio: Studio) -> Controls:
+    """The Generate tab's components, inside the current `gr.Tab`: the inputs on the left, the
+    outputs on the right."""
     with gr.Row():
         with gr.Column():
             inputs = _input_column(studio)
@@ -239,7 +253,7 @@ class Handlers:
             image, _ = load_portrait(path, self.studio.size, grid=patch_grid(self.studio.config))
         except (InputError, OSError):
             return None
-        return _enlarged(image, EDITOR_SIDE)
+        return enlarged(image, EDITOR_SIDE)
 
 
 class _Progress:
@@ -264,7 +278,7 @@ class _Progress:
         if time.monotonic() - self.shown < PREVIEW_EVERY:
             return gr.skip()
         self.shown = time.monotonic()
-        return _enlarged(chunk[-1], PREVIEW_SIDE)
+        return enlarged(chunk[-1], PREVIEW_SIDE)
 
 
 def _eta(times: list[float], start: float, done: int, total: int) -> str:
@@ -276,12 +290,6 @@ def _eta(times: list[float], start: float, done: int, total: int) -> str:
         per = (times[-1] - times[0]) / (done - 1)
     left = per * (total - done)
     return f"~{left:.0f} s left" if left >= 1 else "under a second left"
-
-
-def _enlarged(image: np.ndarray, side: int) -> np.ndarray:
-    """A small image repeated pixel by pixel to about `side` pixels (sharp, not blurred)."""
-    k = max(1, side // max(image.shape[:2]))
-    return np.repeat(np.repeat(image, k, axis=0), k, axis=1)
 
 
 def _timing(item: dict, studio: Studio) -> str:

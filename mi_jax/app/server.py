@@ -44,9 +44,13 @@ def serve(checkpoint: str = "demo/model", *, host: str = DEFAULT_HOST, port: int
 
         from mi_jax.app.page import build_page  # imports Gradio
         from mi_jax.app.studio import Studio
+        from mi_jax.serve import DEFAULT_MAX_STREAMS, LiveHub
 
         studio = Studio(checkpoint, root, log=log)
-        page = build_page(studio)
+        hub = LiveHub(studio.pipe, max_streams=DEFAULT_MAX_STREAMS, log=log)
+        # before the page opens: a live stream's first frames must not wait for the compiler
+        log(f"compiled the live stream's steps in {hub.warm_up(studio.bundled.portraits[0]):.1f} s")
+        page = build_page(studio, hub)
         page.queue(default_concurrency_limit=1)
         previous = signal.signal(signal.SIGTERM, _interrupt)  # a stop by SIGTERM also removes the folder
         try:
@@ -58,6 +62,7 @@ def serve(checkpoint: str = "demo/model", *, host: str = DEFAULT_HOST, port: int
             pass
         finally:
             signal.signal(signal.SIGTERM, previous)
+            hub.close_all()
             page.close()
     return 0
 
