@@ -212,6 +212,27 @@ def test_cpu_convolution_and_its_gradients_match_xla(shape, co, strides, pads, i
         assert max_abs(a, b) <= 1e-5 * float(jnp.abs(a).max())
 
 
+@pytest.mark.parametrize("strides", [(1, 1, 1), (2, 2, 2)])
+def test_a_single_frame_convolves_with_the_kernel_summed_over_time(strides):
+    """A lone frame with causal padding is that frame three times: `conv3d` convolves it in 2-D
+    with the time-summed kernel (the image fast path). Output and both gradients equal the
+    explicit three-frame clip through XLA's 3-D convolution, relative 1e-5: the two sum the
+    same products in another order."""
+    from mi_jax.models import vae
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 1, 12, 10, 8)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 16)), jnp.float32)
+    want, pull_want = jax.vjp(lambda x, k: reference_conv(x, k, strides, (2, 1, 1)), x, kernel)
+    got, pull_got = jax.vjp(lambda x, k: vae.conv3d(x, k, strides, (2, 1, 1)), x, kernel)
+    g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    assert got.shape == want.shape == (2, 1, 12 // strides[1], 10 // strides[2], 16)
+    for a, b in zip((want, *pull_want(g)), (got, *pull_got(g))):
+        assert max_abs(a, b) <= 1e-5 * float(jnp.abs(a).max())
+    jaxpr = str(jax.make_jaxpr(lambda x, k: vae.conv3d(x, k, strides, (2, 1, 1)))(x, kernel))
+    assert "reduce_sum" in jaxpr  # the kernel is summed over time, the frame is not repeated
+
+
 def test_vae_convolutions_use_the_native_kernels_on_cpu_for_float32_only():
     """float32 convolutions of the VAE lower to the native kernels (forward, and in the gradient
     the kernel-gradient call); float64 (the exactness checks) keeps XLA's own."""
