@@ -41,6 +41,12 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     # (2 x 2 x 8 = 32 values) still fits the DiT; the tests keep the 4-channel tiny variant
     c.model.update(in_channels=8, out_channels=8)
     c.prepare.vae_random.latent_channels = 8
+    # a 4x-spatial VAE: 16x16 latents at 64 px, cells of 4 px, smaller than an eye (an 8x grid's
+    # 8-px cells hold no eye, and two speakers' mouths at half the frame each get about one cell)
+    c.prepare.vae_random.spatial_compression_ratio = 4
+    # two audio tracks and masks per window: a share of the training clips has two speakers
+    # taking turns (single-speaker windows carry an empty second track)
+    c.prepare.speakers = 2
     # a DiT 4x wider than the tests' tiny one (hidden 128 = 4 heads x 32, audio cross-attention in
     # the last 2 blocks at width 128): narrower DiTs lost most of the mouth the VAE keeps
     c.model.update(num_attention_heads=4, attention_head_dim=32, rope_axes_dim=(8, 12, 12), audio_blocks=2,
@@ -50,6 +56,10 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     # 17 frames, so each tile pairs a 4-frame latent with the next, as in decoding
     c.prepare.vae_tiling.update(tile_sample_min_num_frames=4, tile_sample_stride_num_frames=4)
     c.vae_train.lengths = (17, 13, 9, 5, 1)
+    # from scratch on 2 cores: single frames first at batch 16 (eyes and colour), then clips
+    # through the stream; a constant rate and an edge term (docs/demo.md has the measurements)
+    c.vae_train.update(init="", schedule="constant", learning_rate=2e-3, grad_weight=1.0, image_steps=1200,
+                       image_batch=16, steps=1000, batch=2)
     # start from kernels that read each latent's own frames, not each tile's first (mi_jax/train/vae.py)
     c.vae_train.temporal_init = True
     # windows of 5 latents (17 frames, about a nod's period), 2 carried, 2 new: a window sees where

@@ -116,6 +116,10 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     v.steps = 1500
     v.batch = 2
     v.learning_rate = 2e-3
+    v.schedule = "cosine"  # after 100 warm-up steps: "cosine" decay to 5 % or "constant"
+    v.image_steps = 0  # the image stage first: single frames at image_batch (then `steps` on clips)
+    v.image_batch = 16
+    v.grad_weight = 0.0  # weight of the L1 on the frames' x / y differences
     v.beta = 1e-6  # KL weight
     v.lengths = ()  # clip lengths in frames; () = VAEStream's regime (17, 13, 9, 5, 1 at 4x time)
     v.tile_fraction = 0.7  # share of steps at the first length (the tile)

@@ -95,8 +95,9 @@ def run_demo(model: str = os.path.join(DEMO, "model"), out: str = "out", seconds
 
 
 def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/demo", *, clips: int = 128,
-                     vae_steps: int | None = None, stage1_steps: int = 4000, stage2_steps: int = 12000,
-                     distill_steps: int = 600, seed: int = 0, log=print) -> str:
+                     two_speaker_clips: int = 32,
+                     vae_steps: int | None = None, stage1_steps: int = 3000, stage2_steps: int = 8000,
+                     distill_steps: int = 400, seed: int = 0, log=print) -> str:
     """The demo model from nothing, seeded: synthetic clips -> the demo VAE (`train_vae`, in the
     regime generation runs it) -> prepare -> stage 1 -> stage 2 -> DMD2 (4 steps, LoRA); writes
     the VAE to `<out>/../vae` and the final run (weights + config) to `out`, with `build.json`
@@ -114,16 +115,12 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
     os.makedirs(work, exist_ok=True)
     spec = CONFIG
     vae_out = os.path.join(os.path.dirname(out.rstrip("/")) or DEMO, "vae")
-    # the pretrained start (as real video models start from HunyuanVideo's VAE): a small VAE of
-    # this world trained from scratch on an H200 (`mi-jax train-vae`, 4000 steps at batch 8 x 5
-    # frames, 4 latent channels); from scratch on 2 CPU cores it would not fit the 2-hour budget
-    vae_base = os.path.join(os.path.dirname(out.rstrip("/")) or DEMO, "vae_base")
     vae_dir, data, store = (os.path.join(work, p) for p in ("vae", "clips", "store"))
     # prepare encodes with the VAE being built; the runs name the folder it ships in (generation
     # loads it from there; training itself never runs the VAE)
     common = [f"prepare.vae={vae_out}", f"seed={seed}", f"data.store={store}", "mesh=fsdp=1"]
     log_path = os.path.join(work, "build.json")
-    record = {"seed": seed, "clips": clips, "parts": {}}
+    record = {"seed": seed, "clips": clips, "two_speaker_clips": two_speaker_clips, "parts": {}}
     if os.path.exists(log_path):
         with open(log_path) as f:
             record = json.load(f)
@@ -138,12 +135,15 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
         return os.path.isdir(os.path.join(work, run, "checkpoints", str(steps)))
 
     if "synth" not in record["parts"]:  # recorded once every clip is written
-        part("synth", lambda: synthetic.write_clips(data, clips, 4.0, seed_start=seed))
+        def synth():  # both voices (synthetic, espeak-ng speech); a share of two speakers taking turns
+            synthetic.write_clips(data, clips, 4.0, seed_start=seed, voice="mixed")
+            synthetic.write_clips(data, two_speaker_clips, 4.0, seed_start=seed + clips, voice="mixed", speakers=2)
+        part("synth", synth)
     vae_cfg = load_config(spec + ":stage1")
     vae_steps = int(vae_cfg.vae_train.steps if vae_steps is None else vae_steps)
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
         part("vae", lambda: log(train_vae(vae_cfg, vae_dir, work_dir=os.path.join(work, "vae.train"), log=log,
-                                          steps=vae_steps, seed=seed, init=vae_base, learning_rate=1e-3)))
+                                          steps=vae_steps, seed=seed)))
     part("prepare", lambda: prepare(load_config(spec + ":stage1", [f"prepare.vae={vae_dir}", f"seed={seed}"]),
                                     data, store))
     stages = [("stage1", "stage1,text_first", stage1_steps, None),

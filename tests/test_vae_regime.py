@@ -100,22 +100,54 @@ def test_train_vae_runs_the_stream_regime_and_resumes_to_the_same_weights(tmp_pa
     assert not os.path.exists(tmp_path / "b.train")
 
 
-def test_a_pretrained_vae_widened_to_more_latent_channels_decodes_as_before():
-    """`vae_train.init`: the bundled pretrained demo VAE (4 latent channels) widened to the demo
-    config's 8 encodes the old channels and decodes exactly as before; the new channels start
-    with a small posterior and no effect on the decoder, for training to fill."""
+def test_train_vae_image_stage_then_clips_with_an_edge_term(tmp_path):
+    """`vae_train.image_steps` single-frame batches of `image_batch` come first, then clips; the
+    loss reports the edge term (`grad_weight`); a constant schedule keeps its rate and a cosine
+    one decays; an unknown schedule is refused before any compute."""
+    from mi_jax.train.vae import ClipPool, learning_rate_schedule, train_vae
+
+    pool = ClipPool(0, (64, 64), clips=3, lengths=(5, 1))
+    video, weight, portrait = pool.images(2, 3)
+    assert video.shape == (3, 1, 64, 64, 3) and weight.shape == (3, 1, 64, 64, 1) and not portrait.any()
+    assert np.array_equal(video, pool.images(2, 3)[0])  # same seed and index, same program: the same frames
+    constant, cosine = learning_rate_schedule("constant", 1e-3, 1000), learning_rate_schedule("cosine", 1e-3, 1000)
+    assert float(constant(0)) == 0.0 and float(constant(999)) == pytest.approx(1e-3)
+    assert float(cosine(999)) < 1e-4
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate_schedule("linear", 1e-3, 10)
+
+    # 32 x 32 frames: the stages and the loss are what is tested, not the picture
+    cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1"), ["prepare.height=32", "prepare.width=32"])
+    lines = []
+    out = train_vae(cfg, str(tmp_path / "v"), log=lines.append, steps=1, image_steps=2, image_batch=2, batch=1,
+                    clips=3, lengths=(5,), checkpoint_every=1, grad_weight=1.0, schedule="constant")
+    stages = [m.split("(")[1].split(")")[0] for m in lines if m.startswith("vae step")]
+    assert stages == ["image", "image", "clip"]
+    assert out["image_steps"] == 2 and out["grad_l1"] > 0
+    with pytest.raises(ValueError, match="schedule"):
+        train_vae(cfg, str(tmp_path / "w"), log=lines.append, steps=1, schedule="linear", clips=3)
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_pretrained_vae_widened_to_more_latent_channels_decodes_as_before(tmp_path):
+    """`vae_train.init`: a VAE of 4 latent channels (random, written as a diffusers folder)
+    widened to the demo config's 8 encodes the old channels and decodes exactly as before; the
+    new channels start with a small posterior and no effect on the decoder, for training to fill."""
     from flax import linen as nn
 
     from mi_jax.convert.vae import load_diffusers_vae
     from mi_jax.data import synthetic
     from mi_jax.models.vae import CausalVAE, VAEConfig
-    from mi_jax.train.vae import start_from
+    from mi_jax.train.vae import _write_vae, start_from
 
     cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:demo,stage1"))
     vcfg = VAEConfig(**cfg.prepare.vae_random.to_dict())
     model = CausalVAE(vcfg)
     fresh = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1, 64, 64, 3))))["params"]
-    base = os.path.join(ROOT, "demo", "vae_base")
+    base_cfg = VAEConfig(**dict(cfg.prepare.vae_random.to_dict(), latent_channels=4))
+    base = str(tmp_path / "base")
+    base_params = nn.unbox(CausalVAE(base_cfg).init(jax.random.key(1), jnp.zeros((1, 1, 64, 64, 3))))["params"]
+    _write_vae(base, base_params, base_cfg.to_diffusers(), {})
     params = start_from(base, vcfg, fresh)
     old_cfg, old = load_diffusers_vae(base)
     assert old_cfg.latent_channels < vcfg.latent_channels
@@ -195,7 +227,7 @@ def test_temporal_init_keeps_stills_and_makes_each_latent_from_its_own_frames():
     """`temporal_init`: a still clip encodes and decodes exactly as before (the taps' sum is
     kept), while latent 1 of a 5-frame tile now depends on its own frames 1-4 more than on the
     tile's context frame 0, and the decoder's frames 1-4 on latent 1 more than on latent 0 (the
-    random VAE, like the demo's `vae_base`, leans on frame 0 / latent 0 before)."""
+    random VAE leans on frame 0 / latent 0 before)."""
     from mi_jax.models.vae import CausalVAE, VAEConfig
     from mi_jax.train.vae import temporal_init
 

@@ -19,10 +19,15 @@ Start: `vae_train.init` (a VAE to fine-tune, widened if needed: `start_from`), t
 `vae_train.temporal_init` (`temporal_init`: causal kernels that make each latent from its own
 frames, so the mouth is not drawn a latent late).
 
+Curriculum: `vae_train.image_steps` steps on single frames at `image_batch` first (spatial
+detail, cheap: a lone frame costs a 2-D convolution), then `steps` steps on clips through the
+stream (time): the image-then-video order of video VAEs.
+
 Loss: L1 weighted up on the regions the eval and a viewer look at (ground truth of the synthetic
-world): 1 + face x (face mask) + mouth x (mouth box) + eyes x (eye band), plus a small KL term
-(beta); AdamW with warm-up and cosine decay. The weights keep the small VAE's capacity on the
-face rather than the background.
+world): 1 + face x (face mask) + mouth x (mouth box) + eyes x (eye band), plus `grad_weight` x
+the same weighted L1 on the frames' x / y differences (edges: the eyes), plus a small KL term
+(beta); AdamW with warm-up, then a constant rate or cosine decay (`schedule`). The weights keep
+the small VAE's capacity on the face rather than the background.
 
 Resumable and deterministic: batch i and the noise of step i are functions of (seed, i) only,
 and the state is checkpointed every `checkpoint_every` steps (atomically) in `work_dir`, so a
@@ -86,6 +91,19 @@ class ClipPool:
         if len(self.lengths) == 1 or rng.random() < self.tile_fraction:
             return self.lengths[0]
         return int(self.lengths[1 + rng.integers(len(self.lengths) - 1)])
+
+    def images(self, i: int, batch: int):
+        """Image batch `i` (the image stage): `batch(i, batch)`'s triple for single frames drawn
+        from any clip and time, `[B, 1, H, W, 3]`; a function of the seed and `i` only."""
+        rng = np.random.default_rng([self.seed, 17, i])
+        video, weight = [], []
+        for _ in range(batch):
+            clip = self.clips[int(rng.integers(len(self.clips)))]
+            s = int(rng.integers(len(clip.frames)))
+            video.append(clip.frames[s : s + 1])
+            weight.append(region_weights(clip, self.weights, slice(s, s + 1)))
+        return (np.stack(video).astype(np.float32) / 127.5 - 1.0, np.stack(weight)[..., None],
+                np.zeros(batch, bool))
 
     def batch(self, i: int, batch: int):
         """Batch `i`: float32 video `[B, T, H, W, 3]` in [-1, 1], loss weights `[B, T, H, W, 1]` and
@@ -240,19 +258,35 @@ def tile_round_trip(stream: VAEStream, p, x, portrait, key=None):
     return y, mean, logvar
 
 
-def make_vae_step(model: CausalVAE, tx, beta: float, tiling: Tiling = Tiling()):
+def make_vae_step(model: CausalVAE, tx, beta: float, tiling: Tiling = Tiling(), grad_weight: float = 0.0):
     """`step(params, opt, video, weight, portrait, key) -> (params, opt, metrics)`, jitted: the
     weighted L1 of `round_trip` through the `VAEStream` of `tiling` (as `tile_round_trip`, one
-    batch of tiles, when the tiles do not overlap)."""
+    batch of tiles, when the tiles do not overlap; single frames: one encode and decode), plus
+    `grad_weight` x the weighted L1 of the frames' forward differences in x and y: plain L1
+    is content with a blur, and a blur draws no eyes."""
     stream = VAEStream(model, tiling)
     tiled = tiling.tile_sample_stride_num_frames == tiling.tile_sample_min_num_frames
 
+    def code(p, x, portrait, key):
+        if x.shape[1] > 1:
+            return (tile_round_trip if tiled else round_trip)(stream, p, x, portrait, key)
+        mean, logvar = model.apply({"params": p}, x, method="encode")  # an image: one pass, as the stream
+        z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        return model.apply({"params": p}, z, method="decode"), mean, logvar
+
+    def weighted_l1(err, w):
+        return (err * w).sum() / (w.sum() * err.shape[-1])
+
     def loss_fn(p, x, w, portrait, key):
-        y, mean, logvar = (tile_round_trip if tiled else round_trip)(stream, p, x, portrait, key)
+        y, mean, logvar = code(p, x, portrait, key)
         err = jnp.abs(y - x)
         kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
-        weighted = (err * w).sum() / (w.sum() * x.shape[-1])
-        return weighted + beta * kl, {"weighted_l1": weighted, "l1": err.mean(), "kl": kl}
+        weighted = weighted_l1(err, w)
+        d = y - x
+        grad = (weighted_l1(jnp.abs(jnp.diff(d, axis=2)), w[:, :, 1:]) +
+                weighted_l1(jnp.abs(jnp.diff(d, axis=3)), w[:, :, :, 1:])) / 2
+        loss = weighted + grad_weight * grad + beta * kl
+        return loss, {"weighted_l1": weighted, "l1": err.mean(), "grad_l1": grad, "kl": kl}
 
     @jax.jit
     def step(p, o, x, w, portrait, key):
@@ -283,8 +317,8 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
       time; also in `out_dir/training.json`.
 
     Raises:
-      ValueError: an unknown override, a `work_dir` holding a run with other settings, or an
-        `init` VAE of another architecture.
+      ValueError: an unknown override or schedule, a `work_dir` holding a run with other
+        settings, or an `init` VAE of another architecture.
     """
     t = dict(config.vae_train.to_dict(), **overrides)
     unknown = set(overrides) - set(config.vae_train.to_dict())
@@ -297,6 +331,9 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
     lengths = tuple(t["lengths"]) or vae_regime_lengths(vcfg, tiling)
     work_dir = work_dir or out_dir.rstrip("/") + ".train"
     steps, seed = int(t["steps"]), int(t["seed"])
+    image_steps, image_batch = int(t["image_steps"]), int(t["image_batch"])
+    total = image_steps + steps
+    schedule = learning_rate_schedule(t["schedule"], float(t["learning_rate"]), total)  # checked before any work
     pool = ClipPool(seed, size, clips=int(t["clips"]), lengths=lengths, tile_fraction=float(t["tile_fraction"]),
                     weights=(float(t["face_weight"]), float(t["mouth_weight"]), float(t["eye_weight"])),
                     portrait_fraction=float(t["portrait_fraction"]))
@@ -305,31 +342,30 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
         params = start_from(t["init"], vcfg, params)
     if t["temporal_init"]:
         params = temporal_init(params, vcfg)
-    warmup = min(100, steps // 2 + 1)
-    lr = float(t["learning_rate"])
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, warmup, max(steps, 2 * warmup), lr * 0.05)))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
     state = {"params": params, "opt": tx.init(params), "step": 0, "seconds": 0.0}
     record = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in t.items()},
               "lengths": list(lengths), "tiling": dataclasses.asdict(tiling), "vae": vcfg.to_diffusers(), "size": list(size)}
     state = _resume(work_dir, state, record, log)
-    step = make_vae_step(model, tx, float(t["beta"]), tiling)
+    step = make_vae_step(model, tx, float(t["beta"]), tiling, float(t["grad_weight"]))
     every, batch = int(t["checkpoint_every"]), int(t["batch"])
     t0, start, metrics, before = time.time(), state["step"], {}, float(state["seconds"])  # earlier runs' time
     params, opt = state["params"], state["opt"]
-    for i in range(start, steps):
-        video, weight, portrait = pool.batch(i, batch)
+    for i in range(start, total):
+        # the image stage (single frames: spatial detail at a high batch), then clips through the stream
+        video, weight, portrait = pool.images(i, image_batch) if i < image_steps else pool.batch(i - image_steps, batch)
         params, opt, metrics = step(params, opt, jnp.asarray(video), jnp.asarray(weight), jnp.asarray(portrait),
                                     jax.random.fold_in(jax.random.key(seed), i))
         done = i + 1
-        if done % every == 0 or done == steps:
+        if done % every == 0 or done == total:
             metrics = {k: float(v) for k, v in metrics.items()}
             seconds = before + time.time() - t0
             state = {"params": params, "opt": opt, "step": done, "seconds": seconds}
             _checkpoint(work_dir, state, record, metrics)
-            log(f"vae step {done}/{steps}: weighted l1 {metrics['weighted_l1']:.4f} l1 {metrics['l1']:.4f} "
-                f"kl {metrics['kl']:.2f} ({(done - start) / (time.time() - t0):.2f} steps/s)")
-    if start >= steps:
+            stage = "image" if done <= image_steps else "clip"
+            log(f"vae step {done}/{total} ({stage}): weighted l1 {metrics['weighted_l1']:.4f} l1 {metrics['l1']:.4f} "
+                f"grad l1 {metrics['grad_l1']:.4f} kl {metrics['kl']:.2f} ({(done - start) / (time.time() - t0):.2f} steps/s)")
+    if start >= total:
         metrics = record.get("last_metrics", {})
     # scaling factor: unit-variance latents as `prepare` stores them (whole-clip VAEStream encodes)
     stream = VAEStream(model, tiling)
@@ -338,12 +374,30 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
              for c in pool.clips[:16]]
     scaling = float(1.0 / np.concatenate([m.ravel() for m in means]).std())
     diffusers_cfg = dict(vcfg.to_diffusers(), scaling_factor=scaling, _class_name="AutoencoderKLHunyuanVideo")
-    out = dict(metrics, scaling_factor=scaling, steps=steps, batch=batch, size=list(size), lengths=list(lengths),
+    out = dict(metrics, scaling_factor=scaling, steps=steps, image_steps=image_steps, batch=batch, size=list(size), lengths=list(lengths),
                seed=seed, wall_seconds=round(float(state["seconds"]), 1),
                settings=record["settings"])
     _write_vae(out_dir, params, diffusers_cfg, out)
     shutil.rmtree(work_dir, ignore_errors=True)
     return out
+
+
+def learning_rate_schedule(kind: str, lr: float, steps: int) -> optax.Schedule:
+    """AdamW's rate over `steps`: a linear warm-up over the first 100 steps (or half the run),
+    then `"constant"`, or `"cosine"` decay to 5 % at `steps`.
+
+    Why constant is offered: on the small VAE a decay that ends with the run stopped learning
+    detail and colour before they were there; a constant rate kept improving.
+
+    Raises:
+      ValueError: an unknown `kind`.
+    """
+    warmup = min(100, steps // 2 + 1)
+    if kind == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, 2 * warmup), lr * 0.05)
+    raise ValueError(f"vae_train.schedule={kind!r}; choose 'constant' or 'cosine'")
 
 
 def _resume(work_dir: str, state: dict, record: dict, log) -> dict:
