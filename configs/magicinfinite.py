@@ -120,6 +120,8 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     v.image_steps = 0  # the image stage first: single frames at image_batch (then `steps` on clips)
     v.image_batch = 16
     v.grad_weight = 0.0  # weight of the L1 on the frames' x / y differences
+    v.clip_learning_rate = 0.0  # the clip stage's rate after an image stage (0: learning_rate)
+    v.image_every = 0  # in the clip stage every k-th batch is images (0: none)
     v.beta = 1e-6  # KL weight
     v.lengths = ()  # clip lengths in frames; () = VAEStream's regime (17, 13, 9, 5, 1 at 4x time)
     v.tile_fraction = 0.7  # share of steps at the first length (the tile)

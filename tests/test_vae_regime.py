@@ -119,10 +119,13 @@ def test_train_vae_image_stage_then_clips_with_an_edge_term(tmp_path):
     # 32 x 32 frames: the stages and the loss are what is tested, not the picture
     cfg = load_config(os.path.join(CONFIGS, "magicinfinite.py:tiny,stage1"), ["prepare.height=32", "prepare.width=32"])
     lines = []
-    out = train_vae(cfg, str(tmp_path / "v"), log=lines.append, steps=1, image_steps=2, image_batch=2, batch=1,
-                    clips=3, lengths=(5,), checkpoint_every=1, grad_weight=1.0, schedule="constant")
+    out = train_vae(cfg, str(tmp_path / "v"), log=lines.append, steps=3, image_steps=2, image_batch=2, batch=1,
+                    clips=3, lengths=(5,), checkpoint_every=1, grad_weight=1.0, schedule="constant",
+                    learning_rate=1e-3, clip_learning_rate=2e-4, image_every=2)
     stages = [m.split("(")[1].split(")")[0] for m in lines if m.startswith("vae step")]
-    assert stages == ["image", "image", "clip"]
+    # 5 steps: a warm-up of 3 (rate 0, 1/3, 2/3 of 1e-3), two image steps, then the clip stage at
+    # a fifth of the rate (2e-4 x 2/3 while still warming up), every second batch images
+    assert stages == ["image at 0.0e+00", "image at 3.3e-04", "clip at 1.3e-04", "image at 2.0e-04", "clip at 2.0e-04"]
     assert out["image_steps"] == 2 and out["grad_l1"] > 0
     with pytest.raises(ValueError, match="schedule"):
         train_vae(cfg, str(tmp_path / "w"), log=lines.append, steps=1, schedule="linear", clips=3)

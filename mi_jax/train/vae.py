@@ -21,7 +21,8 @@ frames, so the mouth is not drawn a latent late).
 
 Curriculum: `vae_train.image_steps` steps on single frames at `image_batch` first (spatial
 detail, cheap: a lone frame costs a 2-D convolution), then `steps` steps on clips through the
-stream (time): the image-then-video order of video VAEs.
+stream (time): the image-then-video order of video VAEs. In the clip stage the rate is
+`clip_learning_rate` (0: the same) and every `image_every`-th batch is images (0: none).
 
 Loss: L1 weighted up on the regions the eval and a viewer look at (ground truth of the synthetic
 world): 1 + face x (face mask) + mouth x (mouth box) + eyes x (eye band), plus `grad_weight` x
@@ -334,6 +335,9 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
     image_steps, image_batch = int(t["image_steps"]), int(t["image_batch"])
     total = image_steps + steps
     schedule = learning_rate_schedule(t["schedule"], float(t["learning_rate"]), total)  # checked before any work
+    clip_lr, image_every = t["clip_learning_rate"], int(t["image_every"])
+    if clip_lr:  # the clip stage at its own rate: at batch 2 the image stage's rate undid its detail
+        schedule = _scaled_after(schedule, image_steps, float(clip_lr) / float(t["learning_rate"]))
     pool = ClipPool(seed, size, clips=int(t["clips"]), lengths=lengths, tile_fraction=float(t["tile_fraction"]),
                     weights=(float(t["face_weight"]), float(t["mouth_weight"]), float(t["eye_weight"])),
                     portrait_fraction=float(t["portrait_fraction"]))
@@ -353,7 +357,9 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
     params, opt = state["params"], state["opt"]
     for i in range(start, total):
         # the image stage (single frames: spatial detail at a high batch), then clips through the stream
-        video, weight, portrait = pool.images(i, image_batch) if i < image_steps else pool.batch(i - image_steps, batch)
+        # (in the clip stage every `image_every`-th batch is images again, which keeps the detail)
+        image = i < image_steps or (image_every and (i - image_steps) % image_every == image_every - 1)
+        video, weight, portrait = pool.images(i, image_batch) if image else pool.batch(i - image_steps, batch)
         params, opt, metrics = step(params, opt, jnp.asarray(video), jnp.asarray(weight), jnp.asarray(portrait),
                                     jax.random.fold_in(jax.random.key(seed), i))
         done = i + 1
@@ -362,7 +368,7 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
             seconds = before + time.time() - t0
             state = {"params": params, "opt": opt, "step": done, "seconds": seconds}
             _checkpoint(work_dir, state, record, metrics)
-            stage = "image" if done <= image_steps else "clip"
+            stage = f"{'image' if image else 'clip'} at {float(schedule(i)):.1e}"
             log(f"vae step {done}/{total} ({stage}): weighted l1 {metrics['weighted_l1']:.4f} l1 {metrics['l1']:.4f} "
                 f"grad l1 {metrics['grad_l1']:.4f} kl {metrics['kl']:.2f} ({(done - start) / (time.time() - t0):.2f} steps/s)")
     if start >= total:
@@ -398,6 +404,11 @@ def learning_rate_schedule(kind: str, lr: float, steps: int) -> optax.Schedule:
     if kind == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, 2 * warmup), lr * 0.05)
     raise ValueError(f"vae_train.schedule={kind!r}; choose 'constant' or 'cosine'")
+
+
+def _scaled_after(schedule: optax.Schedule, boundary: int, factor: float) -> optax.Schedule:
+    """`schedule` times `factor` from step `boundary` on."""
+    return lambda step: schedule(step) * jnp.where(step < boundary, 1.0, factor)
 
 
 def _resume(work_dir: str, state: dict, record: dict, log) -> dict:
