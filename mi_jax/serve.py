@@ -275,7 +275,11 @@ class LiveHub:
           portrait: an image path, a PIL image or uint8 `[H, W, 3]`.
           prompt: the text prompt.
           key: an owner (e.g. a page session): its previous stream, if any, is closed first.
-          seed, steps, pace, lookahead_s, max_latency_s: as `Pipeline.live`.
+          seed: the noise seed, as `Pipeline.live`'s.
+          steps: sampler steps (default: the config's).
+          pace: 1.0 when the audio comes as it is spoken (the latency clock); None: no clock.
+          lookahead_s: audio read past a window's frames (default: the config's).
+          max_latency_s: a frame later than this after its audio is late (default: the config's).
 
         Returns:
           The `LiveSession`.
