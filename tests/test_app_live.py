@@ -127,3 +127,26 @@ def test_a_file_played_live_and_a_closed_tab_frees_its_stream(app, mic_browser, 
     log = app.log.read_text()
     assert log.count("live stream s") == before + 1 and "closed: the page was closed" in log, log[-2000:]
     assert not server_errors(app.log)
+
+
+def test_typed_words_are_said_live(app, mic_browser, inputs):  # noqa: F811
+    """With no file, the typed words are spoken by espeak-ng and fed at real-time pace: frames
+    show while they are said and the stream ends with the speech."""
+    from mi_jax.data import speech
+
+    text = "Hello, I answer as the words are spoken."
+    seconds = len(speech.speak(text, speech.DEFAULT_VOICE).audio) / 16000
+    page = _live_page(mic_browser, app, inputs)
+    try:
+        page.locator("#live-say textarea, #live-say input").first.fill(text)
+        page.locator("#live-play").click()
+        page.wait_for_function("() => window.__live.some(s => s.status.startsWith('Live: frame') && s.frame)",
+                               timeout=30_000)
+        done = page.wait_for_function(
+            "() => { const t = document.querySelector('#live-status').innerText; return /^(Done|error|Stream)/.test(t) && t }",
+            timeout=60_000).json_value()
+        m = re.match(r"Done: (\d+) frames", done)
+        assert m and abs(int(m.group(1)) - seconds * 25) <= 2, (done, seconds)
+    finally:
+        page.context.close()
+    assert not server_errors(app.log)

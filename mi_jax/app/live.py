@@ -21,12 +21,12 @@ import numpy as np
 from mi_jax.app.inputs import upload_path
 from mi_jax.data.audio_io import AudioError, load_audio
 from mi_jax.data.inputs import InputError
+from mi_jax.pipeline import spoken
 from mi_jax.serve import LiveHub, ServerBusy, StreamClosed
 
 STREAM_EVERY = 0.1  # seconds of microphone audio per chunk the page sends (benchmarks/live_page_latency.py)
 FEED_CHUNK_S = 0.1  # a played file is fed in chunks of this many seconds, at real-time pace
 LIVE_SIDE = 256  # the live frame is shown about this large
-WAIT_FOR_STREAM_S = 10.0  # how long the viewer waits for the recording's stream to open
 LAST_CHUNKS_S = 0.5  # after Stop on the recorder, its last chunks may still arrive for this long
 
 
@@ -40,6 +40,7 @@ class LiveControls:
     seed: gr.Number
     mic: gr.Audio
     file: gr.Audio
+    say: gr.Textbox
     play: gr.Button
     stop: gr.Button
     frame: gr.Image
@@ -70,8 +71,10 @@ def live_tab(studio, max_streams: int) -> LiveControls:
                            streaming=True, type="numpy", elem_id="live-mic")
             file = gr.Audio(label="...or a voice file to play live", sources=["upload"], type="filepath",
                             elem_id="live-file")
+            say = gr.Textbox(label="...or words to say live (espeak-ng, when no file is given)", lines=1,
+                             placeholder="Hello, I answer as the words are spoken.", elem_id="live-say")
             with gr.Row():
-                play = gr.Button("Play the file live", variant="primary", elem_id="live-play")
+                play = gr.Button("Play the file (or say the words) live", variant="primary", elem_id="live-play")
                 stop = gr.Button("Stop", variant="stop", elem_id="live-stop")
         with gr.Column():
             status = gr.Markdown("Pick a portrait, then Record (or play a file).", elem_id="live-status",
@@ -79,7 +82,7 @@ def live_tab(studio, max_streams: int) -> LiveControls:
             frame = gr.Image(label="Live", interactive=False, elem_id="live-frame", height=300, format="png")
             heard = gr.Audio(label="The file, as the stream hears it", interactive=False, autoplay=True,
                              elem_id="live-heard")
-    return LiveControls(portrait, prompt, steps, seed, mic, file, play, stop, frame, status, heard)
+    return LiveControls(portrait, prompt, steps, seed, mic, file, say, play, stop, frame, status, heard)
 
 
 def wire_live(c: LiveControls, handlers: "LiveHandlers", page: gr.Blocks) -> None:
@@ -96,7 +99,7 @@ def wire_live(c: LiveControls, handlers: "LiveHandlers", page: gr.Blocks) -> Non
     c.mic.stream(handlers.push, [c.mic], None, stream_every=STREAM_EVERY, time_limit=None,
                  concurrency_limit=None, concurrency_id="live-audio", show_progress="hidden")
     c.mic.stop_recording(handlers.end, None, None, queue=False, show_progress="hidden")
-    c.play.click(handlers.play, [*c.settings, c.file], [c.frame, c.status, c.heard], show_progress="hidden",
+    c.play.click(handlers.play, [*c.settings, c.file, c.say], [c.frame, c.status, c.heard], show_progress="hidden",
                  preprocess=False, **slots)
     c.stop.click(handlers.stop, None, [c.status], queue=False, show_progress="hidden")
     page.unload(handlers.unload)
@@ -166,24 +169,27 @@ class LiveHandlers:
     # ------------------------------------------------------------------ showing
 
     def watch(self, request: gr.Request):
-        """The viewer: the newest frame of each window as it is decoded, with the latency."""
-        deadline = time.monotonic() + WAIT_FOR_STREAM_S
+        """The viewer (after `start`): the newest frame of each window as it is decoded, with the latency."""
         session = self._session(request)
-        while session is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-            session = self._session(request)
-        if session is None:  # the recording never opened a stream (its error is shown)
+        if session is None:  # `start` opened no stream (its error is shown) or it was stopped already
             yield gr.skip(), gr.skip()
             return
         yield from self._show(session)
 
-    def play(self, request: gr.Request, portrait, prompt, steps, seed, voice):
-        """Play the file live: the file is fed at real-time pace while the frames are shown."""
+    def play(self, request: gr.Request, portrait, prompt, steps, seed, voice, say=None):
+        """Play the file (or the typed words, spoken by espeak-ng) live: fed at real-time pace
+        while the frames are shown."""
         path = upload_path(voice)
+        typed = say.strip() if isinstance(say, str) else ""
         try:
-            if not path:
-                raise InputError("voice file: upload one (or record with the microphone)")
-            audio = load_audio(path, self.studio.sample_rate, allow_silence=True, fps=self.studio.fps)
+            if path:
+                audio = load_audio(path, self.studio.sample_rate, allow_silence=True, fps=self.studio.fps)
+                heard = path
+            elif typed:
+                audio = spoken(self.studio.config, typed).audio  # InputError: no espeak-ng, unspeakable text
+                heard = (self.studio.sample_rate, audio)
+            else:
+                raise InputError("voice file: upload one, type words to say, or record with the microphone")
             session = self._open(request, portrait, prompt, steps, seed)
         except (InputError, AudioError, ServerBusy) as e:
             yield gr.skip(), f"error: {e}", gr.skip()
@@ -191,7 +197,7 @@ class LiveHandlers:
         feeder = threading.Thread(target=_feed_in_real_time, args=(session, audio, self.studio.sample_rate),
                                   name=f"mi-jax-live-feed-{session.id}", daemon=True)
         feeder.start()
-        yield gr.skip(), "Playing the file live…", path
+        yield gr.skip(), "Playing live…", heard
         for frame, status in self._show(session):
             yield frame, status, gr.skip()
 
