@@ -131,6 +131,8 @@ class LiveSession:
         """
         rate = self.rate if rate is None else int(rate)
         x = mono_float(samples, rate)
+        with self._lock:
+            self._check_open()
         if rate != self.rate:
             if rate not in self._resamplers:
                 import soxr
@@ -138,8 +140,7 @@ class LiveSession:
                 self._resamplers[rate] = soxr.ResampleStream(rate, self.rate, 1, dtype="float32")
             x = self._resamplers[rate].resample_chunk(x)
         with self._lock:
-            if self.status.startswith(("closed", "ended", "failed")) or self._ended:
-                raise StreamClosed(f"stream {self.id}: {self.status if not self._ended else 'its audio ended'}")
+            self._check_open()
             self.touched = self.fed = time.monotonic()
             if (self._queued + len(x)) / self.rate > self.hub.max_buffer_s:
                 self.dropped += len(x)  # the model is behind by more than the buffer: said, not hidden
@@ -210,6 +211,11 @@ class LiveSession:
         return dict(id=self.id, status=self.status, **backlog, **self.stream.report())
 
     # ------------------------------------------------------------------ inside
+
+    def _check_open(self) -> None:
+        """Raises `StreamClosed` once the stream was closed or its audio ended (holding `_lock`)."""
+        if self.status.startswith(("closed", "ended", "failed")) or self._ended:
+            raise StreamClosed(f"stream {self.id}: {self.status if not self._ended else 'its audio ended'}")
 
     def _backlog(self) -> dict:
         return dict(behind_s=round(self._queued / self.rate, 3), dropped_s=round(self.dropped / self.rate, 3))

@@ -27,9 +27,13 @@ Files: uploads, outputs and Gradio's cache live in one temporary folder, removed
 stops; a failed or stopped job removes what it wrote. The server listens on 127.0.0.1 only
 unless `--host` says otherwise; no analytics, no share link, no web fonts.
 
+The Live tab: the microphone (or a voice file, or typed words) streams into `Pipeline.live` on
+the app's `mi_jax.serve.LiveHub` and the face answers as the audio comes (docs/live.md).
+
 Modules: `inputs` (the page's inputs: bundled examples, painted masks, checked requests),
 `jobs` (the queue's stop book), `studio` (the loaded model; checks and runs a job), `page` (the
-Gradio page: layout and event handlers; imports Gradio), `server` (`serve`).
+Gradio page: layout and event handlers; imports Gradio), `live` (the Live tab; imports Gradio),
+`server` (`serve`).
 """
 
 from mi_jax.app.inputs import (Bundled, Checked, bundled_inputs, known_prompts, masks_from_drawing, mouth_box,
