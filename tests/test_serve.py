@@ -170,6 +170,12 @@ def test_a_client_that_disconnects_frees_its_stream(server, talk):
         assert odd.status_code == 400 and "float32" in odd.json()["error"], odd.text
         assert http.delete(f"{url}/streams/{sid}").json()["status"] == "closed: closed by the client"
         assert http.get(f"{url}/streams").json()["streams"] == []
+        # audio too short for one frame: the reader is told (the pipeline's message), nothing computed
+        sid = _open(http, url, portrait).json()["id"]
+        http.post(f"{url}/streams/{sid}/audio", content=audio[:100].astype("<f4").tobytes(), params={"end": 1})
+        told = http.get(f"{url}/streams/{sid}/frames").text.strip().splitlines()
+        assert len(told) == 1 and "shorter than one video frame" in told[0], told
+        assert http.get(f"{url}/streams").json()["finished"][-1]["status"].startswith("failed: audio")
 
 
 # ----------------------------------------------------------------------------- in process
