@@ -79,12 +79,11 @@ def test_the_face_answers_a_live_microphone_while_it_is_still_talking(app, mic_b
     try:
         page.locator("#live-mic .record-button").click()
         start = page.evaluate("performance.now()")
-        # frames show while the microphone is still recording
-        page.wait_for_function("() => window.__live.some(s => s.status.startsWith('Live: frame') && s.frame)",
-                               timeout=RECORD_S * 1000 * 2)
-        first_shown = page.evaluate("performance.now()")
-        remaining = RECORD_S - (first_shown - start) / 1000
-        page.wait_for_timeout(max(remaining, 1.0) * 1000)
+        # frames show while the microphone is still recording: three of them (a loaded machine
+        # is slower to the first one), over at least RECORD_S of talking
+        page.wait_for_function("() => window.__live.filter(s => s.status.startsWith('Live: frame') && s.frame)"
+                               ".length >= 3", timeout=60_000)
+        page.wait_for_timeout(max(RECORD_S - (page.evaluate("performance.now()") - start) / 1000, 0.5) * 1000)
         page.locator("#live-mic .stop-button").click()
         stopped = page.evaluate("performance.now()")
         done = page.wait_for_function(
