@@ -121,12 +121,19 @@ def test_train_vae_image_stage_then_clips_with_an_edge_term(tmp_path):
     lines = []
     out = train_vae(cfg, str(tmp_path / "v"), log=lines.append, steps=3, image_steps=2, image_batch=2, batch=1,
                     clips=3, lengths=(5,), checkpoint_every=1, grad_weight=1.0, schedule="constant",
-                    learning_rate=1e-3, clip_learning_rate=2e-4, image_every=2)
+                    learning_rate=1e-3, clip_learning_rate=1e-12, image_every=2, temporal_init=True)
     stages = [m.split("(")[1].split(")")[0] for m in lines if m.startswith("vae step")]
     # 5 steps: a warm-up of 3 (rate 0, 1/3, 2/3 of 1e-3), two image steps, then the clip stage at
-    # a fifth of the rate (2e-4 x 2/3 while still warming up), every second batch images
-    assert stages == ["image at 0.0e+00", "image at 3.3e-04", "clip at 1.3e-04", "image at 2.0e-04", "clip at 2.0e-04"]
+    # its own rate (x 2/3 while still warming up), every second batch images
+    assert stages == ["image at 0.0e+00", "image at 3.3e-04", "clip at 6.7e-13", "image at 1.0e-12", "clip at 1.0e-12"]
     assert out["image_steps"] == 2 and out["grad_l1"] > 0
+    # the image steps moved every temporal tap alike; the clip stage began from `temporal_init`
+    # again (all of a plain convolution's weight on the current frame) and its rate of 1e-12
+    # left it there
+    from mi_jax.convert.vae import load_diffusers_vae
+
+    kernel = np.asarray(load_diffusers_vae(str(tmp_path / "v"))[1]["decoder"]["conv_out"]["conv"]["kernel"])
+    assert np.abs(kernel[:2]).max() < 1e-8 < np.abs(kernel[2]).max()
     with pytest.raises(ValueError, match="schedule"):
         train_vae(cfg, str(tmp_path / "w"), log=lines.append, steps=1, schedule="linear", clips=3)
     assert not os.path.exists(tmp_path / "w")

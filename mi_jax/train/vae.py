@@ -21,7 +21,9 @@ frames, so the mouth is not drawn a latent late).
 
 Curriculum: `vae_train.image_steps` steps on single frames at `image_batch` first (spatial
 detail, cheap: a lone frame costs a 2-D convolution), then `steps` steps on clips through the
-stream (time): the image-then-video order of video VAEs. In the clip stage the rate is
+stream (time): the image-then-video order of video VAEs. Between the two, `temporal_init` again
+(when set): the image stage moves every temporal tap alike, so that latents would read earlier
+latents' frames. In the clip stage the rate is
 `clip_learning_rate` (0: the same) and every `image_every`-th batch is images (0: none).
 
 Loss: L1 weighted up on the regions the eval and a viewer look at (ground truth of the synthetic
@@ -356,6 +358,11 @@ def train_vae(config, out_dir: str, *, work_dir: str | None = None, log=print, *
     t0, start, metrics, before = time.time(), state["step"], {}, float(state["seconds"])  # earlier runs' time
     params, opt = state["params"], state["opt"]
     for i in range(start, total):
+        if i == image_steps > 0 and t["temporal_init"]:
+            # images train only each temporal kernel's sum (a still frame's taps see the same
+            # input), and that sum is all `temporal_init` keeps: the clips start from latents of
+            # their own frames again, with nothing of the image stage lost
+            params = temporal_init(params, vcfg)
         # the image stage (single frames: spatial detail at a high batch), then clips through the stream
         # (in the clip stage every `image_every`-th batch is images again, which keeps the detail)
         image = i < image_steps or (image_every and (i - image_steps) % image_every == image_every - 1)
