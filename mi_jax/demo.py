@@ -154,8 +154,9 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
             extra = [f"init.checkpoint={os.path.join(work, init)}"] if init else []
             config = load_config(f"{spec}:{variant}", [f"train.steps={steps}", *extra, *common])
             part(name, lambda: train(config, os.path.join(work, name), distill=name == "distill"))
-    record.update(steps={"vae": vae_steps, "stage1": stage1_steps, "stage2": stage2_steps,
-                         "distill": distill_steps}, wall_seconds=round(sum(record["parts"].values()), 1))
+    record.update(steps={"vae_image": int(vae_cfg.vae_train.image_steps), "vae": vae_steps, "stage1": stage1_steps,
+                         "stage2": stage2_steps, "distill": distill_steps},
+                  wall_seconds=round(sum(record["parts"].values()), 1))
     _write_json(log_path, record)
     for src, dst, ignore in ((vae_dir, vae_out, None), (os.path.join(work, "distill"), out, ("tensorboard",))):
         with atomic.folder(dst) as tmp:
