@@ -19,11 +19,12 @@ portrait, its face mask and a synthetic voice of `--seconds`), written to a temp
    0's frames.
 3. memory: the process's resident set (VmRSS) read at every yielded part; `rss_start_mib` /
    `rss_end_mib` are its peaks over the first and the last 10 s of video. The consumer keeps
-   no frames (it measures each part's mouth opening and drops it), as a live viewer would.
+   only the frames of the first and the latest minute (bounded, whatever the length).
 4. quality: the lip-sync correlation of the streamed frames (the voice's envelope against the
    mouth opening measured from the pixels, as `mi-jax demo` measures it) beside `generate`'s on
    the same voice (`--no-generate` skips it), since the live audio features differ from
-   generate's (mi_jax/live.py).
+   generate's (mi_jax/live.py); `colour_shift_de`: dE76 of the face's mean colour (the face
+   mask's box) from the first to the last minute (`eval.metrics.colour_shift`).
 
 The machine's load average is printed with the figures: timings on shared cores move with it.
 """
@@ -31,6 +32,7 @@ The machine's load average is printed with the figures: timings on shared cores 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -42,6 +44,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 PROMPT = "a person talking"
+COLOUR_WINDOW_S = 60.0
 
 
 def _rss_mib() -> float:
@@ -117,10 +120,14 @@ def main(argv=None) -> dict:
     chunk = max(1, round(args.chunk_ms / 1000 * rate))
     stream = pipe.live(portrait, paced(audio, chunk, rate, args.pace), PROMPT, pace=args.pace, **kw)
     rss, mouth, box = [], [], None
-    for part in stream:  # per part: memory, and the mouth opening (no frames are kept)
+    window = int(round(COLOUR_WINDOW_S * fps))  # the first and the last minute are kept, for the colour shift
+    first, last = [], collections.deque(maxlen=window)
+    for part in stream:  # per part: memory, the mouth opening and the colour windows' frames
         rss.append((part.start / fps, _rss_mib()))
         box = mouth_box(part.frames.shape[1:3]) if box is None else box
         mouth.append(mouth_open(part.frames, box))
+        for frame in part.frames:
+            (first if len(first) < window else last).append(frame)
     report = stream.report()
     mouth = np.concatenate(mouth)
     seconds = len(mouth) / fps
@@ -134,7 +141,8 @@ def main(argv=None) -> dict:
                   late_after_warmup=report["late_after_warmup"], max_latency_s=report["max_latency_s"],
                   lookahead_s=report["lookahead_s"], chunk_ms=args.chunk_ms, pace=args.pace,
                   rss_start_mib=round(start, 1), rss_end_mib=round(end, 1), rss_end_over_start=round(end / start, 3),
-                  lip_sync_live=lip_sync(mouth, audio[: len(mouth) * rate // int(fps)], fps))
+                  lip_sync_live=lip_sync(mouth, audio[: len(mouth) * rate // int(fps)], fps),
+                  colour_shift_de=colour_shift_de(first, last, mask, fps))
     if not args.no_generate:
         g = pipe.generate(portrait, audio, PROMPT, masks=[mask])
         result["lip_sync_generate"] = lip_sync(mouth_open(g.frames, box), g.audio, fps)
@@ -142,6 +150,20 @@ def main(argv=None) -> dict:
                   load_after=[round(x, 2) for x in os.getloadavg()], cpus=os.cpu_count())
     print(json.dumps(result))
     return result
+
+
+def colour_shift_de(first, last, mask: str, fps: float) -> float:
+    """dE76 between the mean face colour of the stream's first and last minute (a third each
+    under two minutes): `eval.metrics.colour_shift` over the bounding box of the face mask."""
+    from PIL import Image
+
+    from mi_jax.eval.metrics import colour_shift
+
+    frames = np.stack(first + list(last))  # contiguous up to two minutes, else the first + the last minute
+    ys, xs = np.nonzero(np.asarray(Image.open(mask).convert("L")) > 127)
+    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+    shift = colour_shift(frames, fps, COLOUR_WINDOW_S, face_boxes=np.tile(box, (len(frames), 1)))
+    return round(float(shift["delta_e"]), 3)
 
 
 if __name__ == "__main__":
