@@ -19,12 +19,12 @@ portrait, its face mask and a synthetic voice of `--seconds`), written to a temp
    0's frames.
 3. memory: the process's resident set (VmRSS) read at every yielded part; `rss_start_mib` /
    `rss_end_mib` are its peaks over the first and the last 10 s of video. The consumer keeps
-   only the frames of the first and the latest minute (bounded, whatever the length).
+   only one frame a second of the first and the latest minute (bounded, whatever the length).
 4. quality: the lip-sync correlation of the streamed frames (the voice's envelope against the
    mouth opening measured from the pixels, as `mi-jax demo` measures it) beside `generate`'s on
    the same voice (`--no-generate` skips it), since the live audio features differ from
    generate's (mi_jax/live.py); `colour_shift_de`: dE76 of the face's mean colour (the face
-   mask's box) from the first to the last minute (`eval.metrics.colour_shift`).
+   mask's box) from the first to the last minute, one frame a second (`eval.metrics.colour_shift`).
 
 The machine's load average is printed with the figures: timings on shared cores move with it.
 """
@@ -120,14 +120,16 @@ def main(argv=None) -> dict:
     chunk = max(1, round(args.chunk_ms / 1000 * rate))
     stream = pipe.live(portrait, paced(audio, chunk, rate, args.pace), PROMPT, pace=args.pace, **kw)
     rss, mouth, box = [], [], None
-    window = int(round(COLOUR_WINDOW_S * fps))  # the first and the last minute are kept, for the colour shift
+    # for the colour shift one frame a second of the first and the latest minute (~1.5 MB at 64 px:
+    # keeping every frame would add its own tens of MB to the memory figure)
+    window, every = int(COLOUR_WINDOW_S), int(round(fps))
     first, last = [], collections.deque(maxlen=window)
     for part in stream:  # per part: memory, the mouth opening and the colour windows' frames
         rss.append((part.start / fps, _rss_mib()))
         box = mouth_box(part.frames.shape[1:3]) if box is None else box
         mouth.append(mouth_open(part.frames, box))
-        for frame in part.frames:
-            (first if len(first) < window else last).append(frame)
+        for f in range(-part.start % every, len(part.frames), every):
+            (first if len(first) < window else last).append(part.frames[f])
     report = stream.report()
     mouth = np.concatenate(mouth)
     seconds = len(mouth) / fps
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
                   lookahead_s=report["lookahead_s"], chunk_ms=args.chunk_ms, pace=args.pace,
                   rss_start_mib=round(start, 1), rss_end_mib=round(end, 1), rss_end_over_start=round(end / start, 3),
                   lip_sync_live=lip_sync(mouth, audio[: len(mouth) * rate // int(fps)], fps),
-                  colour_shift_de=colour_shift_de(first, last, mask, fps))
+                  colour_shift_de=colour_shift_de(first, last, mask))
     if not args.no_generate:
         g = pipe.generate(portrait, audio, PROMPT, masks=[mask])
         result["lip_sync_generate"] = lip_sync(mouth_open(g.frames, box), g.audio, fps)
@@ -152,9 +154,10 @@ def main(argv=None) -> dict:
     return result
 
 
-def colour_shift_de(first, last, mask: str, fps: float) -> float:
+def colour_shift_de(first, last, mask: str) -> float:
     """dE76 between the mean face colour of the stream's first and last minute (a third each
-    under two minutes): `eval.metrics.colour_shift` over the bounding box of the face mask."""
+    under two minutes), from one frame a second: `eval.metrics.colour_shift` over the bounding
+    box of the face mask."""
     from PIL import Image
 
     from mi_jax.eval.metrics import colour_shift
@@ -162,7 +165,7 @@ def colour_shift_de(first, last, mask: str, fps: float) -> float:
     frames = np.stack(first + list(last))  # contiguous up to two minutes, else the first + the last minute
     ys, xs = np.nonzero(np.asarray(Image.open(mask).convert("L")) > 127)
     box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-    shift = colour_shift(frames, fps, COLOUR_WINDOW_S, face_boxes=np.tile(box, (len(frames), 1)))
+    shift = colour_shift(frames, 1.0, COLOUR_WINDOW_S, face_boxes=np.tile(box, (len(frames), 1)))
     return round(float(shift["delta_e"]), 3)
 
 
