@@ -316,6 +316,14 @@ def cmd_serve(args) -> int:
         return 2
 
 
+def _server_arguments(p: argparse.ArgumentParser, port: int) -> None:
+    """The options `app` and `serve` share: the model and where to listen."""
+    p.add_argument("--checkpoint", default="demo/model", help="a training or distillation run folder")
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default: this machine only; 0.0.0.0: every network)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mi-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -423,17 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("app", help="a local web page: portrait + voice + prompt -> talking video (pip install "
                                    "-e '.[app]')")
-    p.add_argument("--checkpoint", default="demo/model", help="a training or distillation run folder")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="the address to listen on (default: this machine only; 0.0.0.0: every network)")
+    _server_arguments(p, port=7860)
 
     p = sub.add_parser("serve", help="one model, several live streams over HTTP: audio in as it is spoken, frames "
                                      "out as they are made (pip install -e '.[app]'; API in mi_jax/serve.py)")
-    p.add_argument("--checkpoint", default="demo/model", help="a training or distillation run folder")
-    p.add_argument("--port", type=int, default=7861)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="the address to listen on (default: this machine only; 0.0.0.0: every network)")
+    _server_arguments(p, port=7861)
     p.add_argument("--max-streams", type=int, default=2,
                    help="live streams at once (default 2); more are refused with HTTP 503 until one ends")
     return parser
