@@ -59,7 +59,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     # from scratch on 2 cores: single frames first at batch 16 (eyes and colour), then clips
     # through the stream at a fifth of the rate with every other batch images (at the full rate
     # the clip batches of 2 undid the eyes); a constant rate and an edge term (docs/demo.md)
-    c.vae_train.update(init="", schedule="constant", learning_rate=2e-3, grad_weight=1.0, image_steps=1200,
+    c.vae_train.update(init="", schedule="constant", learning_rate=2e-3, grad_weight=1.0, image_steps=2000,
                        image_batch=16, steps=600, batch=2, clip_learning_rate=4e-4, image_every=2)
     # start from kernels that read each latent's own frames, not each tile's first (mi_jax/train/vae.py)
     c.vae_train.temporal_init = True

@@ -233,11 +233,13 @@ def test_tile_round_trip_is_the_streams_round_trip():
         tile_round_trip(overlapping, params, x, portrait)
 
 
-def test_temporal_init_keeps_stills_and_makes_each_latent_from_its_own_frames():
+def test_temporal_init_keeps_stills_makes_each_latent_from_its_own_frames_and_blends_between_them():
     """`temporal_init`: a still clip encodes and decodes exactly as before (the taps' sum is
-    kept), while latent 1 of a 5-frame tile now depends on its own frames 1-4 more than on the
-    tile's context frame 0, and the decoder's frames 1-4 on latent 1 more than on latent 0 (the
-    random VAE leans on frame 0 / latent 0 before)."""
+    kept), while latent 1 of a 5-frame tile now reads its own newest frame 4 above all (the
+    random VAE leans on the tile's context frame 0), and the decoder's frames 1-4 blend
+    from latent 0 to latent 1: each frame leans less on latent 0 and more on latent 1 than the
+    one before (a decoder that repeats a latent over its frames, as the kernels on the current
+    frame alone did, draws them alike: steps at every 4th frame)."""
     from mi_jax.models.vae import CausalVAE, VAEConfig
     from mi_jax.train.vae import temporal_init
 
@@ -255,24 +257,31 @@ def test_temporal_init_keeps_stills_and_makes_each_latent_from_its_own_frames():
     dec = lambda p, z: model.apply({"params": p}, z, method="decode")  # noqa: E731
     still = jnp.repeat(jnp.asarray(clip.frames[None, :1], jnp.float32) / 127.5 - 1.0, 5, axis=1)
     scale = float(jnp.abs(enc(before, still)).max())
-    assert max_abs(enc(before, still), enc(after, still)) <= 1e-4 * scale
+    assert max_abs(enc(before, still), enc(after, still)) <= 1e-4 * scale  # float32 round-off of a reordered sum
     z = enc(before, still)
     assert max_abs(dec(before, z), dec(after, z)) <= 1e-4 * float(jnp.abs(dec(before, z)).max())
 
     x = jnp.asarray(clip.frames[None, :5], jnp.float32) / 127.5 - 1.0
     r = jax.random.normal(jax.random.key(1), z.shape)
-    ry = jax.random.normal(jax.random.key(2), x.shape)
 
     def reads(p):
-        """(|d latent 1 / d frame t| for t = 0..4, |d frames 1-4 / d latent k| for k = 0, 1)"""
+        """(|d latent 1 / d frame t| for t = 0..4, |d frame t / d latent k| for t = 1..4, k = 0, 1)"""
         g = jax.grad(lambda x: (enc(p, x)[:, 1] * r[:, 1]).sum())(x)
-        gz = jax.grad(lambda z: (dec(p, z)[:, 1:] * ry[:, 1:]).sum())(enc(p, x))
-        return [float(jnp.linalg.norm(g[0, t])) for t in range(5)], [float(jnp.linalg.norm(gz[0, k])) for k in range(2)]
+        z = enc(p, x)
+        per_frame = []
+        for t in range(1, 5):
+            ry = jax.random.normal(jax.random.key(2 + t), x.shape[2:])
+            gz = jax.grad(lambda z: (dec(p, z)[0, t] * ry).sum())(z)
+            per_frame.append([float(jnp.linalg.norm(gz[0, k])) for k in range(2)])
+        return [float(jnp.linalg.norm(g[0, t])) for t in range(5)], np.array(per_frame)
 
     frames, latents = reads(before)
-    assert frames[0] > max(frames[1:]) and latents[0] > latents[1]  # the context dominates
+    assert frames[0] > max(frames[1:])  # the context frame dominates
     frames, latents = reads(after)
-    assert frames[0] < min(frames[1:]) and latents[1] > 2 * latents[0]
+    # the newest own frame; the others only through the group norms' statistics over the tile and
+    # the mid block's causal attention to latent 0 (measured: frame 4 ~12x any other)
+    assert frames[4] > 5 * max(frames[:4]), frames
+    assert np.all(np.diff(latents[:, 0]) < 0) and np.all(np.diff(latents[:, 1]) > 0), latents
 
 
 def test_shipped_demo_vae_keeps_the_mouth_in_time_through_the_pipelines_path():

@@ -176,25 +176,32 @@ def start_from(folder: str, vcfg: VAEConfig, fresh: dict) -> dict:
 
 def temporal_init(params, config: VAEConfig) -> dict:
     """`params` with every 3-tap causal temporal kernel replaced by one that computes exactly the
-    same on a still clip (the taps' sum: a still clip's frames are equal) but reads no frame of
-    an earlier latent: plain convolutions and the decoder's upsamplers put the sum on the
-    current frame; the encoder's time-strided downsamplers split it over the two newest frames of
-    their window, so that latent k is made from its own four frames (frames 4k-3 .. 4k) alone.
+    same on a still clip (the taps' sum: a still clip's frames are equal) and makes the VAE a
+    per-frame coder in time: latent k is frame 4k (the newest of its own frames 4k-3 .. 4k) and
+    the decoder draws frames 4k-3 .. 4k as the linear blend from latent k-1 to latent k.
+
+    Plain convolutions put the sum on the current frame; the encoder's time-strided downsamplers
+    put it on the newest frame of their window (two of them: every 4th frame); the decoder's
+    time upsamplers, which repeat each frame, split it over the current and the previous frame
+    (two of them: blends of 1/4, 1/2, 3/4, 1), so motion is spread over a latent's frames
+    without delay instead of jumping at every 4th frame.
 
     Why: a VAE trained mostly on short clips learns taps of equal weight, and with the causal
     replicate padding every layer then multiplies the weight of a clip's first frame, so each
-    latent is drawn from the previous latent's frames (benchmarks/vae_regime.py measures it).
+    latent is drawn from the previous latent's frames; and kernels on the current frame alone
+    make the decoder repeat a latent over its 4 frames (benchmarks/vae_regime.py measures both).
     Images are unchanged; training through the stream then starts from a VAE that maps each
-    latent to its own frames.
+    latent to its own frames and moves between latents smoothly.
 
     Args:
       params: the VAE's parameters.
-      config: its `VAEConfig` (which down blocks stride in time).
+      config: its `VAEConfig` (which blocks resample in time).
 
     Returns:
       The parameters with the new temporal kernels (jax arrays).
     """
-    time_down = {f"down_blocks_{i}" for i, (t, _) in enumerate(config.resample_factors) if t > 1}
+    in_time = {i for i, (t, _) in enumerate(config.resample_factors) if t > 1}
+    down, up = {f"down_blocks_{i}" for i in in_time}, {f"up_blocks_{i}" for i in in_time}
 
     def fix(path, v):
         v = np.asarray(v)
@@ -202,9 +209,9 @@ def temporal_init(params, config: VAEConfig) -> dict:
             return v
         keys = [str(getattr(k, "key", k)) for k in path]
         out = np.zeros_like(v)
-        if keys[0] == "encoder" and "downsamplers_0" in keys and time_down & set(keys):
+        if keys[0] == "decoder" and "upsamplers_0" in keys and up & set(keys):
             out[1] = out[2] = v.sum(0) / 2
-        else:
+        else:  # the encoder's strided downsamplers too: tap 2 is the newest frame of their window
             out[2] = v.sum(0)
         return out
 
