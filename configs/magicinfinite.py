@@ -109,6 +109,16 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     p.text_encoder = ""  # a HunyuanVideo-I2V diffusers folder (or "tiny")
     p.text_vocabulary = ()  # the words the model knows; () = no check (the real encoder knows English)
 
+    # the demo's speech encoder (mi_jax/train/speech_encoder.py): prepare.wav2vec2_random trained on
+    # the synthetic world's training voices to tell visemes apart, as a pretrained Wav2Vec2 would
+    e = c.speech_encoder_train = ml_collections.ConfigDict()
+    e.steps = 150
+    e.clips = 64  # 4 s clips of the train split, every other one espeak-ng speech
+    e.seconds = 4.0
+    e.batch = 4
+    e.learning_rate = 1e-3
+    e.seed = 0
+
     # `mi-jax train-vae` (mi_jax/train/vae.py): the small VAE of the synthetic world (tiny variant)
     v = c.vae_train = ml_collections.ConfigDict()
     v.init = ""  # a diffusers VAE folder to fine-tune (widened to more latent channels if needed)

@@ -32,6 +32,7 @@ from mi_jax.eval.metrics import best_offset_correlation
 from mi_jax.eval.report import plot_lip_sync
 from mi_jax.pipeline import Pipeline
 from mi_jax.train.run import train
+from mi_jax.train.speech_encoder import train_speech_encoder
 from mi_jax.train.vae import train_vae
 
 DEMO = "demo"
@@ -99,8 +100,10 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
                      vae_steps: int | None = None, stage1_steps: int = 3000, stage2_steps: int = 8000,
                      distill_steps: int = 400, seed: int = 0, log=print) -> str:
     """The demo model from nothing, seeded: synthetic clips -> the demo VAE (`train_vae`, in the
-    regime generation runs it) -> prepare -> stage 1 -> stage 2 -> DMD2 (4 steps, LoRA); writes
-    the VAE to `<out>/../vae` and the final run (weights + config) to `out`, with `build.json`
+    regime generation runs it) -> the speech encoder (`train_speech_encoder`: the small Wav2Vec2
+    taught visemes, in place of a pretrained one) -> prepare -> stage 1 -> stage 2 -> DMD2 (4
+    steps, LoRA); writes the VAE to `<out>/../vae`, the speech encoder to `<out>/../wav2vec2` and
+    the final run (weights + config) to `out`, with `build.json`
     (seed, steps, wall time per part) beside the model.
 
     Resumable: everything goes to `work` first and every part picks up where it stopped (the VAE
@@ -114,11 +117,12 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
     """
     os.makedirs(work, exist_ok=True)
     spec = CONFIG
-    vae_out = os.path.join(os.path.dirname(out.rstrip("/")) or DEMO, "vae")
-    vae_dir, data, store = (os.path.join(work, p) for p in ("vae", "clips", "store"))
-    # prepare encodes with the VAE being built; the runs name the folder it ships in (generation
-    # loads it from there; training itself never runs the VAE)
-    common = [f"prepare.vae={vae_out}", f"seed={seed}", f"data.store={store}", "mesh=fsdp=1"]
+    vae_out, w2v_out = (os.path.join(os.path.dirname(out.rstrip("/")) or DEMO, p) for p in ("vae", "wav2vec2"))
+    vae_dir, w2v_dir, data, store = (os.path.join(work, p) for p in ("vae", "wav2vec2", "clips", "store"))
+    # prepare encodes with the VAE and speech encoder being built; the runs name the folders they
+    # ship in (generation loads them from there; training itself runs neither)
+    common = [f"prepare.vae={vae_out}", f"prepare.wav2vec2={w2v_out}", f"seed={seed}", f"data.store={store}",
+              "mesh=fsdp=1"]
     log_path = os.path.join(work, "build.json")
     record = {"seed": seed, "clips": clips, "two_speaker_clips": two_speaker_clips, "parts": {}}
     if os.path.exists(log_path):
@@ -144,8 +148,10 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
         part("vae", lambda: log(train_vae(vae_cfg, vae_dir, work_dir=os.path.join(work, "vae.train"), log=log,
                                           steps=vae_steps, seed=seed)))
-    part("prepare", lambda: prepare(load_config(spec + ":stage1", [f"prepare.vae={vae_dir}", f"seed={seed}"]),
-                                    data, store))
+    if not os.path.exists(os.path.join(w2v_dir, "config.json")):  # a Wav2Vec2 that tells visemes apart
+        part("speech_encoder", lambda: log(train_speech_encoder(vae_cfg, w2v_dir, log=log, seed=seed)))
+    part("prepare", lambda: prepare(load_config(spec + ":stage1", [f"prepare.vae={vae_dir}", f"prepare.wav2vec2={w2v_dir}",
+                                                                   f"seed={seed}"]), data, store))
     stages = [("stage1", "stage1,text_first", stage1_steps, None),
               ("stage2", "stage2,text_first", stage2_steps, "stage1"),
               ("distill", "distill", distill_steps, "stage2")]
@@ -154,11 +160,13 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
             extra = [f"init.checkpoint={os.path.join(work, init)}"] if init else []
             config = load_config(f"{spec}:{variant}", [f"train.steps={steps}", *extra, *common])
             part(name, lambda: train(config, os.path.join(work, name), distill=name == "distill"))
-    record.update(steps={"vae_image": int(vae_cfg.vae_train.image_steps), "vae": vae_steps, "stage1": stage1_steps,
+    record.update(steps={"vae_image": int(vae_cfg.vae_train.image_steps), "vae": vae_steps,
+                         "speech_encoder": int(vae_cfg.speech_encoder_train.steps), "stage1": stage1_steps,
                          "stage2": stage2_steps, "distill": distill_steps},
                   wall_seconds=round(sum(record["parts"].values()), 1))
     _write_json(log_path, record)
-    for src, dst, ignore in ((vae_dir, vae_out, None), (os.path.join(work, "distill"), out, ("tensorboard",))):
+    for src, dst, ignore in ((vae_dir, vae_out, None), (w2v_dir, w2v_out, None),
+                             (os.path.join(work, "distill"), out, ("tensorboard",))):
         with atomic.folder(dst) as tmp:
             shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*ignore) if ignore else None, dirs_exist_ok=True)
             if dst == out:  # the final checkpoint only (the run keeps the last few)
