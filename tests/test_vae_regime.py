@@ -289,10 +289,12 @@ def test_shipped_demo_vae_keeps_the_mouth_in_time_through_the_pipelines_path():
     prepare's stream encode, the portrait latent, generation's streaming decoder) on held-out
     clips: the mouth follows the voice at an offset within +-2 frames with correlation >= 0.65
     (an earlier demo VAE: 0.69 at +5, its mouth a latent late; benchmarks/vae_regime.py), and
-    the eyes are drawn: eye-band edge energy >= 0.3 x the renderer's (the 8x VAE's 8-pixel
-    cells held none: 0.08 x; the 4x VAE about 0.47 x)."""
+    the eyes are drawn: eye-band edge energy >= 0.6 x the renderer's (the 8x VAE's 8-pixel
+    cells held none: 0.08 x; the shipped 4x VAE about 0.75 x), and the frames move within a
+    latent: the change into a new latent is at most 2x the change inside one (the renderer's
+    ~1; a decoder that repeats a latent over its 4 frames scored 8.9)."""
     from mi_jax.data.prepare import Encoders
-    from mi_jax.eval.metrics import best_offset_correlation, eye_detail
+    from mi_jax.eval.metrics import best_offset_correlation, eye_detail, seam_score
     from mi_jax.pipeline import vae_round_trip
 
     vae = os.path.join(ROOT, "demo", "vae")
@@ -307,4 +309,6 @@ def test_shipped_demo_vae_keeps_the_mouth_in_time_through_the_pipelines_path():
         assert abs(offset) <= 2 and corr >= 0.65, (i, corr, offset)
         eyes = clip.eye_boxes[0, :n]
         detail = eye_detail(video, eyes).mean() / eye_detail(clip.frames[:n], eyes).mean()
-        assert detail >= 0.3, (i, detail)
+        assert detail >= 0.6, (i, detail)
+        steps = seam_score(video, range(5, n, 4))
+        assert steps <= 2.0, (i, steps)

@@ -3,8 +3,8 @@ transformers `Wav2Vec2Model` folder.
 
 MagicInfinite reads speech through a pretrained Wav2Vec2, whose features tell phonemes apart.
 No such weights can be downloaded here, and a randomly initialised small Wav2Vec2 keeps the
-loudness but not the vowel: on held-out espeak-ng voices a linear probe of its features finds
-the mouth's opening (r 0.76) but not its width per viseme (r 0.08; `benchmarks/speech_features.py`).
+loudness but not the vowel: on held-out voices a linear probe of its features finds the mouth's
+opening but hardly its width per viseme (`benchmarks/speech_features.py`; docs/speech.md).
 `train_speech_encoder` stands in for the pretraining: the same architecture, trained on the
 synthetic world's training voices to predict, per video frame, the viseme, the mouth's opening
 and its width from the features `prepare` computes (the same windows, normalisation and
