@@ -148,6 +148,11 @@ def build_demo_model(out: str = os.path.join(DEMO, "model"), work: str = "runs/d
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
         part("vae", lambda: log(train_vae(vae_cfg, vae_dir, work_dir=os.path.join(work, "vae.train"), log=log,
                                           steps=vae_steps, seed=seed)))
+        # a stopped build times only the resumed run's share; the trainer counts its steps' time
+        # over every run
+        with open(os.path.join(vae_dir, "training.json")) as f:
+            record["parts"]["vae"] = max(record["parts"]["vae"], float(json.load(f)["wall_seconds"]))
+        _write_json(log_path, record)
     if not os.path.exists(os.path.join(w2v_dir, "config.json")):  # a Wav2Vec2 that tells visemes apart
         part("speech_encoder", lambda: log(train_speech_encoder(vae_cfg, w2v_dir, log=log, seed=seed)))
     part("prepare", lambda: prepare(load_config(spec + ":stage1", [f"prepare.vae={vae_dir}", f"prepare.wav2vec2={w2v_dir}",
