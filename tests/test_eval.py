@@ -180,6 +180,23 @@ def test_colour_shift_is_zero_on_the_renderer_and_large_on_a_tinted_ending(clip,
     assert rows["colour shift, first to last window (dE76, worst video)"]["passed"] is True
 
 
+def test_colour_against_the_portrait_catches_a_video_recoloured_from_its_first_frame(clip, truth):
+    """A video whose every frame has another background than the portrait keeps its colour from
+    first to last (colour shift passes) but fails the portrait check; the renderer passes both."""
+    from mi_jax.eval.metrics import portrait_colour
+
+    assert measure(clip.frames, truth)["portrait_colour"]["delta_e"] < 0.5
+    recoloured = clip.frames.copy()
+    background = np.all(recoloured == recoloured[:, :1, :1], axis=-1)  # the corner's colour, frame by frame
+    recoloured[..., 1][background] = recoloured[..., 1][background] // 2  # the green halved, as the demo VAE did
+    rows = {r["metric"]: r for r in check(evaluate([recoloured], [truth]))}
+    assert rows["colour shift, first to last window (dE76, worst video)"]["passed"] is True
+    entry = rows["colour against the portrait, first second (dE76, worst video)"]
+    assert entry["passed"] is False and entry["value"] > 5 and entry["truth"] < 0.5
+    with pytest.raises(ValueError, match="resize the portrait"):
+        portrait_colour(clip.frames, clip.frames[0, :10], 25.0)
+
+
 def test_colour_shift_uses_the_first_and_last_minute_and_standard_lab():
     lab = srgb_to_lab(np.array([[255, 255, 255], [255, 0, 0], [0, 0, 0]], np.uint8))
     np.testing.assert_allclose(lab, [[100, 0, 0], [53.24, 80.09, 67.20], [0, 0, 0]], atol=0.01)

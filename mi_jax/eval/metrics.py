@@ -326,6 +326,39 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
                     axis=-1)
 
 
+def portrait_colour(frames: np.ndarray, portrait: np.ndarray, fps: float, window_s: float = 1.0) -> dict:
+    """How far the video's colours start from the portrait's: dE76 between the mean CIE Lab colour
+    of the whole portrait and of the video's first `window_s` seconds (whole frames).
+
+    Why: `colour_shift` compares a video with itself, so a model (or VAE) that redraws every
+    frame in another colour from the first frame on passes it; the portrait is what the user
+    gave. The whole frame, because a background drawn in another colour is seen at once.
+
+    Args:
+      frames: uint8 `[T, H, W, 3]`.
+      portrait: uint8 `[H, W, 3]`, the same size as the frames.
+      fps: frames per second.
+      window_s: the opening window in seconds (default 1).
+
+    Returns:
+      `{"delta_e", "portrait", "video"}` (mean L, a, b of each).
+
+    Raises:
+      ValueError: a portrait of another size, or non-positive fps / window.
+    """
+    frames = _check_frames(frames)
+    portrait = np.asarray(portrait)
+    if portrait.shape != frames.shape[1:]:
+        raise ValueError(f"portrait is {portrait.shape}, the frames {frames.shape[1:]}; resize the portrait to the "
+                         "video's size first.")
+    if not fps > 0 or not window_s > 0:
+        raise ValueError(f"fps and window_s must be positive, got fps={fps}, window_s={window_s}.")
+    n = max(1, min(len(frames), round(window_s * fps)))
+    video = srgb_to_lab(frames[:n]).mean(axis=(0, 1, 2))
+    ref = srgb_to_lab(portrait[None])[0].mean(axis=(0, 1))
+    return {"delta_e": float(np.linalg.norm(video - ref)), "portrait": ref.tolist(), "video": video.tolist()}
+
+
 def colour_shift(frames: np.ndarray, fps: float, window_s: float = 60.0,
                  face_boxes: np.ndarray | None = None) -> dict:
     """Mean colour shift from the first to the last window: dE76 (Euclidean distance in CIE Lab)
@@ -548,6 +581,7 @@ def measure(frames: np.ndarray, truth: Truth, speaker_audio: np.ndarray | None =
     # per truth pixel: a gradient per video pixel shrinks as the video is upscaled
     out["face_detail"] = float(np.mean(details) * math.sqrt(scale[0] * scale[1])) if details else None
     out["colour_shift"] = colour_shift(frames, truth.fps, drift_window_s, np.stack(faces))
+    out["portrait_colour"] = portrait_colour(frames, reference, truth.fps)
     out["motion"] = head_motion(centres)
     out["routing"] = routing(np.stack(mouths), np.stack(envelopes), max_offset) if truth.speakers == 2 else None
     out["seam"] = None if boundaries is None else seam_score(frames, [b for b in boundaries if b < t])
@@ -673,6 +707,11 @@ def summarize(records: list[dict]) -> dict:
     shifts, truth_shifts = ([r[side]["colour_shift"]["delta_e"] for r in records] for side in ("video", "truth"))
     out["colour_shift"] = {"value": float(np.mean(shifts)), "worst": float(np.max(shifts)), "ratio": None,
                            "truth": float(np.mean(truth_shifts)), "truth_worst": float(np.max(truth_shifts))}
+    starts, truth_starts = ([r[side]["portrait_colour"]["delta_e"] for r in records if "portrait_colour" in r[side]]
+                            for side in ("video", "truth"))
+    out["portrait_colour"] = None if not starts else {
+        "value": float(np.mean(starts)), "worst": float(np.max(starts)), "ratio": None,
+        "truth": float(np.mean(truth_starts)), "truth_worst": float(np.max(truth_starts))}
     groups = {"nodding": lambda a: "nodding" in a, "shaking head": lambda a: "shaking head" in a,
               "neutral": lambda a: not a}
     out["text_control"] = {}

@@ -98,7 +98,8 @@ def plot_identity(series: dict[str, np.ndarray], fps: float, path: str | os.Path
 
 def check(results: dict, *, min_lip_sync_fraction: float = 0.6, max_lip_sync_offset: int = 2,
           min_face_detail: float = 0.7, max_colour_shift: float = 2.0, max_seam: float = 1.3,
-          max_identity_drift: float = 0.10, min_routing_margin: float = 0.1) -> list[dict]:
+          max_identity_drift: float = 0.10, min_routing_margin: float = 0.1,
+          max_portrait_colour: float = 2.0) -> list[dict]:
     """The pass / fail table of `evaluate`'s results.
 
     Args:
@@ -112,6 +113,8 @@ def check(results: dict, *, min_lip_sync_fraction: float = 0.6, max_lip_sync_off
       max_seam: the window-seam score (default 1.3).
       max_identity_drift: the relative identity drop, first vs last window (default 0.10).
       min_routing_margin: two-speaker routing margin (default 0.1).
+      max_portrait_colour: the worst video's dE76 between the portrait and its first second
+        (default 2.0).
 
     Returns:
       Rows `{metric, value, truth, ratio, threshold, passed, detail}`; `passed` is None for rows
@@ -145,6 +148,11 @@ def check(results: dict, *, min_lip_sync_fraction: float = 0.6, max_lip_sync_off
     row("colour shift, first to last window (dE76, worst video)",
         {"value": entry["worst"], "truth": entry["truth_worst"], "ratio": None},
         f"<= {max_colour_shift:g} dE", entry["worst"] <= max_colour_shift)
+    entry = summary.get("portrait_colour")
+    if entry:
+        row("colour against the portrait, first second (dE76, worst video)",
+            {"value": entry["worst"], "truth": entry["truth_worst"], "ratio": None},
+            f"<= {max_portrait_colour:g} dE", entry["worst"] <= max_portrait_colour)
     if summary["seam"]:
         row("window-seam score", summary["seam"], f"<= {max_seam}", summary["seam"]["value"] <= max_seam)
     if summary.get("seam_over_latents"):  # a diagnosis, not a goal: is the seam the sampler's or the decoder's?
