@@ -7,7 +7,7 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 .PHONY: venv test test-slow test-fallback ci chromium demo demo-model docs clean
 
 # Model-level test files that the fallback pass (XLA's convolutions, no native kernels) runs again.
-FALLBACK_TESTS ?= tests/test_vae.py tests/test_vae_regime.py tests/test_vae_grid.py tests/test_prepare.py \
+FALLBACK_TESTS ?= tests/test_vae.py tests/test_vae_regime.py tests/test_vae_train.py tests/test_vae_grid.py tests/test_prepare.py \
                   tests/test_generate.py tests/test_export.py tests/test_demo.py
 
 $(VENV)/.installed: setup.cfg constraints.txt pyproject.toml
