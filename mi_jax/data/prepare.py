@@ -148,6 +148,26 @@ def patch_grid(config) -> int:
     return vae_config(config.prepare).spatial_factor * DiTConfig.coerce(config.model).patch_size
 
 
+def audio_window(chunk_seconds: float, fps: float, sample_rate: int) -> tuple[int, int, int]:
+    """(chunk_frames, margin, window): each Wav2Vec2 call of `Encoders.audio_frame_chunks` reads
+    `chunk_frames` video frames' audio plus `margin` samples (1 s) of context on each side, in a
+    window of `window` samples."""
+    chunk_frames = max(1, round(chunk_seconds * fps))
+    margin = int(sample_rate)
+    return chunk_frames, margin, math.ceil(chunk_frames * sample_rate / fps) + 2 * margin
+
+
+def frame_positions(first_frame: int, num_frames: int, fps: float, sample_rate: int, first_sample: int,
+                    window: int, num_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i0, i1, w), each [num_frames]: video frame f (from `first_frame`) takes the Wav2Vec2 feature
+    `feats[i0] * (1 - w) + feats[i1] * w` of a window of `window` samples starting at sample
+    `first_sample` with `num_features` features (feature j sits at sample j x window / num_features)."""
+    q = ((first_frame + np.arange(num_frames)) * (sample_rate / fps) - first_sample) * (num_features / window)
+    i0 = np.clip(np.floor(q).astype(np.int64), 0, num_features - 1)
+    i1 = np.minimum(i0 + 1, num_features - 1)
+    return i0, i1, (q - i0).clip(0.0, 1.0).astype(np.float32)
+
+
 class Encoders:
     """The frozen encoders of prepare, built from `config.prepare` (folders or seeded random
     tiny models for tests and the synthetic world) and jitted once."""
@@ -232,10 +252,8 @@ class Encoders:
         frame f (time f / fps) takes the linear interpolation at its sample position.
         """
         sr = int(self.cfg.sample_rate)
-        chunk_frames = max(1, round(self.cfg.audio_chunk_seconds * fps))
+        chunk_frames, margin, win = audio_window(self.cfg.audio_chunk_seconds, fps, sr)
         per_frame = sr / fps
-        margin = sr
-        win = math.ceil(chunk_frames * per_frame) + 2 * margin
         audio = np.asarray(audio, np.float32)
         n = len(audio)
         mean, std = mean_std(audio)  # zero_mean_unit_var's statistics, without a copy of the track
@@ -249,10 +267,8 @@ class Encoders:
             if hi > lo:
                 segment[lo - s0 : hi - s0] = (audio[lo:hi] - mean) * scale
             feats = np.asarray(self._w2v(self.w2v_params, segment[None])[0])  # [Nf, L, C]
-            q = ((f0 + np.arange(chunk_frames)) * per_frame - s0) * (len(feats) / win)
-            i0 = np.clip(np.floor(q).astype(np.int64), 0, len(feats) - 1)
-            i1 = np.minimum(i0 + 1, len(feats) - 1)
-            w = (q - i0).clip(0.0, 1.0)[:, None, None].astype(np.float32)
+            i0, i1, w = frame_positions(f0, chunk_frames, fps, sr, s0, win, len(feats))
+            w = w[:, None, None]
             yield feats[i0] * (1.0 - w) + feats[i1] * w
 
     def audio_at_frames(self, audio: np.ndarray, fps: float, frames: int) -> np.ndarray:

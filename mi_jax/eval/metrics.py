@@ -707,11 +707,9 @@ def summarize(records: list[dict]) -> dict:
     shifts, truth_shifts = ([r[side]["colour_shift"]["delta_e"] for r in records] for side in ("video", "truth"))
     out["colour_shift"] = {"value": float(np.mean(shifts)), "worst": float(np.max(shifts)), "ratio": None,
                            "truth": float(np.mean(truth_shifts)), "truth_worst": float(np.max(truth_shifts))}
-    starts, truth_starts = ([r[side]["portrait_colour"]["delta_e"] for r in records if "portrait_colour" in r[side]]
-                            for side in ("video", "truth"))
-    out["portrait_colour"] = None if not starts else {
-        "value": float(np.mean(starts)), "worst": float(np.max(starts)), "ratio": None,
-        "truth": float(np.mean(truth_starts)), "truth_worst": float(np.max(truth_starts))}
+    starts, truth_starts = ([r[side]["portrait_colour"]["delta_e"] for r in records] for side in ("video", "truth"))
+    out["portrait_colour"] = {"value": float(np.mean(starts)), "worst": float(np.max(starts)), "ratio": None,
+                              "truth": float(np.mean(truth_starts)), "truth_worst": float(np.max(truth_starts))}
     groups = {"nodding": lambda a: "nodding" in a, "shaking head": lambda a: "shaking head" in a,
               "neutral": lambda a: not a}
     out["text_control"] = {}

@@ -148,11 +148,10 @@ def check(results: dict, *, min_lip_sync_fraction: float = 0.6, max_lip_sync_off
     row("colour shift, first to last window (dE76, worst video)",
         {"value": entry["worst"], "truth": entry["truth_worst"], "ratio": None},
         f"<= {max_colour_shift:g} dE", entry["worst"] <= max_colour_shift)
-    entry = summary.get("portrait_colour")
-    if entry:
-        row("colour against the portrait, first second (dE76, worst video)",
-            {"value": entry["worst"], "truth": entry["truth_worst"], "ratio": None},
-            f"<= {max_portrait_colour:g} dE", entry["worst"] <= max_portrait_colour)
+    entry = summary["portrait_colour"]
+    row("colour against the portrait, first second (dE76, worst video)",
+        {"value": entry["worst"], "truth": entry["truth_worst"], "ratio": None},
+        f"<= {max_portrait_colour:g} dE", entry["worst"] <= max_portrait_colour)
     if summary["seam"]:
         row("window-seam score", summary["seam"], f"<= {max_seam}", summary["seam"]["value"] <= max_seam)
     if summary.get("seam_over_latents"):  # a diagnosis, not a goal: is the seam the sampler's or the decoder's?

@@ -33,6 +33,8 @@ from mi_jax import atomic
 from mi_jax.convert.export import write_model
 from mi_jax.convert.wav2vec2 import wav2vec2_name_map
 from mi_jax.data import speech, synthetic
+from mi_jax.data.audio_io import mean_std
+from mi_jax.data.prepare import audio_window, frame_positions
 from mi_jax.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, example_inputs
 
 _TARGETS = len(speech.VISEMES) + 2  # viseme logits, opening, width
@@ -46,15 +48,6 @@ class _Head(nn.Module):
         return nn.Dense(_TARGETS, name="out")(feats.reshape(*feats.shape[:2], -1))
 
 
-def frame_positions(num_frames: int, fps: float, sample_rate: int, margin: int, window: int, num_features: int):
-    """(i0, i1, w): video frame f's feature as `feats[i0] * (1 - w) + feats[i1] * w` in a window
-    whose first sample is `-margin` (as `Encoders.audio_frame_chunks` places its first chunk)."""
-    q = (np.arange(num_frames) * (sample_rate / fps) + margin) * (num_features / window)
-    i0 = np.clip(np.floor(q).astype(np.int64), 0, num_features - 1)
-    i1 = np.minimum(i0 + 1, num_features - 1)
-    return i0, i1, (q - i0).clip(0.0, 1.0).astype(np.float32)
-
-
 def _examples(seeds, seconds: float, fps: float, sample_rate: int, window: int, margin: int):
     """Windows [N, window] (normalised track, zero context as prepare pads a track's edges) and
     per-frame targets: viseme [N, T] int (-1: none, the synthetic voice), opening [N, T], width [N, T]."""
@@ -65,7 +58,8 @@ def _examples(seeds, seconds: float, fps: float, sample_rate: int, window: int, 
         audio = clip.audio.astype(np.float32)
         seg = np.zeros(window, np.float32)
         n = min(len(audio), window - margin)
-        seg[margin : margin + n] = (audio[:n] - audio.mean()) / math.sqrt(audio.var() + 1e-7)
+        mean, std = mean_std(audio)  # the whole track's statistics, as prepare normalises
+        seg[margin : margin + n] = (audio[:n] - mean) / math.sqrt(std * std + 1e-7)
         segments.append(seg)
         t = len(clip.frames)
         if clip.visemes is not None:
@@ -109,9 +103,7 @@ def train_speech_encoder(config, out_dir: str, *, log=print, **overrides) -> dic
         raise ValueError(f"speech_encoder_train.clips={clips} is fewer than a batch of {batch}; raise clips")
     p = config.prepare
     sr, fps = int(p.sample_rate), synthetic.FPS  # the synthetic world's frame rate, as the demo trains at
-    chunk_frames = max(1, round(float(p.audio_chunk_seconds) * fps))
-    margin = sr
-    window = math.ceil(chunk_frames * sr / fps) + 2 * margin  # prepare's window: one chunk + 1 s each side
+    _, margin, window = audio_window(float(p.audio_chunk_seconds), fps, sr)  # prepare's first window of a track
     layers = list(p.audio_layers)
     wcfg = Wav2Vec2Config(**p.wav2vec2_random.to_dict())
     model, head = Wav2Vec2(wcfg), _Head()
@@ -123,7 +115,7 @@ def train_speech_encoder(config, out_dir: str, *, log=print, **overrides) -> dic
     frames = vis.shape[1]
     num_features = int(jax.eval_shape(lambda x: model.apply({"params": params}, x).hidden_states[0],
                                       jnp.zeros((1, window))).shape[1])
-    i0, i1, w = frame_positions(frames, fps, sr, margin, window, num_features)
+    i0, i1, w = frame_positions(0, frames, fps, sr, -margin, window, num_features)
 
     def features(wp, x):  # [B, window] -> [B, T, L, C], as prepare computes them
         h = model.apply({"params": wp}, x).hidden_states

@@ -200,8 +200,7 @@ def temporal_init(params, config: VAEConfig) -> dict:
     Returns:
       The parameters with the new temporal kernels (jax arrays).
     """
-    in_time = {i for i, (t, _) in enumerate(config.resample_factors) if t > 1}
-    down, up = {f"down_blocks_{i}" for i in in_time}, {f"up_blocks_{i}" for i in in_time}
+    up = {f"up_blocks_{i}" for i, (t, _) in enumerate(config.resample_factors) if t > 1}  # the time upsamplers
 
     def fix(path, v):
         v = np.asarray(v)
