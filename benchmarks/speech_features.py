@@ -29,9 +29,6 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-OPEN = 0.3  # mi_jax.eval.voices.OPEN: frames whose width is scored
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--wav2vec2", default=os.path.join(ROOT, "demo", "wav2vec2"), help="a transformers Wav2Vec2 folder")
@@ -52,6 +49,7 @@ def probe(wav2vec2: str, train: int, heldout: int, seconds: float, lam: float = 
     from mi_jax.config_utils import load_config
     from mi_jax.data import synthetic
     from mi_jax.data.prepare import Encoders
+    from mi_jax.eval.voices import OPEN  # the frames whose width `mi-jax eval --voice espeak` scores
 
     t0 = time.time()
     enc = Encoders(load_config(os.path.join(ROOT, "configs", "magicinfinite.py:demo,stage1"),
