@@ -12,6 +12,7 @@
     mi-jax import-weights --transformer DIR [--vae DIR] [--wav2vec DIR] --out CKPT [--config FILE:VARIANT]
     mi-jax export   --checkpoint CKPT --out DIR [--dtype bf16|fp32] [--merge-lora] [--ema]
     mi-jax train-vae --out DIR [--config FILE:VARIANT] [--config.vae_train.steps=N]   (the demo VAE)
+    mi-jax train-speech-encoder --out DIR [--config FILE:VARIANT] [--config.speech_encoder_train.steps=N]
     mi-jax eval     --checkpoint RUN --out DIR [--clips N] [--seconds S] [--voice synthetic|espeak|both]
     mi-jax plan     --config FILE:VARIANT --mesh fsdp=8 [--budget 80] [--gpu h100]   (AOT memory / FLOPs)
     mi-jax demo     [--model demo/model] [--seconds 60] [--out out]
@@ -239,6 +240,14 @@ def cmd_train_vae(args, overrides) -> int:
     return 0
 
 
+def cmd_train_speech_encoder(args, overrides) -> int:
+    from mi_jax.config_utils import load_config
+    from mi_jax.train.speech_encoder import train_speech_encoder
+
+    print(json.dumps(train_speech_encoder(load_config(args.config, overrides), args.out)))
+    return 0
+
+
 def cmd_eval(args) -> int:
     """Generates from held-out synthetic clips and scores the videos against their truth."""
     from mi_jax.eval.controls import heldout_generation
@@ -407,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="configs/magicinfinite.py:tiny,stage1")
 
+    p = sub.add_parser("train-speech-encoder", help="teach the small Wav2Vec2 the synthetic world's visemes and write "
+                                                    "it as a transformers folder for prepare.wav2vec2 (the demo's "
+                                                    "stand-in for a pretrained one; needs .[speech])")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default="configs/demo.py:stage1")
+
     p = sub.add_parser("eval", help="generate on held-out synthetic clips and write a quality report")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
@@ -459,7 +474,7 @@ def main(argv=None) -> int:
 
     overrides = split_overrides(rest, parser)
     configured = {"prepare": cmd_prepare, "train": cmd_train, "distill": cmd_distill, "import-weights": cmd_import_weights,
-                  "train-vae": cmd_train_vae}
+                  "train-vae": cmd_train_vae, "train-speech-encoder": cmd_train_speech_encoder}
     return configured[args.command](args, overrides)
 
 

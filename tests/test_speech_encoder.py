@@ -2,6 +2,9 @@
 synthetic world's voices is written as a transformers `Wav2Vec2Model` folder that transformers
 loads whole and runs as we do, and that `prepare` reads as `prepare.wav2vec2`."""
 
+import contextlib
+import io
+import json
 import os
 
 import jax.numpy as jnp
@@ -15,14 +18,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from mi_jax.train.speech_encoder import train_speech_encoder
+    """`mi-jax train-speech-encoder` with tiny settings: its progress lines and its JSON record."""
+    from mi_jax import cli
 
-    cfg = load_config(os.path.join(ROOT, "configs", "magicinfinite.py:demo,stage1"))
+    spec = os.path.join(ROOT, "configs", "magicinfinite.py:demo,stage1")
     out = str(tmp_path_factory.mktemp("se") / "wav2vec2")
-    lines = []
-    record = train_speech_encoder(cfg, out, log=lines.append, steps=4, clips=4, batch=2, seconds=1.0,
-                                  learning_rate=3e-3)
-    return cfg, out, record, lines
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = cli.main(["train-speech-encoder", "--out", out, "--config", spec, *(
+            f"--config.speech_encoder_train.{k}={v}"
+            for k, v in dict(steps=4, clips=4, batch=2, seconds=1.0, learning_rate=3e-3).items())])
+    assert rc == 0
+    *lines, last = stdout.getvalue().strip().splitlines()
+    return load_config(spec), out, json.loads(last), lines
 
 
 def test_training_lowers_the_loss_and_writes_a_transformers_folder(trained):
