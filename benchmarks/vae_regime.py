@@ -12,6 +12,9 @@ scored against the renderer's own frames of the same clip:
 * lip sync: Pearson correlation of the voice envelope with the mouth opening measured from
   pixels, best offset within +-5 frames (the offset is printed: > 0 the mouth lags);
 * face detail: edge energy of the eye band (`eval.metrics.eye_detail`), reconstructed / renderer;
+  per clip (the clips cycle through the training prompts: neutral, nodding, shaking head, ...),
+  and split into the frames a latent ends on (frame 4k: what a per-frame latent codes) and the
+  three between them (what the decoder has to draw from two latents);
 * latent steps: `eval.metrics.seam_score` at the first frame of every latent (frames 5, 9, ...):
   the change into a new latent over the change inside one. The renderer's is about 1; a VAE that
   holds each latent's 4 frames and jumps to the next scores high, and every window seam of
@@ -97,17 +100,22 @@ def measure(vae: str, clips: int = 6, seconds: float = 4.0, out: str = "", varia
             steps[name].append(seam_score(video, range(1 + TEMPORAL_FACTOR, n, TEMPORAL_FACTOR)))
         for s in range(speakers):
             env = synthetic.mouth_envelope(voices[s], n, clip.fps)
-            base = float(eye_detail(truth, clip.eye_boxes[s, :n]).mean())
+            base = eye_detail(truth, clip.eye_boxes[s, :n])
+            own = np.arange(n) % TEMPORAL_FACTOR == 0  # frame 0 and every latent's last frame (4k)
             for name, video in videos.items():
                 mouth = synthetic.measure_mouth_open(video, clip.mouth_boxes[s, :n])
                 corr, offset = best_offset_correlation(env, mouth, 5)
-                detail = float(eye_detail(video, clip.eye_boxes[s, :n]).mean()) / base
-                rows[name].append((float(corr), int(offset), detail))
+                d = eye_detail(video, clip.eye_boxes[s, :n])
+                rows[name].append((float(corr), int(offset), float(d.mean() / base.mean()),
+                                   float(d[own].mean() / base[own].mean()), float(d[~own].mean() / base[~own].mean())))
     summary = {}
     for name, r in rows.items():
-        corr, off, det = (np.array(v) for v in zip(*r))
+        corr, off, det, det_own, det_between = (np.array(v) for v in zip(*r))
         summary[name] = {"lip_sync": round(float(corr.mean()), 3), "offsets": off.tolist(),
-                         "face_detail": round(float(det.mean()), 3), "latent_steps": round(float(np.mean(steps[name])), 2)}
+                         "face_detail": round(float(det.mean()), 3), "face_detail_per_clip": det.round(3).tolist(),
+                         "face_detail_own_frames": round(float(det_own.mean()), 3),
+                         "face_detail_between_frames": round(float(det_between.mean()), 3),
+                         "latent_steps": round(float(np.mean(steps[name])), 2)}
     p = summary["pipeline (VAEStream tiles)"]
     summary["goals"] = {
         "lip_sync >= 0.65 at |offset| <= 2": bool(p["lip_sync"] >= 0.65 and max(map(abs, p["offsets"])) <= 2),
