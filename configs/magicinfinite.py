@@ -112,9 +112,8 @@ def get_config(arg: str = "tiny,stage1") -> ml_collections.ConfigDict:
     # the demo's speech encoder (mi_jax/train/speech_encoder.py): prepare.wav2vec2_random trained on
     # the synthetic world's training voices to tell visemes apart, as a pretrained Wav2Vec2 would
     e = c.speech_encoder_train = ml_collections.ConfigDict()
-    # 150 steps (held-out viseme accuracy 0.56, width probe r 0.29). 450 steps give a better encoder
-    # (0.69, r 0.69) and a DiT that draws the vowels' width, but that build's mouth opened less in time
-    # with the voice (lip sync 0.584x against 0.604x): docs/speech.md#the-demos-speech-encoder
+    # 150 steps: a longer-trained encoder lets the demo DiT draw the vowels' width but costs it lip
+    # sync at the demo's stage-2 length (docs/speech.md#the-demos-speech-encoder)
     e.steps = 150
     e.clips = 64  # 4 s clips of the train split, every other one espeak-ng speech
     e.seconds = 4.0
