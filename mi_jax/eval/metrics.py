@@ -704,12 +704,10 @@ def summarize(records: list[dict]) -> dict:
     # the renderer drifts ~0, so drift / renderer's drift would only amplify noise: no ratio
     out["identity_drift"] = {"value": float(np.mean(drifts)), "worst": float(np.max(drifts)), "ratio": None,
                              "truth": float(np.mean([r["truth"]["identity"]["drift"] for r in records]))}
-    shifts, truth_shifts = ([r[side]["colour_shift"]["delta_e"] for r in records] for side in ("video", "truth"))
-    out["colour_shift"] = {"value": float(np.mean(shifts)), "worst": float(np.max(shifts)), "ratio": None,
-                           "truth": float(np.mean(truth_shifts)), "truth_worst": float(np.max(truth_shifts))}
-    starts, truth_starts = ([r[side]["portrait_colour"]["delta_e"] for r in records] for side in ("video", "truth"))
-    out["portrait_colour"] = {"value": float(np.mean(starts)), "worst": float(np.max(starts)), "ratio": None,
-                              "truth": float(np.mean(truth_starts)), "truth_worst": float(np.max(truth_starts))}
+    for key in ("colour_shift", "portrait_colour"):  # dE76 per video: mean and worst, no ratio (the renderer's ~0)
+        video, truth = ([r[side][key]["delta_e"] for r in records] for side in ("video", "truth"))
+        out[key] = {"value": float(np.mean(video)), "worst": float(np.max(video)), "ratio": None,
+                    "truth": float(np.mean(truth)), "truth_worst": float(np.max(truth))}
     groups = {"nodding": lambda a: "nodding" in a, "shaking head": lambda a: "shaking head" in a,
               "neutral": lambda a: not a}
     out["text_control"] = {}
